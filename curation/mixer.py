@@ -1,0 +1,271 @@
+"""The FDC (fine-grained data-centric) mixer: pool rows → a group-balanced, de-duplicated mixture.
+
+Works on a slim metadata frame (one row per pool row: index, prompt, group, cluster, kind, cost),
+never on the full texts, so it scales with the pool. Every pool row ends up either in the mixture
+or with a ``not_selected`` reason; :func:`select_mixture` returns both.
+
+Steps (each a small function):
+1. :func:`pair_single_responses` — single responses to the same prompt become chosen (safer) /
+   rejected (less safe) pairs.
+2. :func:`near_duplicates` — candidates whose prompts are near-duplicates (cosine above the
+   threshold, compared within embedding clusters) are removed.
+3. :func:`group_quotas` — exact group counts from the ratios (and the BENIGN share).
+4. :func:`cluster_round_robin` — within a group, take rows cluster by cluster so a quota spreads
+   over the whole embedding space instead of sampling the biggest cluster.
+5. :func:`ladder_ranks` — interleave groups so that every prefix ``rank < k`` keeps the ratios.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from equi.schema import SAFETY_GROUPS
+
+# Reasons a pool row is not in the mixture (the manifest counts each).
+DUPLICATE = "duplicate"
+PROMPT_ONLY = "prompt_only"
+UNPAIRED = "unpaired_response"
+NO_SAFETY_DIFFERENCE = "responses_equally_safe"
+GROUP_NOT_MIXED = "group_not_in_mixture"
+OVER_RATIO = "over_ratio"
+
+#: Two single responses must differ at least this much in cost to make a preference pair.
+MIN_COST_GAP = 0.2
+
+
+@dataclass
+class Selection:
+    """The mixer's answer: mixture rows (as pool indices) and a reason for every other pool row."""
+
+    mixture: pl.DataFrame  # columns: chosen_idx, rejected_idx (null for native pairs), group, rank
+    not_selected: dict[int, str] = field(default_factory=dict)
+    effective_ratios: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def reason_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for reason in self.not_selected.values():
+            counts[reason] = counts.get(reason, 0) + 1
+        return dict(sorted(counts.items()))
+
+
+def normalise_prompt(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def pair_single_responses(singles: pl.DataFrame) -> tuple[pl.DataFrame, dict[int, str]]:
+    """Pair single responses to the same prompt: lowest cost → chosen, highest cost → rejected.
+
+    ``singles`` has columns ``idx``, ``prompt``, ``response_cost``. Returns the pairs
+    (``chosen_idx``, ``rejected_idx``) and a reason for every single response left unpaired.
+    """
+    reasons: dict[int, str] = {}
+    if singles.height == 0:
+        return pl.DataFrame(schema={"chosen_idx": pl.Int64, "rejected_idx": pl.Int64}), reasons
+    keyed = singles.with_columns(pl.col("prompt").map_elements(normalise_prompt, return_dtype=pl.String).alias("_key"))
+    chosen, rejected = [], []
+    for group in keyed.sort(["_key", "response_cost", "idx"]).partition_by("_key", maintain_order=True):
+        idx = group["idx"].to_list()
+        cost = group["response_cost"].to_list()
+        if len(idx) < 2:
+            reasons[idx[0]] = UNPAIRED
+            continue
+        if cost[-1] - cost[0] < MIN_COST_GAP:
+            reasons.update({i: NO_SAFETY_DIFFERENCE for i in idx})
+            continue
+        chosen.append(idx[0])
+        rejected.append(idx[-1])
+        reasons.update({i: UNPAIRED for i in idx[1:-1]})
+    return pl.DataFrame({"chosen_idx": chosen, "rejected_idx": rejected},
+                        schema={"chosen_idx": pl.Int64, "rejected_idx": pl.Int64}), reasons
+
+
+def near_duplicates(embeddings: np.ndarray, clusters: np.ndarray, order: np.ndarray, threshold: float,
+                    block: int = 2048) -> np.ndarray:
+    """Boolean mask over ``order``: True where the row is a near-duplicate of an earlier kept row.
+
+    Rows are compared only within their cluster (sub-quadratic overall); ``order`` decides which copy
+    is kept (the first). ``embeddings`` must be L2-normalised.
+    """
+    is_dup = np.zeros(len(order), dtype=bool)
+    by_cluster: dict[int, list[int]] = {}
+    for pos, row in enumerate(order):
+        by_cluster.setdefault(int(clusters[row]), []).append(pos)
+    for positions in by_cluster.values():
+        if len(positions) < 2:
+            continue
+        vecs = embeddings[order[positions]].astype(np.float32)
+        kept = np.zeros(len(positions), dtype=bool)
+        for start in range(0, len(positions), block):
+            stop = min(start + block, len(positions))
+            sims = vecs[start:stop] @ vecs[:stop].T
+            for i in range(start, stop):
+                earlier = sims[i - start, :i]
+                if earlier.size and (earlier[kept[:i]] >= threshold).any():
+                    is_dup[positions[i]] = True
+                else:
+                    kept[i] = True
+    return is_dup
+
+
+def group_quotas(available: dict[str, int], ratios: dict[str, float], size: int | None,
+                 benign_share: float) -> tuple[dict[str, int], list[str]]:
+    """Exact per-group counts for the mixture.
+
+    Safety groups follow ``ratios`` exactly (largest-remainder rounding when ``size`` is not a
+    multiple of the ratio sum); a group with a positive ratio but no rows is dropped from the
+    ratios with a warning instead of emptying the whole mixture. BENIGN rows make up
+    ``benign_share`` of the final mixture, as far as there are enough.
+    """
+    warnings = []
+    active = {g: r for g, r in ratios.items() if r > 0}
+    for g in list(active):
+        if available.get(g, 0) == 0:
+            warnings.append(f"no {g} pairs available: {g} dropped from the ratios")
+            del active[g]
+    quotas = {g: 0 for g in SAFETY_GROUPS}
+    if active:
+        total_ratio = sum(active.values())
+        # The largest scale the scarcest group allows: every group gets ratio * m rows.
+        m = min(available[g] / r for g, r in active.items())
+        target = sum(r * m for r in active.values())
+        target = int(np.floor(target + 1e-9))
+        if size is not None:
+            if size > target:
+                warnings.append(f"--size {size} asks for more safety pairs than the ratios allow ({target})")
+            target = min(size, target)
+        exact = {g: target * r / total_ratio for g, r in active.items()}
+        quotas.update({g: int(np.floor(v + 1e-9)) for g, v in exact.items()})
+        short = target - sum(quotas[g] for g in active)
+        for g in sorted(active, key=lambda g: (exact[g] - quotas[g], active[g]), reverse=True)[:short]:
+            quotas[g] += 1
+        for g in active:
+            quotas[g] = min(quotas[g], available[g])
+    safety_total = sum(quotas.values())
+    wanted_benign = int(round(benign_share / (1 - benign_share) * safety_total)) if safety_total else 0
+    if safety_total == 0 and benign_share > 0:
+        wanted_benign = available.get("BENIGN", 0) if size is None else min(size, available.get("BENIGN", 0))
+    quotas["BENIGN"] = min(wanted_benign, available.get("BENIGN", 0))
+    if quotas["BENIGN"] < wanted_benign:
+        warnings.append(f"only {quotas['BENIGN']} BENIGN pairs for a share of {benign_share:.2f} "
+                        f"({wanted_benign} wanted)")
+    return quotas, warnings
+
+
+def cluster_round_robin(clusters: np.ndarray, seed: int) -> np.ndarray:
+    """An order over ``range(len(clusters))`` that visits clusters in turn (random cluster and row order)."""
+    rng = np.random.default_rng(seed)
+    members: dict[int, list[int]] = {}
+    for i in rng.permutation(len(clusters)):
+        members.setdefault(int(clusters[i]), []).append(int(i))
+    cluster_order = list(members)
+    rng.shuffle(cluster_order)
+    order, depth = [], 0
+    while len(order) < len(clusters):
+        for c in cluster_order:
+            if depth < len(members[c]):
+                order.append(members[c][depth])
+        depth += 1
+    return np.asarray(order, dtype=np.int64)
+
+
+def ladder_ranks(groups: list[str]) -> np.ndarray:
+    """Ranks for rows listed group by group in selection order, interleaving groups by their share.
+
+    The i-th of a group's n rows sits at (i + 0.5) / n; sorting all rows by that key means that every
+    prefix holds each group's share to within one row — the nested scale ladder.
+    """
+    groups_arr = np.asarray(groups)
+    keys = np.zeros(len(groups), dtype=np.float64)
+    group_order = {g: k for k, g in enumerate(dict.fromkeys(groups))}
+    for g in group_order:
+        where = np.flatnonzero(groups_arr == g)
+        keys[where] = (np.arange(len(where)) + 0.5) / len(where)
+    tiebreak = np.array([group_order[g] for g in groups])
+    order = np.lexsort((tiebreak, keys))
+    ranks = np.empty(len(groups), dtype=np.int64)
+    ranks[order] = np.arange(len(groups))
+    return ranks
+
+
+def eval_split(ids: list[str], fraction: float) -> list[str]:
+    """A stable held-out split by id hash: the same row lands in the same split as the mix grows."""
+    if fraction <= 0:
+        return ["train"] * len(ids)
+    bound = int(fraction * 2**32)
+    return ["eval" if int(hashlib.sha256(i.encode()).hexdigest()[:8], 16) < bound else "train" for i in ids]
+
+
+def select_mixture(meta: pl.DataFrame, embeddings: np.ndarray, *, ratios: dict[str, float], size: int | None,
+                   benign_share: float, dup_threshold: float, seed: int) -> Selection:
+    """Choose the mixture from pool metadata.
+
+    ``meta`` columns: ``idx`` (row index into ``embeddings``), ``prompt``, ``kind`` (pair/single/prompt),
+    ``group``, ``cluster``, ``response_cost``.
+    """
+    not_selected: dict[int, str] = {}
+    for i in meta.filter(pl.col("kind") == "prompt")["idx"].to_list():
+        not_selected[i] = PROMPT_ONLY
+    pairs, single_reasons = pair_single_responses(
+        meta.filter(pl.col("kind") == "single").select("idx", "prompt", "response_cost"))
+    not_selected.update(single_reasons)
+    native = meta.filter(pl.col("kind") == "pair").select(pl.col("idx").alias("chosen_idx"),
+                                                          pl.lit(None, pl.Int64).alias("rejected_idx"))
+    candidates = pl.concat([native, pairs]).join(
+        meta.select(pl.col("idx").alias("chosen_idx"), "group", "cluster"), on="chosen_idx", how="left")
+    # A fixed random order decides which near-duplicate survives and feeds the round robin.
+    rng = np.random.default_rng(seed)
+    candidates = candidates[rng.permutation(candidates.height)] if candidates.height else candidates
+
+    def reject(rows: pl.DataFrame, reason: str) -> None:
+        for c, r in zip(rows["chosen_idx"].to_list(), rows["rejected_idx"].to_list()):
+            not_selected[c] = reason
+            if r is not None:
+                not_selected[r] = reason
+
+    mixed_groups = set(g for g, r in ratios.items() if r > 0) | ({"BENIGN"} if benign_share > 0 else set())
+    reject(candidates.filter(~pl.col("group").is_in(list(mixed_groups))), GROUP_NOT_MIXED)
+    candidates = candidates.filter(pl.col("group").is_in(list(mixed_groups)))
+
+    chosen_idx = candidates["chosen_idx"].to_numpy()
+    dup = (near_duplicates(embeddings, _cluster_lookup(meta), chosen_idx, dup_threshold)
+           if candidates.height else np.zeros(0, dtype=bool))
+    reject(candidates.filter(pl.Series(dup)), DUPLICATE)
+    candidates = candidates.filter(~pl.Series(dup))
+
+    available = candidates.group_by("group").len().to_dict(as_series=False)
+    available = dict(zip(available["group"], available["len"]))
+    quotas, warnings = group_quotas(available, ratios, size, benign_share)
+
+    picked = []
+    for g in list(SAFETY_GROUPS) + ["BENIGN"]:
+        rows = candidates.filter(pl.col("group") == g)
+        if rows.height == 0:
+            continue
+        rows = rows[cluster_round_robin(rows["cluster"].to_numpy(), seed)]
+        reject(rows[quotas.get(g, 0):], OVER_RATIO)
+        if quotas.get(g, 0):
+            picked.append(rows[: quotas[g]])
+    if picked:
+        mixture = pl.concat(picked)
+        mixture = mixture.with_columns(pl.Series("rank", ladder_ranks(mixture["group"].to_list())))
+    else:
+        mixture = candidates.clear().with_columns(pl.lit(0, pl.Int64).alias("rank"))
+    total = sum(quotas.values()) or 1
+    return Selection(
+        mixture=mixture.sort("rank"),
+        not_selected=not_selected,
+        effective_ratios={g: quotas[g] / total for g in quotas if quotas[g]},
+        warnings=warnings,
+    )
+
+
+def _cluster_lookup(meta: pl.DataFrame) -> np.ndarray:
+    lookup = np.zeros(int(meta["idx"].max()) + 1 if meta.height else 0, dtype=np.int64)
+    lookup[meta["idx"].to_numpy()] = meta["cluster"].to_numpy()
+    return lookup
+

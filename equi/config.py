@@ -1,0 +1,122 @@
+"""Config dataclasses for the curation stage, TRL style: one dataclass, validated in ``__post_init__``.
+
+The config is written into every artifact it made (``manifest.json``) together with its hash, so a
+mix says exactly how it was built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from equi.schema import SAFETY_GROUPS
+
+DEFAULT_RATIOS: dict[str, float] = {"EHD": 10.0, "IHD": 3.0, "MHD": 1.0}
+INPUT_FORMATS = ("auto", "pair", "conversation", "hh", "single", "prompt")
+
+
+class ConfigError(ValueError):
+    """A config value a user can fix; the message says how."""
+
+
+def parse_ratios(text: str) -> dict[str, float]:
+    """Parse ``"EHD=10,IHD=3,MHD=1"`` into ``{"EHD": 10.0, ...}``."""
+    ratios: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip().upper()
+        if not sep or name not in SAFETY_GROUPS:
+            raise ConfigError(
+                f"bad ratio {part!r}: expected GROUP=NUMBER with GROUP in {', '.join(SAFETY_GROUPS)}"
+            )
+        try:
+            ratios[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"bad ratio {part!r}: {value!r} is not a number") from None
+    return ratios
+
+
+def config_hash(config: Any) -> str:
+    """A short, stable hash of a config dataclass (or dict): what defines an artifact."""
+    data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class CurateConfig:
+    """Everything ``equi curate`` needs to turn raw JSONL into a mix.
+
+    Reading:
+        inputs: JSONL files (``.jsonl``/``.jsonl.gz``) or ``-`` for stdin.
+        input_format: force one input shape (see the contract); ``auto`` detects it per line.
+        strict: stop at the first bad line instead of writing it to ``rejects.jsonl``.
+    Categorising:
+        embedder: sentence-transformers model name or path; ``None`` = the bundled all-MiniLM-L6-v2.
+        clusters: number of embedding clusters; ``None`` = chosen from the data size.
+        dup_threshold: cosine similarity above which two prompts count as near-duplicates.
+        batch_size: rows per processing batch (bounded memory).
+    Mixing (FDC):
+        size: target number of safety pairs in the mixture; ``None`` = all that the ratios allow.
+        ratios: group ratios of the safety part, default EHD:IHD:MHD = 10:3:1 (Equilibrate RLHF).
+        benign_share: share of BENIGN (helpfulness) pairs in the final mixture, 0-1.
+        eval_fraction: share of the mixture held out as the eval split.
+        seed: random seed for every random choice.
+    Writing:
+        out: the mix directory (appears atomically).
+        overwrite: replace an existing ``out``.
+        shard_rows: rows per Parquet shard.
+    """
+
+    inputs: list[str]
+    out: str
+    input_format: str = "auto"
+    strict: bool = False
+    embedder: str | None = None
+    clusters: int | None = None
+    dup_threshold: float = 0.95
+    batch_size: int = 512
+    size: int | None = None
+    ratios: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RATIOS))
+    benign_share: float = 0.2
+    eval_fraction: float = 0.05
+    seed: int = 0
+    overwrite: bool = False
+    shard_rows: int = 50_000
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigError("no input given: pass one or more JSONL files, or - for stdin")
+        self.inputs = [str(p) for p in self.inputs]
+        self.out = str(self.out)
+        if self.input_format not in INPUT_FORMATS:
+            raise ConfigError(f"unknown --format {self.input_format!r}; choose one of {', '.join(INPUT_FORMATS)}")
+        if self.clusters is not None and self.clusters < 1:
+            raise ConfigError("--clusters must be at least 1")
+        if not 0.0 < self.dup_threshold <= 1.0:
+            raise ConfigError("--dup-threshold must be in (0, 1]")
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be at least 1")
+        if self.size is not None and self.size < 0:
+            raise ConfigError("--size must not be negative")
+        if set(self.ratios) - set(SAFETY_GROUPS):
+            raise ConfigError(f"ratios name unknown groups: {sorted(set(self.ratios) - set(SAFETY_GROUPS))}")
+        if any(v < 0 for v in self.ratios.values()) or not any(v > 0 for v in self.ratios.values()):
+            raise ConfigError("--ratios must be non-negative with at least one positive group")
+        self.ratios = {g: float(self.ratios.get(g, 0.0)) for g in SAFETY_GROUPS}
+        if not 0.0 <= self.benign_share < 1.0:
+            raise ConfigError("--benign-share must be in [0, 1)")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError("--eval-fraction must be in [0, 1)")
+        if self.shard_rows < 1:
+            raise ConfigError("--shard-rows must be at least 1")
+        if Path(self.out).exists() and not self.overwrite:
+            raise ConfigError(f"{self.out} exists; pass --overwrite to replace it")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,160 @@
+"""Manifests: what made an artifact, checksums of its files, and verification.
+
+``verify_mix`` is used by ``equi verify`` and by ``equi train`` (which refuses a mix whose shards do
+not match their checksums).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+from equi.schema import DATA_DIR, MANIFEST, MIX_SCHEMA, POOL_DIR, POOL_SCHEMA, SCHEMA_VERSION, check_schema
+
+
+def equi_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("equi")
+    except Exception:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON beside the target and rename it into place: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory beside ``target`` and rename it into place only when the block succeeds.
+
+    An exception (or Ctrl-C) inside the block removes the half-built directory, so a crash never
+    leaves something at ``target`` that looks whole.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(work, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def shard_entry(root: Path, path: Path, rows: int, split: str, group: str | None = None) -> dict[str, Any]:
+    entry = {"path": path.relative_to(root).as_posix(), "sha256": sha256_file(path), "rows": rows, "split": split}
+    if group is not None:
+        entry["group"] = group
+    return entry
+
+
+class MixVerificationError(Exception):
+    """A mix does not match its manifest; ``problems`` lists every mismatch, first one first."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__(problems[0] if problems else "mix verification failed")
+        self.problems = problems
+
+
+def load_manifest(mix_dir: str | Path) -> dict[str, Any]:
+    path = Path(mix_dir) / MANIFEST
+    if not path.is_file():
+        raise MixVerificationError([f"{mix_dir}: no {MANIFEST} (not a mix directory written by equi curate)"])
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MixVerificationError([f"{path}: not valid JSON ({exc.msg})"]) from None
+
+
+def verify_mix(mix_dir: str | Path, check_checksums: bool = True) -> list[str]:
+    """Every way the mix differs from its manifest and the contract, as sentences; [] if it is sound."""
+    import pyarrow.parquet as pq
+
+    root = Path(mix_dir)
+    if not root.is_dir():
+        return [f"{root}: no such mix directory"]
+    try:
+        manifest = load_manifest(root)
+    except MixVerificationError as exc:
+        return exc.problems
+    problems: list[str] = []
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        problems.append(f"schema_version {manifest.get('schema_version')!r} is not {SCHEMA_VERSION}")
+    listed = set()
+    for shard in manifest.get("shards", []):
+        path = root / shard["path"]
+        listed.add(path.resolve())
+        if not path.is_file():
+            problems.append(f"{shard['path']}: missing")
+            continue
+        if check_checksums and sha256_file(path) != shard["sha256"]:
+            problems.append(f"{shard['path']}: sha256 does not match the manifest (modified or corrupt)")
+            continue
+        try:
+            meta = pq.ParquetFile(path)
+        except Exception as exc:
+            problems.append(f"{shard['path']}: not a readable Parquet file ({exc})")
+            continue
+        if meta.metadata.num_rows != shard["rows"]:
+            problems.append(f"{shard['path']}: {meta.metadata.num_rows} rows, manifest says {shard['rows']}")
+        expected = POOL_SCHEMA if shard["split"] == "pool" else MIX_SCHEMA
+        difference = check_schema(meta.schema_arrow, expected)
+        if difference:
+            problems.append(f"{shard['path']}: {difference}")
+    for folder in (DATA_DIR, POOL_DIR):
+        for path in sorted((root / folder).glob("*.parquet")):
+            if path.resolve() not in listed:
+                problems.append(f"{path.relative_to(root).as_posix()}: shard not listed in the manifest")
+    problems.extend(accounting_problems(manifest.get("accounting", {})))
+    return problems
+
+
+def accounting_problems(acc: dict[str, Any]) -> list[str]:
+    """The contract's row accounting: ``input_lines = pooled + rejected``, ``pooled = mixed + not_selected``."""
+    try:
+        not_selected = sum(acc["not_selected"].values())
+        problems = []
+        if acc["input_lines"] != acc["pooled"] + acc["rejected"]:
+            problems.append(f"accounting: input_lines {acc['input_lines']} != pooled {acc['pooled']} + "
+                            f"rejected {acc['rejected']}")
+        if acc["pooled"] != acc["mixed"] + not_selected:
+            problems.append(f"accounting: pooled {acc['pooled']} != mixed {acc['mixed']} + "
+                            f"not_selected {not_selected}")
+        return problems
+    except (KeyError, TypeError, AttributeError):
+        return ["accounting: manifest has no complete 'accounting' section"]

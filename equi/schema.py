@@ -1,0 +1,99 @@
+"""The mix contract as code (``shared/design/mix-contract.md``).
+
+This module is the only thing ``train/`` needs to know about ``curation/``: column names, the
+Arrow schema of pool and mixture rows, the group and severity vocabularies, and the directory
+layout of a mix.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+
+class Group(str, Enum):
+    """Safety-data groups of Equilibrate RLHF plus the two non-core ones."""
+
+    EHD = "EHD"  # explicit harmful data: harmful content/terms present, safety hinges on knowledge
+    IHD = "IHD"  # implicit harmful data: no explicit risk terms, malicious intent
+    MHD = "MHD"  # mixed: both
+    OTHER = "OTHER"  # safety-related, none of the three
+    BENIGN = "BENIGN"  # no safety risk (helpfulness data)
+
+    def __str__(self) -> str:  # so f-strings and polars show "EHD", not "Group.EHD"
+        return self.value
+
+
+GROUPS: tuple[str, ...] = tuple(g.value for g in Group)
+SAFETY_GROUPS: tuple[str, ...] = ("EHD", "IHD", "MHD")
+SEVERITIES: tuple[str, ...] = ("minor", "moderate", "severe")
+SPLITS: tuple[str, ...] = ("train", "eval")
+
+SPAN_TYPE = pa.list_(pa.struct([("start", pa.int32()), ("end", pa.int32()), ("sign", pa.int8())]))
+
+#: Columns shared by pool and mixture rows, in contract order.
+ROW_FIELDS: list[pa.Field] = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("source", pa.string()),
+    pa.field("source_line", pa.int64()),
+    pa.field("prompt", pa.string()),
+    pa.field("chosen", pa.string()),
+    pa.field("rejected", pa.string()),
+    pa.field("response", pa.string()),
+    pa.field("group", pa.string()),
+    pa.field("group_confidence", pa.float32()),
+    pa.field("explicit_score", pa.float32()),
+    pa.field("intent_score", pa.float32()),
+    pa.field("severity", pa.string()),
+    pa.field("harm_category", pa.string()),
+    pa.field("cluster", pa.int32()),
+    pa.field("chosen_refusal", pa.float32()),
+    pa.field("rejected_refusal", pa.float32()),
+    pa.field("response_refusal", pa.float32()),
+    pa.field("chosen_cost", pa.float32()),
+    pa.field("rejected_cost", pa.float32()),
+    pa.field("response_cost", pa.float32()),
+    pa.field("chosen_spans", SPAN_TYPE),
+    pa.field("rejected_spans", SPAN_TYPE),
+    pa.field("split", pa.string()),
+]
+
+POOL_SCHEMA = pa.schema(ROW_FIELDS, metadata={"equi_schema_version": str(SCHEMA_VERSION)})
+MIX_SCHEMA = pa.schema(
+    ROW_FIELDS + [pa.field("rank", pa.int64())],
+    metadata={"equi_schema_version": str(SCHEMA_VERSION)},
+)
+POOL_COLUMNS: list[str] = POOL_SCHEMA.names
+MIX_COLUMNS: list[str] = MIX_SCHEMA.names
+
+# Directory layout of a mix.
+MANIFEST = "manifest.json"
+CARD = "README.md"
+REJECTS = "rejects.jsonl"
+DATA_DIR = "data"
+POOL_DIR = "pool"
+
+
+def shard_name(prefix: str, index: int, total: int) -> str:
+    """``train-00000-of-00002.parquet`` — the naming `datasets` recognises as splits."""
+    return f"{prefix}-{index:05d}-of-{total:05d}.parquet"
+
+
+def check_schema(actual: pa.Schema, expected: pa.Schema) -> str | None:
+    """Return the first difference between two schemas in words, or ``None`` if they agree.
+
+    Field order and metadata are ignored; names and types must match.
+    """
+    have = {f.name: f.type for f in actual}
+    for field in expected:
+        if field.name not in have:
+            return f"missing column {field.name!r}"
+        if have[field.name] != field.type:
+            return f"column {field.name!r} has type {have[field.name]}, expected {field.type}"
+    extra = sorted(set(have) - set(expected.names))
+    if extra:
+        return f"unexpected column(s) {', '.join(map(repr, extra))}"
+    return None
