@@ -57,6 +57,7 @@ class CurateConfig:
         strict: stop at the first bad line instead of writing it to ``rejects.jsonl``.
     Categorising:
         embedder: sentence-transformers model name or path; ``None`` = the bundled all-MiniLM-L6-v2.
+        categoriser: fitted categoriser parameters (``equi fit-categoriser``); ``None`` = the bundled one.
         clusters: number of embedding clusters; ``None`` = chosen from the data size.
         dup_threshold: cosine similarity above which two prompts count as near-duplicates.
         batch_size: rows per processing batch (bounded memory).
@@ -70,6 +71,7 @@ class CurateConfig:
         out: the mix directory (appears atomically).
         overwrite: replace an existing ``out``.
         shard_rows: rows per Parquet shard.
+        license: licence identifier written into the data card (the sources' licences apply).
     """
 
     inputs: list[str]
@@ -77,6 +79,7 @@ class CurateConfig:
     input_format: str = "auto"
     strict: bool = False
     embedder: str | None = None
+    categoriser: str | None = None
     clusters: int | None = None
     dup_threshold: float = 0.95
     batch_size: int = 512
@@ -87,6 +90,7 @@ class CurateConfig:
     seed: int = 0
     overwrite: bool = False
     shard_rows: int = 50_000
+    license: str = "other"
     quiet: bool = False
 
     def __post_init__(self) -> None:

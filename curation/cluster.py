@@ -1,0 +1,36 @@
+"""Embedding clusters: fit on (a sample of) the pool, then assign every row in batches."""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Fit on at most this many rows; assignment then streams over all of them.
+FIT_SAMPLE = 100_000
+
+
+def choose_k(n_rows: int) -> int:
+    """A cluster count that grows with the data: about sqrt(n/2), between 1 and 1000."""
+    return int(max(1, min(1000, round(np.sqrt(max(n_rows, 1) / 2)))))
+
+
+def fit_assign_clusters(embeddings: np.ndarray, k: int | None, seed: int, batch: int = 65_536) -> np.ndarray:
+    """Cluster ids (int32) for every row of ``embeddings`` with MiniBatchKMeans.
+
+    ``k`` is capped by the number of distinct rows (k-means cannot make more clusters than points).
+    """
+    from sklearn.cluster import MiniBatchKMeans
+
+    n = len(embeddings)
+    if n == 0:
+        return np.zeros(0, dtype=np.int32)
+    k = min(k or choose_k(n), n)
+    if k == 1:
+        return np.zeros(n, dtype=np.int32)
+    rng = np.random.default_rng(seed)
+    sample = embeddings if n <= FIT_SAMPLE else embeddings[np.sort(rng.choice(n, FIT_SAMPLE, replace=False))]
+    model = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=4096, n_init=3)
+    model.fit(sample.astype(np.float32))
+    labels = np.empty(n, dtype=np.int32)
+    for start in range(0, n, batch):
+        labels[start:start + batch] = model.predict(embeddings[start:start + batch].astype(np.float32))
+    return labels

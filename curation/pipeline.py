@@ -1,0 +1,386 @@
+"""``equi curate``: raw JSONL → categorised pool → FDC mixture, written atomically as a mix directory.
+
+The flow, with bounded memory (only the embeddings matrix and slim metadata grow with the input):
+
+1. read lines in batches (rejects stream to ``rejects.jsonl``) and score each batch with small
+   step functions (:func:`score_batch`: embed, categorise, refusal, cost, AMA spans) into staged
+   Parquet;
+2. cluster the prompt embeddings, then stream the staged rows into the pool shards with a
+   ``cluster`` column;
+3. choose the mixture from pool metadata (:mod:`curation.mixer`) and write it, one group per shard;
+4. write the manifest (with balanced accounting) and the data card; rename the directory into place.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from equi.config import CurateConfig, config_hash
+from equi.manifest import atomic_directory, equi_version, sha256_file, shard_entry, utc_now, write_json_atomic
+from equi.schema import (CARD, DATA_DIR, GROUPS, MANIFEST, MIX_SCHEMA, POOL_DIR, POOL_SCHEMA, REJECTS,
+                         SCHEMA_VERSION, shard_name)
+
+from curation.readers import InputError, RawRow, ReadStats, Reject, content_id, read_rows
+
+
+@dataclass
+class CurateResult:
+    out: Path
+    manifest: dict
+    warnings: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# Step functions over a batch (pure apart from the models passed in)
+# --------------------------------------------------------------------------------------------------
+
+def rows_to_frame(rows: list[RawRow]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "id": [r.id for r in rows],
+            "source": [r.source for r in rows],
+            "source_line": [r.source_line for r in rows],
+            "kind": [_kind(r.shape) for r in rows],
+            "prompt": [r.prompt for r in rows],
+            "chosen": [r.chosen for r in rows],
+            "rejected": [r.rejected for r in rows],
+            "response": [r.response for r in rows],
+            "category": [r.category for r in rows],
+            "severity": [r.severity for r in rows],
+            "is_safe": [r.is_safe for r in rows],
+        },
+        schema={"id": pl.String, "source": pl.String, "source_line": pl.Int64, "kind": pl.String,
+                "prompt": pl.String, "chosen": pl.String, "rejected": pl.String, "response": pl.String,
+                "category": pl.String, "severity": pl.String, "is_safe": pl.Boolean},
+    )
+
+
+def _kind(shape: str) -> str:
+    return {"pair": "pair", "conversation": "pair", "hh": "pair", "single": "single"}.get(shape, "prompt")
+
+
+def score_refusals(frame: pl.DataFrame) -> pl.DataFrame:
+    """``*_refusal``: probability that each response refuses (null where there is no response)."""
+    from curation.refusal import refusal_scores
+
+    out = {}
+    for column in ("chosen", "rejected", "response"):
+        texts = frame[column]
+        present = texts.is_not_null().to_numpy()
+        scores = np.full(frame.height, np.nan, dtype=np.float32)
+        if present.any():
+            scores[present] = refusal_scores(texts.filter(texts.is_not_null()).to_list())
+        out[f"{column}_refusal"] = pl.Series(scores).fill_nan(None).cast(pl.Float32)
+    return frame.with_columns(**out)
+
+
+def score_costs(frame: pl.DataFrame) -> pl.DataFrame:
+    """``*_cost`` (> 0 unsafe): from ``is_safe`` labels where present, else prompt harm × compliance.
+
+    ``2·harm·(1 − refusal) − 1`` is +1 for full compliance with a surely harmful prompt, −1 for a
+    refusal or for any answer to a benign prompt, and crosses 0 where harm × compliance = 0.5.
+    """
+    harm = pl.col("harm_score")
+
+    def estimate(column: str) -> pl.Expr:
+        return (2 * harm * (1 - pl.col(f"{column}_refusal")) - 1).cast(pl.Float32)
+
+    labelled = pl.when(pl.col("is_safe")).then(pl.lit(-1.0)).otherwise(pl.lit(1.0)).cast(pl.Float32)
+    return frame.with_columns(
+        chosen_cost=estimate("chosen"),
+        rejected_cost=estimate("rejected"),
+        response_cost=pl.when(pl.col("is_safe").is_not_null()).then(labelled).otherwise(estimate("response")),
+    )
+
+
+def score_spans(frame: pl.DataFrame) -> pl.DataFrame:
+    """AMA key segments for chosen and rejected answers."""
+    from curation.segments import spans_for_rows
+
+    harm = frame["harm_score"].to_list()
+    return frame.with_columns(
+        pl.Series("chosen_spans", spans_for_rows(harm, frame["chosen"].to_list()), dtype=_SPAN_DTYPE),
+        pl.Series("rejected_spans", spans_for_rows(harm, frame["rejected"].to_list()), dtype=_SPAN_DTYPE),
+    )
+
+
+_SPAN_DTYPE = pl.List(pl.Struct({"start": pl.Int32, "end": pl.Int32, "sign": pl.Int8}))
+
+
+def score_batch(rows: list[RawRow], embed: Callable[[list[str]], np.ndarray], categoriser) -> tuple[pl.DataFrame, np.ndarray]:
+    """All per-row columns of the contract except ``cluster`` and ``split``, plus the prompt embeddings."""
+    from curation.categorise import categorise
+
+    frame = rows_to_frame(rows)
+    embeddings = embed(frame["prompt"].to_list())
+    frame = categorise(frame, embeddings, categoriser)
+    frame = score_refusals(frame)
+    frame = score_costs(frame)
+    frame = score_spans(frame)
+    return frame, embeddings
+
+
+# --------------------------------------------------------------------------------------------------
+# I/O objects
+# --------------------------------------------------------------------------------------------------
+
+class ShardWriter:
+    """Writes Arrow batches into numbered Parquet shards of at most ``rows_per_shard`` rows.
+
+    Shards get their final ``{prefix}-{i:05d}-of-{n:05d}`` names in :meth:`close`, once n is known.
+    """
+
+    def __init__(self, folder: Path, prefix: str, schema: pa.Schema, rows_per_shard: int):
+        self.folder, self.prefix, self.schema, self.rows_per_shard = folder, prefix, schema, rows_per_shard
+        folder.mkdir(parents=True, exist_ok=True)
+        self.paths: list[Path] = []
+        self.rows: list[int] = []
+        self.groups: list[str | None] = []
+        self._writer: pq.ParquetWriter | None = None
+
+    def _open(self, group: str | None) -> None:
+        path = self.folder / f".{self.prefix}-{len(self.paths):05d}.partial"
+        self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self.paths.append(path)
+        self.rows.append(0)
+        self.groups.append(group)
+
+    def write(self, table: pa.Table, group: str | None = None, new_shard: bool = False) -> None:
+        offset = 0
+        if new_shard and self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        while offset < table.num_rows:
+            if self._writer is None or self.rows[-1] >= self.rows_per_shard:
+                if self._writer is not None:
+                    self._writer.close()
+                self._open(group)
+            take = min(self.rows_per_shard - self.rows[-1], table.num_rows - offset)
+            self._writer.write_table(table.slice(offset, take))
+            self.rows[-1] += take
+            offset += take
+
+    def close(self) -> list[tuple[Path, int, str | None]]:
+        if self._writer is not None:
+            self._writer.close()
+        final = []
+        for i, (path, rows, group) in enumerate(zip(self.paths, self.rows, self.groups)):
+            target = self.folder / shard_name(self.prefix, i, len(self.paths))
+            path.rename(target)
+            final.append((target, rows, group))
+        return final
+
+
+def to_table(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
+    return frame.select(schema.names).to_arrow().cast(schema)
+
+
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+
+def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResult:
+    """Run the whole curation stage for ``config``; returns the written mix's manifest."""
+    from tqdm.auto import tqdm
+
+    from curation.categorise import Categoriser
+    from curation.cluster import choose_k, fit_assign_clusters
+    from curation.embed import get_embedder
+    from curation.mixer import eval_split, select_mixture
+
+    embedder = embedder or get_embedder(config.embedder)
+    if categoriser is None:
+        categoriser = Categoriser.load(config.categoriser) if config.categoriser else Categoriser.load_default()
+    stats = ReadStats()
+    quiet = config.quiet
+    with atomic_directory(config.out, overwrite=config.overwrite) as work:
+        stage_dir = work / ".stage"
+        stage = ShardWriter(stage_dir, "stage", _STAGE_SCHEMA, rows_per_shard=1 << 62)
+        embeddings: list[np.ndarray] = []
+        meta_parts: list[pl.DataFrame] = []
+        n_rejected = 0
+        n_rows = 0
+        with open(work / REJECTS, "w", encoding="utf-8") as rejects, \
+                tqdm(desc="curate: read+score", unit=" lines", disable=quiet, file=sys.stderr) as bar:
+            for batch in _batched(read_rows(config.inputs, config.input_format, config.strict, stats),
+                                  config.batch_size):
+                rows = [item for item in batch if isinstance(item, RawRow)]
+                for item in batch:
+                    if isinstance(item, Reject):
+                        rejects.write(item.to_json() + "\n")
+                        n_rejected += 1
+                if rows:
+                    frame, vecs = score_batch(rows, embedder.encode, categoriser)
+                    frame = frame.with_columns(pl.Series("split", eval_split(frame["id"].to_list(),
+                                                                               config.eval_fraction)))
+                    stage.write(to_table(frame, _STAGE_SCHEMA))
+                    embeddings.append(vecs.astype(np.float16))
+                    meta_parts.append(frame.select(
+                        pl.int_range(n_rows, n_rows + frame.height, dtype=pl.Int64).alias("idx"),
+                        "prompt", "kind", "group", "response_cost"))
+                    n_rows += frame.height
+                bar.update(len(batch))
+        stage_files = stage.close()
+        if sum(stats.lines_by_file.values()) == 0:
+            raise InputError("the input is empty: no lines to curate (nothing was written)")
+        matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, embedder.dim), dtype=np.float16)
+        k = min(config.clusters or choose_k(n_rows), max(n_rows, 1))
+        clusters = fit_assign_clusters(matrix, k, config.seed)
+
+        pool = ShardWriter(work / POOL_DIR, "pool", POOL_SCHEMA, config.shard_rows)
+        offset = 0
+        for path, _, _ in stage_files:
+            for record_batch in pq.ParquetFile(path).iter_batches(batch_size=config.batch_size):
+                frame = pl.from_arrow(record_batch)
+                frame = frame.with_columns(pl.Series("cluster", clusters[offset:offset + frame.height], pl.Int32))
+                offset += frame.height
+                pool.write(to_table(frame, POOL_SCHEMA))
+        pool_files = pool.close()
+
+        meta = (pl.concat(meta_parts) if meta_parts else
+                pl.DataFrame(schema={"idx": pl.Int64, "prompt": pl.String, "kind": pl.String, "group": pl.String,
+                                     "response_cost": pl.Float32}))
+        meta = meta.with_columns(pl.Series("cluster", clusters, pl.Int32))
+        selection = select_mixture(meta, matrix, ratios=config.ratios, size=config.size,
+                                   benign_share=config.benign_share, dup_threshold=config.dup_threshold,
+                                   seed=config.seed)
+        mixture = build_mixture_rows(stage_files, selection.mixture, config.eval_fraction)
+        data_files = write_mixture(work / DATA_DIR, mixture, config.shard_rows)
+        for path, _, _ in stage_files:
+            path.unlink()
+        stage_dir.rmdir()
+
+        input_lines = sum(stats.lines_by_file.values())
+        mixed_pool_rows = selection.mixture.height + int(selection.mixture["rejected_idx"].is_not_null().sum())
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "equi_version": equi_version(),
+            "created_at": utc_now(),
+            "config": config.to_dict(),
+            "config_hash": config_hash({k: v for k, v in config.to_dict().items()
+                                        if k not in ("out", "overwrite", "quiet")}),
+            "embedder": embedder.name,
+            "categoriser": config.categoriser or "bundled",
+            "clusters": int(k),
+            "inputs": [{"path": name, "sha256": sha256_file(name) if name != "<stdin>" else None, "lines": lines}
+                       for name, lines in stats.lines_by_file.items()],
+            "shards": [shard_entry(work, p, rows, "pool") for p, rows, _ in pool_files]
+            + [shard_entry(work, p, rows, split, group) for p, rows, (split, group) in data_files],
+            "counts": {
+                "pool": _count(meta["group"].to_list()),
+                "mixture": _count_by_split(mixture),
+            },
+            "ratios": {"requested": config.ratios, "effective": selection.effective_ratios},
+            "accounting": {
+                "input_lines": input_lines,
+                "pooled": n_rows,
+                "rejected": n_rejected,
+                "mixed": mixed_pool_rows,
+                "mixture_rows": mixture.height,
+                "not_selected": selection.reason_counts(),
+            },
+            "warnings": selection.warnings + ([] if mixture.height else
+                                              ["the mixture is empty: no usable preference pairs in the input"]),
+        }
+        write_json_atomic(work / MANIFEST, manifest)
+        (work / CARD).write_text(_render_card(manifest), encoding="utf-8")
+    return CurateResult(out=Path(config.out), manifest=manifest, warnings=manifest["warnings"])
+
+
+def _render_card(manifest: dict) -> str:
+    from curation.card import render_card
+
+    return render_card(manifest)
+
+
+def _count(groups: list[str]) -> dict[str, int]:
+    return {g: groups.count(g) for g in GROUPS if g in groups}
+
+
+def _count_by_split(mixture: pl.DataFrame) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for (group, split), n in mixture.group_by(["group", "split"]).len().iter_rows() if mixture.height else []:
+        counts.setdefault(group, {})[split] = n
+    return counts
+
+
+# Staged rows: the pool's columns before clustering, plus the prompt's harm probability that the
+# mixer needs to score the spans of single responses it pairs (not a contract column).
+_STAGE_SCHEMA = pa.schema([f for f in POOL_SCHEMA if f.name != "cluster"] + [pa.field("harm_score", pa.float32())])
+
+
+def build_mixture_rows(stage_files: list, selected: pl.DataFrame, eval_fraction: float) -> pl.DataFrame:
+    """Full mixture rows for the selection: native pairs copied, single responses joined into pairs."""
+    from curation.mixer import eval_split
+    from curation.segments import spans_for_rows
+
+    if selected.height == 0:
+        return pl.DataFrame(schema=pl.from_arrow(MIX_SCHEMA.empty_table()).schema)
+    pool = pl.scan_parquet([p for p, _, _ in stage_files]).with_row_index("idx").with_columns(
+        pl.col("idx").cast(pl.Int64))
+    wanted = pl.concat([selected["chosen_idx"], selected["rejected_idx"].drop_nulls()])
+    rows = pool.filter(pl.col("idx").is_in(wanted.implode())).collect()
+    by_idx = rows.join(selected.select("chosen_idx", "rejected_idx", "rank"), left_on="idx",
+                       right_on="chosen_idx", how="inner")
+    native = by_idx.filter(pl.col("rejected_idx").is_null())
+    single = by_idx.filter(pl.col("rejected_idx").is_not_null())
+    if single.height:
+        other = rows.select(pl.col("idx").alias("rejected_idx"), pl.col("response").alias("_rej_text"),
+                            pl.col("response_refusal").alias("_rej_refusal"),
+                            pl.col("response_cost").alias("_rej_cost"))
+        single = single.join(other, on="rejected_idx", how="left")
+        single = single.with_columns(
+            chosen=pl.col("response"), rejected=pl.col("_rej_text"),
+            chosen_refusal=pl.col("response_refusal"), rejected_refusal=pl.col("_rej_refusal"),
+            chosen_cost=pl.col("response_cost"), rejected_cost=pl.col("_rej_cost"),
+        )
+        prompt_harm = single["harm_score"].to_list()
+        single = single.with_columns(
+            pl.Series("chosen_spans", spans_for_rows(prompt_harm, single["chosen"].to_list()), dtype=_SPAN_DTYPE),
+            pl.Series("rejected_spans", spans_for_rows(prompt_harm, single["rejected"].to_list()),
+                      dtype=_SPAN_DTYPE),
+            pl.Series("id", [content_id(p, c, r, None) for p, c, r in
+                             zip(single["prompt"], single["chosen"], single["rejected"])]),
+            response=pl.lit(None, pl.String), response_refusal=pl.lit(None, pl.Float32),
+            response_cost=pl.lit(None, pl.Float32),
+        )
+    columns = [c for c in MIX_SCHEMA.names if c not in ("split",)]
+    mixture = pl.concat([native.select(columns), single.select(columns)] if single.height else
+                        [native.select(columns)]).sort("rank")
+    return mixture.with_columns(pl.Series("split", eval_split(mixture["id"].to_list(), eval_fraction)))
+
+
+def write_mixture(folder: Path, mixture: pl.DataFrame, rows_per_shard: int) -> list:
+    """One group per shard (so the card can offer a config per group), rows in rank order."""
+    written = []
+    for split in ("train", "eval"):
+        part = mixture.filter(pl.col("split") == split)
+        if part.height == 0:
+            continue
+        writer = ShardWriter(folder, split, MIX_SCHEMA, rows_per_shard)
+        for group in GROUPS:
+            rows = part.filter(pl.col("group") == group)
+            if rows.height:
+                writer.write(to_table(rows, MIX_SCHEMA), group=group, new_shard=True)
+        written += [(p, rows, (split, g)) for p, rows, g in writer.close()]
+    return written

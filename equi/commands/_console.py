@@ -1,0 +1,16 @@
+"""Shared CLI plumbing: one console on stderr and one way to fail with a one-line message."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print ``error: message`` and exit with ``code`` (1 failure, 2 usage/bad input, 3 verification)."""
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    raise typer.Exit(code=code)

@@ -1,0 +1,97 @@
+"""``equi curate``: raw JSONL → categorised pool + FDC mixture (a mix directory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from equi.commands._console import console, fail
+
+EXAMPLE = """
+Example:
+
+  equi curate hh.jsonl.gz xstest.jsonl --out mix/ --size 2000 --ratios EHD=10,IHD=3,MHD=1
+"""
+
+
+def curate_command(
+    inputs: List[str] = typer.Argument(..., help="Raw JSONL files (.jsonl or .jsonl.gz), or - for stdin.",
+                                       show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help="Mix directory to write (appears atomically)."),
+    size: Optional[int] = typer.Option(None, help="Target number of safety pairs; default: all the ratios allow."),
+    ratios: str = typer.Option("EHD=10,IHD=3,MHD=1", help="Safety-group ratios of the mixture."),
+    benign_share: float = typer.Option(0.2, help="Share of BENIGN (helpfulness) pairs in the mixture, 0-1."),
+    eval_fraction: float = typer.Option(0.05, help="Share of the mixture held out as the eval split."),
+    embedder: Optional[str] = typer.Option(None, help="sentence-transformers model name or path "
+                                           "[default: bundled all-MiniLM-L6-v2]."),
+    categoriser: Optional[Path] = typer.Option(None, help="Categoriser params from `equi fit-categoriser` "
+                                               "[default: bundled]."),
+    clusters: Optional[int] = typer.Option(None, help="Number of embedding clusters [default: ~sqrt(rows/2)]."),
+    dup_threshold: float = typer.Option(0.95, help="Cosine similarity above which prompts are near-duplicates."),
+    input_format: str = typer.Option("auto", "--format", help="Force one input shape: auto, pair, conversation, "
+                                     "hh, single, prompt."),
+    seed: int = typer.Option(0, help="Seed for every random choice."),
+    batch_size: int = typer.Option(512, help="Rows per processing batch (bounds memory)."),
+    shard_rows: int = typer.Option(50_000, help="Rows per Parquet shard."),
+    license: str = typer.Option("other", help="Licence id for the data card (the sources' licences apply)."),
+    strict: bool = typer.Option(False, help="Stop at the first bad line (file:line: reason) instead of rejecting it."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
+) -> None:
+    """Categorise raw safety data (EHD/IHD/MHD/OTHER/BENIGN) and build a balanced FDC mixture.
+
+    Every input line ends up in the mixture, the pool or rejects.jsonl, counted in manifest.json.
+    """
+    from equi.config import ConfigError, CurateConfig, parse_ratios
+
+    try:
+        config = CurateConfig(
+            inputs=inputs, out=str(out), input_format=input_format, strict=strict, embedder=embedder,
+            categoriser=str(categoriser) if categoriser else None, clusters=clusters,
+            dup_threshold=dup_threshold, batch_size=batch_size, size=size, ratios=parse_ratios(ratios),
+            benign_share=benign_share, eval_fraction=eval_fraction, seed=seed, overwrite=overwrite,
+            shard_rows=shard_rows, license=license, quiet=quiet,
+        )
+    except ConfigError as exc:
+        fail(str(exc), code=2)
+    for path in config.inputs:
+        if path != "-" and not Path(path).is_file():
+            fail(f"{path}: no such file", code=2)
+
+    from curation.embed import EmbedderError
+    from curation.pipeline import curate
+    from curation.readers import InputError
+
+    try:
+        result = curate(config)
+    except (InputError, EmbedderError, FileExistsError) as exc:
+        fail(str(exc), code=2)
+    if not quiet:
+        print_summary(result.manifest, result.out)
+
+
+def print_summary(manifest: dict, out: Path) -> None:
+    from rich.table import Table
+
+    from equi.schema import GROUPS
+
+    acc = manifest["accounting"]
+    table = Table(title=f"equi curate → {out}", show_edge=False)
+    for column in ("group", "pool", "mixture train", "mixture eval"):
+        table.add_column(column, justify="left" if column == "group" else "right")
+    for g in GROUPS:
+        mix = manifest["counts"]["mixture"].get(g, {})
+        table.add_row(g, str(manifest["counts"]["pool"].get(g, 0)), str(mix.get("train", 0)), str(mix.get("eval", 0)))
+    console.print(table)
+    console.print(f"lines {acc['input_lines']} = pooled {acc['pooled']} + rejected {acc['rejected']}"
+                  + (f" (see {out}/rejects.jsonl)" if acc["rejected"] else ""))
+    reasons = ", ".join(f"{k} {v}" for k, v in acc["not_selected"].items()) or "none"
+    console.print(f"pooled {acc['pooled']} = mixed {acc['mixed']} + not selected ({reasons})")
+    for warning in manifest.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("curate", epilog=EXAMPLE)(curate_command)

@@ -1,0 +1,37 @@
+"""``equi verify``: re-check a mix against its manifest and the contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from equi.commands._console import console, fail
+
+EXAMPLE = """
+Example:
+
+  equi verify mix/          # exit 0 when sound, 3 with the first mismatch named
+"""
+
+
+def verify_command(
+    mix: Path = typer.Argument(..., help="Mix directory written by `equi curate`."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing when the mix is sound."),
+) -> None:
+    """Verify shard checksums and row counts, the contract's columns and types, and balanced accounting."""
+    from equi.manifest import verify_mix
+
+    if not mix.is_dir():
+        fail(f"{mix}: no such mix directory", code=2)
+    problems = verify_mix(mix)
+    if problems:
+        for problem in problems[1:]:
+            console.print(f"  also: {problem}")
+        fail(f"{mix}: {problems[0]}", code=3)
+    if not quiet:
+        console.print(f"{mix}: ok")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("verify", epilog=EXAMPLE)(verify_command)

@@ -1,0 +1,91 @@
+"""The FDC mixer's pure steps: quotas, pairing, near-duplicates, cluster spread, the nested ladder."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from curation import mixer
+
+
+def test_quotas_follow_ratios_exactly_and_are_limited_by_the_scarcest_group():
+    quotas, warnings = mixer.group_quotas({"EHD": 100, "IHD": 50, "MHD": 7, "BENIGN": 1000},
+                                          {"EHD": 10, "IHD": 3, "MHD": 1}, None, 0.2)
+    assert (quotas["EHD"], quotas["IHD"], quotas["MHD"]) == (70, 21, 7)
+    assert quotas["BENIGN"] == round(0.25 * 98) and not warnings
+
+
+def test_quotas_with_size_use_largest_remainder_and_drop_missing_groups_with_a_warning():
+    quotas, warnings = mixer.group_quotas({"EHD": 100, "IHD": 50, "BENIGN": 0},
+                                          {"EHD": 10, "IHD": 3, "MHD": 1}, 20, 0.2)
+    assert (quotas["EHD"], quotas["IHD"], quotas["MHD"]) == (15, 5, 0)
+    assert any("MHD" in w for w in warnings) and any("BENIGN" in w for w in warnings)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from(["EHD", "IHD", "MHD"]), st.integers(0, 500), min_size=3),
+       st.integers(1, 20), st.integers(1, 20), st.integers(1, 20), st.one_of(st.none(), st.integers(0, 800)))
+def test_quotas_never_exceed_availability_or_size(available, r1, r2, r3, size):
+    ratios = {"EHD": r1, "IHD": r2, "MHD": r3}
+    quotas, _ = mixer.group_quotas(available, ratios, size, 0.0)
+    assert all(quotas[g] <= available[g] for g in available)
+    if size is not None:
+        assert sum(quotas[g] for g in ("EHD", "IHD", "MHD")) <= size
+    active = [g for g in ratios if available[g] > 0]
+    if size is None and active:  # everything the ratios allow: the proportions hold to within one row
+        m = min(available[g] / ratios[g] for g in active)
+        for g in active:
+            assert abs(quotas[g] - ratios[g] * m) <= len(active)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["EHD", "IHD", "MHD", "BENIGN"]), min_size=1, max_size=200))
+def test_every_ladder_prefix_keeps_group_shares_within_one_row(groups):
+    ranks = mixer.ladder_ranks(groups)
+    assert sorted(ranks.tolist()) == list(range(len(groups)))
+    by_rank = np.asarray(groups)[np.argsort(ranks)]
+    totals = {g: groups.count(g) for g in set(groups)}
+    for k in range(1, len(groups) + 1):
+        prefix = by_rank[:k].tolist()
+        for g, n in totals.items():
+            assert abs(prefix.count(g) - k * n / len(groups)) <= 1.0 + 1e-9
+
+
+def test_round_robin_visits_every_cluster_before_repeating_one():
+    clusters = np.array([0] * 10 + [1] * 3 + [2] * 1)
+    order = mixer.cluster_round_robin(clusters, seed=1)
+    assert sorted(order.tolist()) == list(range(14))
+    assert len(set(clusters[order[:3]])) == 3  # the first three picks come from three clusters
+    assert len(set(clusters[order[3:5]])) == 2
+
+
+def test_near_duplicates_keep_the_first_copy_only_within_clusters():
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(6, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    vecs[3] = vecs[1]
+    vecs[4] = vecs[1]
+    clusters = np.array([0, 0, 0, 0, 1, 0])
+    dup = mixer.near_duplicates(vecs, clusters, np.arange(6), threshold=0.95)
+    assert dup.tolist() == [False, False, False, True, False, False]  # row 4 is in another cluster
+    dup_rev = mixer.near_duplicates(vecs, clusters, np.arange(6)[::-1].copy(), threshold=0.95)
+    assert dup_rev.sum() == 1 and dup_rev[np.where(np.arange(6)[::-1] == 1)[0][0]]
+
+
+def test_single_responses_pair_safest_with_least_safe():
+    singles = pl.DataFrame({"idx": [0, 1, 2, 3, 4, 5], "prompt": ["A", "a ", "A", "B", "C", "C"],
+                            "response_cost": [0.5, -1.0, 1.0, -1.0, 0.1, 0.2]})
+    pairs, reasons = mixer.pair_single_responses(singles)
+    assert pairs.rows() == [(1, 2)]
+    assert reasons == {0: mixer.UNPAIRED, 3: mixer.UNPAIRED, 4: mixer.NO_SAFETY_DIFFERENCE,
+                       5: mixer.NO_SAFETY_DIFFERENCE}
+
+
+def test_eval_split_is_stable_and_close_to_the_fraction():
+    ids = [f"row-{i}" for i in range(4000)]
+    split = mixer.eval_split(ids, 0.1)
+    assert split == mixer.eval_split(ids, 0.1)
+    assert 0.08 < split.count("eval") / len(ids) < 0.12
+    assert mixer.eval_split(ids[:10], 0.0) == ["train"] * 10
