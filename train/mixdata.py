@@ -1,0 +1,149 @@
+"""Reading a mix (``shared/design/mix-contract.md``): verify it, then load a split as a ``datasets.Dataset``.
+
+Rows are read from the Parquet shards through ``datasets`` (Arrow, memory-mapped), never copied into pandas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from equi.schema import DATA_DIR, MANIFEST, MIX_SCHEMA, check_schema
+
+
+class MixError(ValueError):
+    """The mix is missing, incomplete, tampered with or unusable for the chosen algorithm (one-line message)."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(mix_dir: str | Path) -> dict[str, Any]:
+    path = Path(mix_dir) / MANIFEST
+    if not path.is_file():
+        raise MixError(f"{mix_dir} is not a mix: {MANIFEST} is missing (was `equi curate` interrupted?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MixError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise MixError(f"{path} has no 'shards' list")
+    return manifest
+
+
+def manifest_hash(mix_dir: str | Path) -> str:
+    """Hash of ``manifest.json``: it names every shard's sha256, so it identifies the mix's exact rows."""
+    return _sha256(Path(mix_dir) / MANIFEST)[:16]
+
+
+def shard_problems(mix_dir: str | Path) -> list[str]:
+    """Every way the shards disagree with the manifest (missing file, wrong checksum); empty = trustworthy.
+
+    Prefers ``equi.manifest.verify_mix`` (the curation side's verifier) when it exists, so there is one
+    definition of a valid mix; this fallback checks the contract's shard list only.
+    """
+    try:
+        from equi.manifest import verify_mix  # type: ignore[import-not-found]
+    except ImportError:
+        verify_mix = None
+    if verify_mix is not None:
+        return list(verify_mix(Path(mix_dir)))
+    mix_dir = Path(mix_dir)
+    manifest = read_manifest(mix_dir)
+    problems: list[str] = []
+    for shard in manifest["shards"]:
+        try:
+            rel, expected = shard["path"], shard["sha256"]
+        except (KeyError, TypeError):
+            problems.append(f"manifest shard entry {shard!r} lacks path/sha256")
+            continue
+        path = mix_dir / rel
+        if not path.is_file():
+            problems.append(f"shard {rel} is missing")
+        elif _sha256(path) != expected:
+            problems.append(f"shard {rel} does not match its sha256 in {MANIFEST}")
+    return problems
+
+
+def verify_mix_or_raise(mix_dir: str | Path) -> dict[str, Any]:
+    """Refuse a tampered or incomplete mix with a one-line error; return the manifest."""
+    manifest = read_manifest(mix_dir)
+    problems = shard_problems(mix_dir)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise MixError(f"mix {mix_dir} failed verification: {problems[0]}{more}")
+    return manifest
+
+
+def split_shards(mix_dir: str | Path, manifest: dict[str, Any], split: str) -> list[str]:
+    """The mixture shards of one split (``train``/``eval``), from the manifest, in order."""
+    paths = [
+        str(Path(mix_dir) / s["path"])
+        for s in manifest["shards"]
+        if s.get("split") == split and str(s.get("path", "")).startswith(DATA_DIR + "/")
+    ]
+    return sorted(paths)
+
+
+@dataclass
+class LoadedSplit:
+    """A split of the mix after selection, with an account of every row left out and why."""
+
+    dataset: Any  # datasets.Dataset
+    total_rows: int
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+def load_split(
+    mix_dir: str | Path,
+    split: str = "train",
+    scale: int | None = None,
+    groups: list[str] | None = None,
+    need_pairs: bool = True,
+    manifest: dict[str, Any] | None = None,
+) -> LoadedSplit:
+    """Load one split of a verified mix, keep ``rank < scale`` and ``group in groups``.
+
+    ``need_pairs`` drops rows without both ``chosen`` and ``rejected`` (the counts go in ``dropped``).
+    Returns an empty dataset (not an error) when a split has no shards, so callers decide what that means.
+    """
+    import datasets
+
+    manifest = manifest if manifest is not None else read_manifest(mix_dir)
+    files = split_shards(mix_dir, manifest, split)
+    if not files:
+        empty = datasets.Dataset.from_dict({name: [] for name in MIX_SCHEMA.names})
+        return LoadedSplit(empty, 0)
+    dataset = datasets.load_dataset("parquet", data_files={split: files}, split=split)
+    mismatch = check_schema(dataset.data.schema, MIX_SCHEMA)
+    if mismatch:
+        raise MixError(f"mix {mix_dir} {split} shards do not follow the contract: {mismatch}")
+    total = len(dataset)
+    dropped: dict[str, int] = {}
+
+    def keep(predicate, reason: str):
+        nonlocal dataset
+        before = len(dataset)
+        dataset = dataset.filter(predicate, batched=True)
+        if before - len(dataset):
+            dropped[reason] = before - len(dataset)
+
+    if scale is not None:
+        keep(lambda batch: [r is not None and r < scale for r in batch["rank"]], f"rank >= scale {scale}")
+    if groups is not None:
+        allowed = set(groups)
+        keep(lambda batch: [g in allowed for g in batch["group"]], f"group not in {','.join(groups)}")
+    if need_pairs:
+        keep(
+            lambda batch: [bool(c) and bool(r) for c, r in zip(batch["chosen"], batch["rejected"])],
+            "no chosen/rejected pair",
+        )
+    return LoadedSplit(dataset, total, dropped)

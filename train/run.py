@@ -1,0 +1,274 @@
+"""One ``equi train`` run: verify the mix, build the TRL trainer for ``--algo``, write the run directory.
+
+A run directory::
+
+    runs/NAME/
+      config.json      TrainConfig, its hash, the mix path and its manifest hash, library versions
+      metrics.jsonl    one JSON object per logging step (loss, rewards/margins, ama/masked_fraction, λ ...)
+      checkpoint-N/    Trainer checkpoints (``--resume`` continues from the last one)
+      final/           the trained model and tokenizer (safetensors, ``from_pretrained``-loadable)
+      summary.json     what the run did, in numbers
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from equi.config import ConfigError
+from train.config import OFFLINE_ALGOS, ONLINE_ALGOS, SCORER_ALGOS, TrainConfig
+from train.mixdata import MixError, load_split, manifest_hash, verify_mix_or_raise
+from train.models import bf16_supported, equi_cache_dir, load_causal_lm, load_tokenizer, lora_config, resolve_model
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+FINAL_DIR = "final"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def metrics_callback(path: Path, extra: dict[str, Any] | None = None):
+    """A ``TrainerCallback`` that appends every log record to ``metrics.jsonl`` (``extra`` is merged in, e.g. λ)."""
+    from transformers import TrainerCallback
+
+    class MetricsToJsonl(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            record = {"step": state.global_step, "epoch": state.epoch, **logs, **(extra or {})}
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, default=float) + "\n")
+
+    return MetricsToJsonl()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return Path(found) if run_dir.is_dir() and (found := get_last_checkpoint(str(run_dir))) else None
+
+
+def prepare_run_dir(config: TrainConfig, mix_hash: str) -> Path:
+    """Create (or, with ``resume``, re-open) the run directory and write ``config.json``."""
+    run_dir = Path(config.out)
+    config_path = run_dir / CONFIG_FILE
+    if config.resume:
+        if not config_path.is_file():
+            raise ConfigError(f"--resume: {run_dir} is not a run directory (no {CONFIG_FILE})")
+        saved = json.loads(config_path.read_text())
+        if saved.get("config_hash") != config.hash() or saved.get("mix_manifest_hash") != mix_hash:
+            raise ConfigError(f"--resume: the settings or the mix differ from the run in {run_dir}; use a new --out")
+        return run_dir
+    if config_path.is_file() or (run_dir.is_dir() and any(run_dir.iterdir())):
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    import torch
+    import transformers
+    import trl
+
+    record = {
+        "train_config": config.to_dict(),
+        "config_hash": config.hash(),
+        "mix": str(Path(config.mix).resolve()),
+        "mix_manifest_hash": mix_hash,
+        "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    config_path.write_text(json.dumps(record, indent=2, default=str))
+    return run_dir
+
+
+def trl_common_kwargs(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """TrainingArguments shared by every TRL config, with values that are sane on a CPU as on a GPU.
+
+    TRL defaults to bf16, gradient checkpointing and ``logging_steps=10``; on a small CPU run those are slow,
+    unsupported or silent, so equi sets them from the device and the user's flags.
+    """
+    import torch
+
+    use_bf16 = bf16_supported()
+    return {
+        "output_dir": str(run_dir),
+        "per_device_train_batch_size": config.batch_size,
+        "per_device_eval_batch_size": config.batch_size,
+        "gradient_accumulation_steps": config.grad_accum,
+        "learning_rate": config.lr,
+        "num_train_epochs": config.epochs,
+        "max_steps": config.max_steps if config.max_steps is not None else -1,
+        "seed": config.seed,
+        "data_seed": config.seed,
+        "logging_steps": config.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps",
+        "save_steps": config.save_steps,
+        "save_total_limit": 2,
+        "report_to": "none",
+        "bf16": use_bf16,
+        "fp16": False,
+        "gradient_checkpointing": False,
+        "disable_tqdm": config.quiet,
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        "lr_scheduler_type": "constant_with_warmup",
+        "warmup_steps": 0,
+    }
+
+
+def load_policy(config: TrainConfig):
+    """The policy and its tokenizer, from ``--model`` or the bundled default."""
+    import torch
+
+    path = resolve_model(config.model, quiet=config.quiet)
+    tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
+    dtype = torch.bfloat16 if bf16_supported() else torch.float32
+    model = load_causal_lm(path, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    return path, model, tokenizer
+
+
+def peft_config_for(config: TrainConfig):
+    return lora_config(config.lora_r) if config.lora_r else None
+
+
+def save_final(trainer, tokenizer, run_dir: Path) -> Path:
+    """Save ``final/`` as a plain model: LoRA adapters are merged so ``from_pretrained`` needs no PEFT."""
+    final_dir = run_dir / FINAL_DIR
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if trainer.accelerator.is_main_process:
+        model.save_pretrained(final_dir, safe_serialization=True)
+        tokenizer.save_pretrained(final_dir)
+    return final_dir
+
+
+def load_pairs(config: TrainConfig, manifest: dict[str, Any]):
+    """The train and eval pairs of the mix after ``--scale`` / ``--groups``; a one-line error when none are left."""
+    train = load_split(config.mix, "train", config.scale, config.groups, need_pairs=True, manifest=manifest)
+    if len(train.dataset) == 0:
+        why = ", ".join(f"{n} {reason}" for reason, n in train.dropped.items()) or "the split is empty"
+        raise MixError(f"mix {config.mix} has no preference pairs to train {config.algo} on ({why})")
+    evaluation = load_split(config.mix, "eval", None, config.groups, need_pairs=True, manifest=manifest)
+    return train, evaluation
+
+
+def train(config: TrainConfig) -> RunResult:
+    """Run ``equi train`` for ``config``; returns where the model went and the logged metrics."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if config.quiet:
+        import datasets
+
+        datasets.disable_progress_bars()
+    manifest = verify_mix_or_raise(config.mix)
+    mix_hash = manifest_hash(config.mix)
+    run_dir = prepare_run_dir(config, mix_hash)
+    started = time.time()
+    if config.algo in OFFLINE_ALGOS and config.algo != "dual":
+        result = run_dpo(config, manifest, run_dir)
+    elif config.algo == "dual":
+        from train.dual import run_dual
+
+        result = run_dual(config, manifest, run_dir)
+    elif config.algo in ONLINE_ALGOS:
+        from train.online import run_online
+
+        result = run_online(config, manifest, run_dir)
+    elif config.algo in SCORER_ALGOS:
+        from train.rewards import run_scorer_training
+
+        result = run_scorer_training(config, manifest, run_dir)
+    else:  # pragma: no cover - TrainConfig validates algo
+        raise ConfigError(f"unknown algo {config.algo}")
+    result.summary.update({"algo": config.algo, "seconds": round(time.time() - started, 1), "run_dir": str(run_dir)})
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(result.summary, indent=2, default=float))
+    result.metrics = read_metrics(run_dir)
+    return result
+
+
+def build_dpo_trainer(
+    config: TrainConfig,
+    model,
+    tokenizer,
+    train_dataset,
+    eval_dataset,
+    run_dir: Path,
+    callbacks: list | None = None,
+    ref_model=None,
+):
+    """An ``AmaDPOTrainer`` (masks on for ``ama-dpo``, off for ``dpo`` and the dual loop's plain rounds)."""
+    from trl import DPOConfig
+
+    from train.ama_dpo import AmaDPOTrainer
+
+    args = DPOConfig(
+        **trl_common_kwargs(config, run_dir),
+        beta=config.beta,
+        loss_type=[config.loss_type],
+        max_length=config.max_length,
+        precompute_ref_log_probs=config.precompute_ref,
+        eval_strategy="no",
+    )
+    return AmaDPOTrainer(
+        model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset if eval_dataset is not None and len(eval_dataset) else None,
+        processing_class=tokenizer,
+        peft_config=peft_config_for(config),
+        callbacks=callbacks,
+        use_ama_masks=config.algo == "ama-dpo",
+        group_weights=config.group_weights,
+        ref_cache_dir=equi_cache_dir() / "ref_logps" if config.precompute_ref else None,
+    )
+
+
+def run_dpo(config: TrainConfig, manifest: dict[str, Any], run_dir: Path) -> RunResult:
+    train_split, eval_split = load_pairs(config, manifest)
+    _, model, tokenizer = load_policy(config)
+    trainer = build_dpo_trainer(
+        config,
+        model,
+        tokenizer,
+        train_split.dataset,
+        eval_split.dataset,
+        run_dir,
+        callbacks=[metrics_callback(run_dir / METRICS_FILE)],
+    )
+    checkpoint = last_checkpoint(run_dir) if config.resume else None
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    # evaluate() logs through the metrics callback, so its numbers land in metrics.jsonl too.
+    eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    final_dir = save_final(trainer, tokenizer, run_dir)
+    summary = {
+        "train_rows": len(train_split.dataset),
+        "mix_rows": train_split.total_rows,
+        "rows_left_out": train_split.dropped,
+        "eval_rows": len(eval_split.dataset),
+        "steps": trainer.state.global_step,
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "train_loss": output.training_loss,
+        "ama_unaligned_rows": trainer.ama_unaligned_rows,
+        "rows_dropped_prompt_too_long": trainer.rows_dropped_too_long,
+        "ref_cache_hits": getattr(trainer, "ref_cache_hits", 0),
+        **{k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
+    }
+    return RunResult(run_dir, final_dir, trainer.state.global_step, summary=summary)
