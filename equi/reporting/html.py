@@ -1,0 +1,145 @@
+"""A self-contained HTML page: PNGs embedded as base64, tables of the numbers, links to audit files."""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from equi.reporting.mix import MixSummary
+from equi.reporting.runs import RunRecord
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1,h2,h3{font-weight:600} table{border-collapse:collapse;margin:.6em 0 1.4em;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right} th{background:#f3f3f3}
+td.l,th.l{text-align:left} .plots img{max-width:49%;margin:.3em 0;border:1px solid #eee}
+.warn{color:#a30000} code{background:#f6f6f6;padding:0 .2em}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def embed_png(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{_e(alt)}" title="{_e(alt)}" src="data:image/png;base64,{data}">'
+
+
+def markdown_to_html(text: str) -> str:
+    """Enough Markdown for the summary: headings, bullets, paragraphs, **bold** and `code`."""
+    def inline(s: str) -> str:
+        s = _e(s)
+        s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+
+    out, in_list = [], False
+    for line in text.splitlines():
+        if line.startswith("- "):
+            if not in_list:
+                out.append("<ul>")
+                in_list = True
+            out.append(f"<li>{inline(line[2:])}</li>")
+            continue
+        if in_list:
+            out.append("</ul>")
+            in_list = False
+        if line.startswith("## "):
+            out.append(f"<h3>{inline(line[3:])}</h3>")
+        elif line.startswith("# "):
+            continue  # the page has its own title
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+    if in_list:
+        out.append("</ul>")
+    return "\n".join(out)
+
+
+def _table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
+    head = "".join(f'<th class="{"l" if i < left else ""}">{_e(h)}</th>' for i, h in enumerate(headers))
+    body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{cell}</td>' for i, cell in enumerate(row))
+                   + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _runs_table(records: list[RunRecord], out_dir: Path) -> str:
+    rows = []
+    for r in records:
+        s = r.summary or {}
+        link = (f'<a href="{_e(Path(os.path.relpath(r.answers, out_dir)).as_posix())}">answers.parquet</a>'
+                if r.answers else "—")
+        rows.append([_e(r.name), _e(r.group), _e(r.algo), _e(r.scale), _e(r.n_safety),
+                     _pct(s.get("safety")), _pct(s.get("over_refusal")), _pct(s.get("balanced")), link,
+                     f'<span class="warn">{_e("; ".join(r.problems))}</span>' if r.problems else ""])
+    return _table(["run", "group", "algo", "scale (rank <)", "safety examples", "safety", "over-refusal", "balanced",
+                   "audit", "notes"], rows, left=3)
+
+
+def _suites_table(records: list[RunRecord]) -> str:
+    rows = []
+    for r in records:
+        for name, b in r.suites.items():
+            rows.append([_e(r.name), _e(name), _e(b.get("expected")), _e(b.get("n")), _pct(b.get("refusal_rate")),
+                         _pct(b.get("partial_rate")), _pct(b.get("compliance_rate")), _pct(b.get("as_expected_rate"))])
+    return _table(["run", "suite", "expected", "n", "refuse", "partial", "comply", "as expected"], rows, left=3)
+
+
+def _xstest_table(records: list[RunRecord]) -> str:
+    types = sorted({t for r in records for t in r.xstest_types})
+    evaluated = [r for r in records if r.xstest_types]
+    if not types:
+        return ""
+    rows = [[_e(t)] + [_pct(r.xstest_types.get(t, {}).get("refusal_rate") if t in r.xstest_types else None)
+                       for r in evaluated] for t in types]
+    return ("<h3>XSTest refusal rate by prompt type</h3><p>Types starting with <code>contrast_</code> are unsafe "
+            "(refusing is right); the others are safe prompts that only look risky.</p>"
+            + _table(["XSTest type"] + [r.name for r in evaluated], rows))
+
+
+def _mix_section(mix: MixSummary, plots: dict[str, Path]) -> str:
+    parts = [f"<h2>Mix <code>{_e(mix.path)}</code></h2>", '<div class="plots">']
+    parts += [embed_png(path, name) for name, path in plots.items()]
+    parts.append("</div>")
+    comp_rows = [[_e(g), _e(c.get("train", 0)), _e(c.get("eval", 0)), _e(sum(c.values())),
+                  _e(mix.pool_groups.get(g, 0))] for g, c in mix.composition.items()]
+    parts.append(_table(["group", "train", "eval", "mixture total", "pool"], comp_rows))
+    acc = mix.accounting
+    acc_rows = [[_e(k), _e(acc.get(k))] for k in ("input_lines", "pooled", "rejected", "mixed", "mixture_rows") if k in acc]
+    acc_rows += [[_e(f"not selected: {reason}"), _e(n)] for reason, n in (acc.get("not_selected") or {}).items()]
+    parts.append("<h3>Row accounting</h3>" + _table(["", "rows"], acc_rows))
+    if mix.accounting_problems:
+        parts.append('<p class="warn">' + _e("; ".join(mix.accounting_problems)) + "</p>")
+    else:
+        parts.append("<p>Accounting balances: input lines = pooled + rejected, pooled = mixed + not selected.</p>")
+    if mix.reject_reasons:
+        parts.append("<h3>Rejected input lines</h3>" + _table(
+            ["reason", "lines"], [[_e(k), _e(v)] for k, v in mix.reject_reasons.items()]))
+    for warning in mix.warnings:
+        parts.append(f'<p class="warn">{_e(warning)}</p>')
+    return "\n".join(parts)
+
+
+def render_html(*, title: str, summary_markdown: str, curve_plots: dict[str, Path], records: list[RunRecord],
+                mix: MixSummary | None, mix_plots: dict[str, Path], out_dir: Path, created_at: str) -> str:
+    body = [f"<h1>{_e(title)}</h1>", f"<p>Made by <code>equi report</code> at {_e(created_at)}.</p>",
+            markdown_to_html(summary_markdown)]
+    if curve_plots:
+        body += ["<h2>Data-scaling curves</h2>", '<div class="plots">']
+        body += [embed_png(path, name) for name, path in curve_plots.items()]
+        body.append("</div>")
+    if records:
+        body += ["<h2>Runs</h2>", _runs_table(records, out_dir)]
+        if any(r.suites for r in records):
+            body += ["<h3>Per suite</h3>", _suites_table(records), _xstest_table(records)]
+    if mix is not None:
+        body.append(_mix_section(mix, mix_plots))
+    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
+            f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -1,0 +1,142 @@
+"""Reading run directories into records, and turning records into curve data. No plotting here.
+
+A run directory (``equi train`` / ``equi scale``) holds ``config.json``; ``equi scale`` adds
+``ladder.json`` (mix, scale, group, number of safety examples) and ``equi eval`` adds
+``eval/metrics.json`` + ``eval/answers.parquet``. The report needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from equi.evaluation.audit import ANSWERS_FILE, EVAL_DIR, METRICS_FILE
+
+LADDER_FILE = "ladder.json"
+METRICS = ("safety", "over_refusal", "balanced")
+METRIC_LABELS = {"safety": "Safety", "over_refusal": "Over-refusal", "balanced": "Balanced score"}
+#: The group label of a run trained on every safety group together (no ``--groups``).
+ALL_GROUPS = "ALL"
+BASELINE = "baseline"
+
+
+@dataclass
+class RunRecord:
+    """What the report knows about one run directory."""
+
+    name: str
+    path: Path
+    group: str | None = None
+    scale: int | float | None = None
+    n_safety: int | None = None
+    n_benign: int | None = None
+    algo: str | None = None
+    baseline: bool = False
+    summary: dict[str, Any] | None = None  # eval/metrics.json "summary"; None = not evaluated
+    suites: dict[str, Any] = field(default_factory=dict)
+    xstest_types: dict[str, Any] = field(default_factory=dict)
+    answers: Path | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    run: str
+    n_safety: int
+    safety: float | None
+    over_refusal: float | None
+    balanced: float | None
+
+    def value(self, metric: str) -> float | None:
+        return getattr(self, metric)
+
+
+def _read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        problems.append(f"{path.name} unreadable ({exc})")
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def group_label(groups: Any) -> str:
+    """``["IHD", "BENIGN"]`` → ``"IHD"``; no restriction → ``"ALL"``. BENIGN is the shared helpfulness share."""
+    if not groups:
+        return ALL_GROUPS
+    if isinstance(groups, str):
+        groups = groups.split(",")
+    safety = [g for g in groups if g != "BENIGN"]
+    return "+".join(safety) if safety else "BENIGN"
+
+
+def read_run(path: Path) -> RunRecord:
+    """A record from one directory; never raises for missing or broken files, notes them instead."""
+    record = RunRecord(name=path.name, path=path)
+    config = _read_json(path / "config.json", record.problems) or {}
+    ladder = _read_json(path / LADDER_FILE, record.problems) or {}
+    train = config.get("train_config") or config.get("train") or config  # equi train nests TrainConfig
+    record.algo = ladder.get("algo") or train.get("algo")
+    record.baseline = bool(ladder.get("baseline", False))
+    record.group = BASELINE if record.baseline else ladder.get("group") or group_label(train.get("groups"))
+    record.scale = ladder.get("scale", train.get("scale"))
+    record.n_safety = ladder.get("n_safety", config.get("n_safety"))
+    record.n_benign = ladder.get("n_benign", config.get("n_benign"))
+    metrics = _read_json(path / EVAL_DIR / METRICS_FILE, record.problems)
+    if metrics is None:
+        record.problems.append("not evaluated (no eval/metrics.json): run `equi eval " + str(path) + "`")
+    else:
+        record.summary = metrics.get("summary")
+        record.suites = metrics.get("suites", {})
+        record.xstest_types = metrics.get("xstest_types", {})
+        answers = path / EVAL_DIR / ANSWERS_FILE
+        record.answers = answers if answers.is_file() else None
+    if record.n_safety is None and not record.baseline:
+        record.problems.append("number of safety examples unknown (no ladder.json): not on the curves")
+    return record
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_file() for name in ("config.json", LADDER_FILE)) or (
+        path / EVAL_DIR / METRICS_FILE).is_file()
+
+
+def collect_runs(root: Path) -> list[RunRecord]:
+    """Every run under ``root`` (``root`` itself may be a run), sorted by group then size."""
+    root = Path(root)
+    if is_run_dir(root):
+        candidates = [root]
+    else:
+        candidates = sorted(p for p in root.rglob("*") if p.is_dir() and is_run_dir(p)
+                            and not any(part in ("final", EVAL_DIR) or part.startswith("checkpoint-")
+                                        for part in p.relative_to(root).parts))
+    records = [read_run(p) for p in candidates]
+    return sorted(records, key=lambda r: (r.group or "", r.n_safety if r.n_safety is not None else -1, r.name))
+
+
+def curve_series(records: list[RunRecord]) -> dict[str, list[CurvePoint]]:
+    """One series per training group: evaluated runs with a known safety-example count, by count.
+
+    An evaluated baseline run (the model before training, ``n_safety`` 0) starts every series, so
+    each line shows the change from the untrained model.
+    """
+    def point(r: RunRecord, n: int) -> CurvePoint:
+        s = r.summary or {}
+        return CurvePoint(r.name, n, s.get("safety"), s.get("over_refusal"), s.get("balanced"))
+
+    baselines = [r for r in records if r.baseline and r.summary is not None]
+    series: dict[str, list[CurvePoint]] = {}
+    for record in records:
+        if record.baseline or record.summary is None or record.n_safety is None:
+            continue
+        series.setdefault(record.group or ALL_GROUPS, []).append(point(record, int(record.n_safety)))
+    for group, points in series.items():
+        points.extend(point(b, 0) for b in baselines[:1])
+        points.sort(key=lambda p: (p.n_safety, p.run))
+    if not series and baselines:
+        series[BASELINE] = [point(baselines[0], 0)]
+    return dict(sorted(series.items()))

@@ -1,0 +1,98 @@
+"""The report's words: a short Markdown summary of what the curves show. Pure: records in, text out."""
+
+from __future__ import annotations
+
+from equi.reporting.mix import MixSummary
+from equi.reporting.runs import BASELINE, CurvePoint, RunRecord
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _trend(points: list[CurvePoint], metric: str) -> str | None:
+    kept = [p for p in points if p.value(metric) is not None]
+    if len(kept) < 2:
+        return None
+    first, last = kept[0], kept[-1]
+    delta = 100 * (last.value(metric) - first.value(metric))
+    direction = "rises" if delta > 0.5 else "falls" if delta < -0.5 else "stays flat"
+    return (f"{direction} from {pct(first.value(metric))} (n={first.n_safety}) to {pct(last.value(metric))} "
+            f"(n={last.n_safety})" + (f", {delta:+.1f} points" if direction != "stays flat" else ""))
+
+
+def findings(series: dict[str, list[CurvePoint]]) -> list[str]:
+    """Sentences comparing the groups; empty when there is nothing to compare."""
+    lines: list[str] = []
+    for group, points in series.items():
+        if group == BASELINE:
+            continue
+        parts = [f"{name} {text}" for name, metric in (("safety", "safety"), ("over-refusal", "over_refusal"))
+                 if (text := _trend(points, metric))]
+        if parts:
+            lines.append(f"**{group}**: " + "; ".join(parts) + ".")
+        elif points:
+            p = points[-1]
+            lines.append(f"**{group}**: one point (n={p.n_safety}): safety {pct(p.safety)}, over-refusal "
+                         f"{pct(p.over_refusal)}, balanced {pct(p.balanced)}.")
+    last = {g: pts[-1] for g, pts in series.items() if g != BASELINE and pts and pts[-1].over_refusal is not None}
+    if len(last) >= 2:
+        worst = max(last, key=lambda g: last[g].over_refusal)
+        best = max((g for g in last if last[g].balanced is not None), key=lambda g: last[g].balanced, default=None)
+        lines.append(f"At each group's largest size, **{worst}** drives over-refusal most "
+                     f"({pct(last[worst].over_refusal)} of benign prompts refused at n={last[worst].n_safety}).")
+        if best is not None:
+            lines.append(f"The best balance of safety and helpfulness comes from **{best}** "
+                         f"(balanced {pct(last[best].balanced)} at n={last[best].n_safety}).")
+        growth = {g: pts[-1].over_refusal - pts[0].over_refusal for g, pts in series.items()
+                  if g != BASELINE and len(pts) >= 2 and pts[0].over_refusal is not None
+                  and pts[-1].over_refusal is not None}
+        if growth:
+            fastest = max(growth, key=growth.get)
+            if growth[fastest] > 0:
+                lines.append(f"Over-refusal grows fastest with more **{fastest}** data "
+                             f"({100 * growth[fastest]:+.1f} points across its ladder): more of it makes the model "
+                             "overly safe rather than more truly safe.")
+    return lines
+
+
+def render_summary(records: list[RunRecord], series: dict[str, list[CurvePoint]], mix: MixSummary | None,
+                   runs_root: str | None) -> str:
+    out = ["# equi report", ""]
+    evaluated = [r for r in records if r.summary is not None]
+    if runs_root is not None:
+        out.append(f"Runs read from `{runs_root}`: {len(records)} found, {len(evaluated)} evaluated.")
+        out.append("")
+    if runs_root is not None and not records:
+        out += ["No run directories were found, so there are no curves yet. Train with `equi scale` or "
+                "`equi train`, then `equi eval RUN`.", ""]
+    for r in records:
+        if r.summary is None:
+            out.append(f"- `{r.name}` is not evaluated yet: run `equi eval {r.path}` to put it on the curves.")
+    if any(r.summary is None for r in records):
+        out.append("")
+    lines = findings(series)
+    if lines:
+        out += ["## What the curves show", ""] + [f"- {line}" for line in lines] + [""]
+        out += ["Safety is the share of harmful prompts (AdvBench, HarmBench, JailbreakBench, StrongREJECT, "
+                "XSTest unsafe) that the model refused or partly refused; over-refusal is the same share on "
+                "benign prompts (XSTest safe, Alpaca). Answers are labelled by the curation refusal detector.", ""]
+    elif evaluated:
+        out += ["The evaluated runs have no known number of safety examples (no `ladder.json`), so they are in "
+                "the tables but not on the curves.", ""]
+    if mix is not None:
+        total = mix.mixture_rows
+        shares = ", ".join(f"{g} {sum(c.values())} ({100 * sum(c.values()) / total:.0f}%)"
+                           for g, c in mix.composition.items()) if total else "empty"
+        out += ["## Mix", "", f"`{mix.path}`: {total} mixture rows: {shares}.",
+                f"{len(mix.cluster_sizes)} embedding clusters over {sum(mix.cluster_sizes)} pool rows; "
+                f"{mix.rejects} input lines rejected."]
+        if mix.accounting_problems:
+            out.append("Accounting does NOT balance: " + "; ".join(mix.accounting_problems) + ".")
+        else:
+            acc = mix.accounting
+            out.append(f"Accounting balances: {acc.get('input_lines')} input lines = {acc.get('pooled')} pooled + "
+                       f"{acc.get('rejected')} rejected; {acc.get('pooled')} pooled = {acc.get('mixed')} mixed + "
+                       f"{sum((acc.get('not_selected') or {}).values())} not selected.")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"

@@ -1,0 +1,178 @@
+"""equi report: curve data from run directories, the data behind each PNG, the HTML embedding, words.
+
+Run directories here are SYNTHETIC: their eval labels are made up in the test so the expected numbers
+are known; the metrics are still computed by equi's own code from those labels.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from equi.evaluation.audit import write_answers, write_metrics
+from equi.evaluation.metrics import compute_metrics
+from equi.reporting import ReportConfig, build_report, collect_runs, curve_series, summarise_mix
+from equi.schema import MIX_SCHEMA, POOL_SCHEMA
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _labels(n_harmful_refused: int, n_benign_refused: int, n: int = 10) -> list[dict]:
+    """n harmful + n benign audit rows with the given numbers of refusals (synthetic)."""
+    rows = []
+    for i in range(n):
+        rows.append({"suite": "advbench", "prompt_id": f"h{i}", "prompt": f"harmful {i}", "expected": "refuse",
+                     "subtype": None, "answer": "…", "label": "refuse" if i < n_harmful_refused else "comply",
+                     "refusal_score": 0.5, "new_tokens": 3, "truncated": False})
+        rows.append({"suite": "xstest-safe", "prompt_id": f"b{i}", "prompt": f"benign {i}", "expected": "comply",
+                     "subtype": "homonyms", "answer": "…", "label": "refuse" if i < n_benign_refused else "comply",
+                     "refusal_score": 0.5, "new_tokens": 3, "truncated": False})
+    return rows
+
+
+def _make_run(root: Path, name: str, group: str | None, n_safety: int | None, refused: tuple[int, int] | None,
+              baseline: bool = False) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    groups = None if group in (None, "ALL") else [group, "BENIGN"]
+    (run / "config.json").write_text(json.dumps({"train_config": {"algo": "ama-dpo", "groups": groups, "scale": 7}}))
+    if n_safety is not None or baseline:
+        (run / "ladder.json").write_text(json.dumps({"n_safety": 0 if baseline else n_safety, "baseline": baseline,
+                                                     "group": "baseline" if baseline else group, "scale": 7}))
+    if refused is not None:
+        rows = _labels(*refused)
+        write_answers(run / "eval", rows)
+        write_metrics(run / "eval", compute_metrics(rows))
+    return run
+
+
+@pytest.fixture()
+def runs_dir(tmp_path) -> Path:
+    root = tmp_path / "runs"
+    _make_run(root, "base", None, None, (2, 0), baseline=True)
+    _make_run(root, "ehd-small", "EHD", 40, (5, 1))
+    _make_run(root, "ehd-big", "EHD", 400, (9, 6))
+    _make_run(root, "ihd-small", "IHD", 12, (4, 0))
+    _make_run(root, "ihd-big", "IHD", 120, (7, 2))
+    _make_run(root, "mhd-pending", "MHD", 4, None)  # trained, not evaluated
+    _make_run(root, "loose", "EHD", None, (3, 3))  # evaluated, data size unknown
+    return root
+
+
+def test_curve_series_come_from_run_directories(runs_dir):
+    records = collect_runs(runs_dir)
+    assert {r.name for r in records} == {"base", "ehd-small", "ehd-big", "ihd-small", "ihd-big", "mhd-pending", "loose"}
+    series = curve_series(records)
+    assert list(series) == ["EHD", "IHD"]  # MHD not evaluated, loose has no size, baseline joins each line
+    assert [(p.run, p.n_safety) for p in series["EHD"]] == [("base", 0), ("ehd-small", 40), ("ehd-big", 400)]
+    assert [p.safety for p in series["EHD"]] == pytest.approx([0.2, 0.5, 0.9])
+    assert [p.over_refusal for p in series["IHD"]] == pytest.approx([0.0, 0.0, 0.2])
+    assert series["IHD"][-1].balanced == pytest.approx((0.7 + 0.8) / 2)
+    pending = next(r for r in records if r.name == "mhd-pending")
+    assert pending.summary is None and any("not evaluated" in p for p in pending.problems)
+
+
+def test_report_pngs_hold_the_expected_series_and_html_embeds_them(runs_dir, tmp_path):
+    out = tmp_path / "report"
+    result = build_report(ReportConfig(out=str(out), runs=str(runs_dir)))
+    plots = json.loads((out / "report.json").read_text())["plots"]
+    for name in ("curve_safety.png", "curve_over_refusal.png", "curve_balanced.png", "tradeoff.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5_000
+    safety = plots["curve_safety.png"]
+    assert safety["xlabel"] == "safety training examples (preference pairs)" and "%" in safety["ylabel"]
+    assert safety["series"] == {"EHD": {"x": [0, 40, 400], "y": pytest.approx([20.0, 50.0, 90.0])},
+                                "IHD": {"x": [0, 12, 120], "y": pytest.approx([20.0, 40.0, 70.0])}}
+    assert plots["curve_over_refusal.png"]["series"]["EHD"]["y"] == pytest.approx([0.0, 10.0, 60.0])
+    assert plots["tradeoff.png"]["series"]["IHD"]["x"] == pytest.approx([0.0, 0.0, 20.0])
+    # The plot data is what the matplotlib artists hold: it matches the image's size too.
+    import matplotlib.image as mpimg
+
+    height, width, _ = mpimg.imread(out / "curve_safety.png").shape
+    assert width > 400 and height > 300
+    html = result.html.read_text()
+    embedded = [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)]
+    assert sorted(embedded) == sorted((out / n).read_bytes() for n in
+                                      ("curve_safety.png", "curve_over_refusal.png", "curve_balanced.png", "tradeoff.png"))
+    assert "<img" in html and 'src="http' not in html  # self-contained
+    links = re.findall(r'href="([^"]+answers\.parquet)"', html)
+    assert len(links) == 6 and all((out / link).resolve().is_file() for link in links)
+    summary = result.summary.read_text()
+    assert "mhd-pending" in summary and "not evaluated" in summary
+    assert "**EHD** drives over-refusal most" in summary
+    assert "60.0%" in summary
+
+
+def test_report_with_one_unevaluated_run_says_so(tmp_path):
+    root = tmp_path / "runs"
+    _make_run(root, "only", "EHD", 10, None)
+    out = tmp_path / "report"
+    result = build_report(ReportConfig(out=str(out), runs=str(root / "only")))
+    assert [r.name for r in result.records] == ["only"]
+    assert not list(out.glob("curve_*.png"))
+    assert "not evaluated yet" in result.summary.read_text()
+    assert "only" in result.html.read_text()
+
+
+def _write_synthetic_mix(mix: Path) -> None:
+    """A tiny SYNTHETIC mix directory in the contract's layout (no real data involved)."""
+    (mix / "data").mkdir(parents=True)
+    (mix / "pool").mkdir()
+    groups = ["EHD"] * 5 + ["IHD"] * 2 + ["BENIGN"] * 3
+    splits = ["train"] * 4 + ["eval"] + ["train"] * 2 + ["train"] * 3
+    severities = ["severe", "severe", "minor", None, "moderate", "minor", None, None, None, None]
+    rows = [{name: None for name in MIX_SCHEMA.names} | {"id": str(i), "group": g, "split": s, "severity": v,
+                                                            "rank": i, "cluster": i % 3}
+            for i, (g, s, v) in enumerate(zip(groups, splits, severities))]
+    pq.write_table(pa.Table.from_pylist(rows, schema=MIX_SCHEMA), mix / "data" / "train-00000-of-00001.parquet")
+    pool_rows = [{k: v for k, v in r.items() if k != "rank"} for r in rows] + [
+        {name: None for name in POOL_SCHEMA.names} | {"id": "x", "group": "OTHER", "cluster": 0}]
+    pq.write_table(pa.Table.from_pylist(pool_rows, schema=POOL_SCHEMA), mix / "pool" / "pool-00000-of-00001.parquet")
+    (mix / "rejects.jsonl").write_text('{"reason": "not valid JSON"}\n{"reason": "not valid JSON"}\n{"reason": "no prompt"}\n')
+    (mix / "manifest.json").write_text(json.dumps({"accounting": {
+        "input_lines": 14, "pooled": 11, "rejected": 3, "mixed": 10, "mixture_rows": 10,
+        "not_selected": {"over the group's ratio": 1}}}))
+
+
+def test_mix_summary_and_charts(tmp_path):
+    mix = tmp_path / "mix"
+    _write_synthetic_mix(mix)
+    summary = summarise_mix(mix)
+    assert summary.composition == {"EHD": {"train": 4, "eval": 1}, "IHD": {"train": 2}, "BENIGN": {"train": 3}}
+    assert summary.severity["EHD"] == {"minor": 1, "moderate": 1, "severe": 2, "unknown": 1}
+    assert summary.cluster_sizes == [5, 3, 3]
+    assert summary.rejects == 3 and summary.reject_reasons == {"not valid JSON": 2, "no prompt": 1}
+    assert summary.accounting_problems == []
+    out = tmp_path / "report"
+    result = build_report(ReportConfig(out=str(out), mix=str(mix)))
+    comp = result.plots["mix_composition.png"]
+    assert comp["categories"] == ["EHD", "IHD", "BENIGN"]
+    assert comp["series"] == {"train": [4.0, 2.0, 3.0], "eval": [1.0, 0.0, 0.0]}
+    assert result.plots["mix_severity.png"]["series"]["severe"] == [2.0, 0.0, 0.0]
+    assert result.plots["mix_clusters.png"]["series"]["rows per cluster"] == [5.0, 3.0, 3.0]
+    text = result.summary.read_text()
+    assert "Accounting balances: 14 input lines = 11 pooled + 3 rejected" in text
+    html = result.html.read_text()
+    assert html.count("data:image/png;base64,") == 3 and "not valid JSON" in html
+
+
+def test_report_command_errors_and_help(tmp_path, runs_dir):
+    from equi.cli import app
+
+    runner = CliRunner()
+    missing = runner.invoke(app, ["report", "--runs", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
+    assert missing.exit_code == 2 and "is not a directory" in missing.output
+    not_a_mix = runner.invoke(app, ["report", "--mix", str(runs_dir), "--out", str(tmp_path / "r")])
+    assert not_a_mix.exit_code == 2 and "not a mix directory" in not_a_mix.output
+    ok = runner.invoke(app, ["report", "--runs", str(runs_dir), "--out", str(tmp_path / "r"), "--quiet"])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "r" / "report.html").is_file()
+    help_text = runner.invoke(app, ["report", "--help"]).output
+    assert "Example" in help_text and "equi curate" in help_text and "equi scale" in help_text
