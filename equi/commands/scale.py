@@ -1,0 +1,78 @@
+"""``equi scale``: a data-scaling ladder (train + eval per group and scale) for ``equi report``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from equi.commands._console import console, fail
+
+HELP = """Train one run per (group, scale) on nested subsets of a mix, evaluate each, and the untrained baseline.
+
+Scales are fractions of the mix's ranked rows (0.1 = the 10% with the lowest rank, which keep the
+mixture's group ratios) or whole numbers of ranked rows. With --groups, each group gets its own
+ladder trained on that group's safety pairs plus the BENIGN share; without it every rung trains on
+all groups. Run directories go under --out as ALGO-GROUP-sSCALE/ with config.json (equi train),
+ladder.json (mix, scale, group, number of safety pairs) and eval/ (equi eval), and the untrained
+model is evaluated once into --out/baseline/. Finished rungs are kept, so re-running continues.
+
+\b
+Example:
+    equi scale --mix mix/ --scales 0.1,0.3,1.0 --groups EHD,IHD,MHD --out runs/ --eval-limit 50
+    equi report --runs runs/ --mix mix/ --out report/
+"""
+
+
+def _split(values: Optional[list[str]]) -> list[str]:
+    return [part.strip() for value in (values or []) for part in value.split(",") if part.strip()]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("scale", help=HELP)
+    def scale_command(
+        mix: Path = typer.Option(..., "--mix", "-m", help="Mix directory written by `equi curate`."),
+        scales: str = typer.Option("0.1,0.3,1.0", "--scales", help="Fractions in (0,1] or whole numbers of ranked rows."),
+        groups: Optional[str] = typer.Option(None, "--groups", help="One ladder per group, e.g. EHD,IHD,MHD [default: all together]."),
+        out: Path = typer.Option(Path("runs"), "--out", "-o", help="Directory receiving one run directory per rung."),
+        algo: str = typer.Option("ama-dpo", "--algo", help="Training algorithm (see equi train --help)."),
+        model: Optional[str] = typer.Option(None, "--model", help="Hub id or path [default: SmolLM2-135M-Instruct]."),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimiser steps per rung [default: one epoch]."),
+        epochs: float = typer.Option(1.0, "--epochs", help="Epochs per rung."),
+        batch_size: int = typer.Option(4, "--batch-size", help="Pairs per training step."),
+        lr: float = typer.Option(5e-6, "--lr", help="Learning rate."),
+        beta: float = typer.Option(0.1, "--beta", help="DPO temperature."),
+        seed: int = typer.Option(0, "--seed", help="Random seed."),
+        lora_r: int = typer.Option(0, "--lora-r", help="LoRA rank (0 = full fine-tuning)."),
+        no_eval: bool = typer.Option(False, "--no-eval", help="Train only; evaluate later with equi eval."),
+        no_baseline: bool = typer.Option(False, "--no-baseline", help="Do not evaluate the untrained model."),
+        suite: Optional[list[str]] = typer.Option(None, "--suite", help="Eval suites (see equi eval --help) [default: all]."),
+        eval_limit: Optional[int] = typer.Option(50, "--eval-limit", help="Prompts per suite in each eval."),
+        max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Answer length bound in eval."),
+        data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Shared data directory for the eval suites."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    ) -> None:
+        from equi.config import ConfigError
+        from equi.evaluation import SuiteError
+        from equi.evaluation.generation import ModelLoadError
+        from equi.ladder import ScaleConfig, parse_scales, run_ladder
+        from train.mixdata import MixError, MixVerificationFailed
+        from train.models import ModelError
+
+        try:
+            config = ScaleConfig(mix=str(mix), scales=parse_scales(scales), groups=_split([groups]) if groups else None,
+                                 out=str(out), algo=algo, model=model, max_steps=max_steps, epochs=epochs,
+                                 batch_size=batch_size, lr=lr, beta=beta, seed=seed, lora_r=lora_r,
+                                 evaluate=not no_eval, baseline=not no_baseline, suites=_split(suite),
+                                 eval_limit=eval_limit, max_new_tokens=max_new_tokens, data_dir=data_dir, quiet=quiet)
+            result = run_ladder(config)
+        except MixVerificationFailed as exc:
+            fail(str(exc), code=3)
+        except (ConfigError, SuiteError, MixError, ModelError, ModelLoadError) as exc:
+            fail(str(exc), code=2)
+        if not quiet:
+            for note in result.notes:
+                console.print(f"note: {note}")
+            console.print(f"{len(result.rungs)} rungs in {result.out_dir}; next: "
+                          f"equi report --runs {result.out_dir} --mix {mix} --out report/")

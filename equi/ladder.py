@@ -1,0 +1,269 @@
+"""Data-scaling ladders: one training run per (group, scale), each evaluated, all readable by ``equi report``.
+
+``equi scale --mix mix/ --scales 0.1,0.3,1.0 --groups EHD,IHD,MHD`` trains, for every group, one run
+per scale on the nested subset ``rank < K`` of the mix (``K`` = scale × ranked rows for a fraction,
+or the number itself for a whole number > 1), keeping only that group's safety rows plus the BENIGN
+share. Without ``--groups`` each rung trains on every group. The untrained model is evaluated once
+as the ``baseline`` (0 safety examples) so every curve starts from where the model was.
+
+Each run directory gets ``ladder.json`` next to train's ``config.json``::
+
+    {"mix", "mix_manifest_hash", "group", "groups", "scale", "rank_limit",
+     "n_safety", "n_benign", "n_train", "algo", "baseline"}
+
+A rung whose ``final/`` model (or ``eval/metrics.json``) already exists is not trained (or evaluated)
+again, so an interrupted ladder continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from equi.config import ConfigError
+from equi.schema import DATA_DIR, SAFETY_GROUPS
+
+LADDER_FILE = "ladder.json"
+BASELINE_RUN = "baseline"
+
+
+def parse_scales(text: str) -> list[float]:
+    """``"0.1,0.3,1.0"`` → ``[0.1, 0.3, 1.0]``; fractions in (0, 1] or whole numbers of ranked rows > 1."""
+    scales: list[float] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            value = float(part)
+        except ValueError:
+            raise ConfigError(f"bad scale {part!r}: expected a number such as 0.1 or 500") from None
+        if value <= 0 or (value > 1 and not value.is_integer()):
+            raise ConfigError(f"bad scale {part!r}: use a fraction in (0, 1] or a whole number of rows")
+        scales.append(value)
+    if not scales:
+        raise ConfigError("--scales needs at least one value, e.g. 0.1,0.3,1.0")
+    return sorted(set(scales))
+
+
+def ranked_rows(mix_dir: str | Path) -> int:
+    """Number of ranked mixture rows (``max(rank) + 1``) over every split."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    files = sorted((Path(mix_dir) / DATA_DIR).glob("*.parquet"))
+    best = -1
+    for path in files:
+        ranks = pq.read_table(path, columns=["rank"]).column("rank")
+        if len(ranks) and (top := pc.max(ranks).as_py()) is not None:
+            best = max(best, int(top))
+    return best + 1
+
+
+def rank_limit(scale: float, n_ranked: int) -> int:
+    """The ``rank < K`` bound for a scale: a fraction of the ranked rows (at least 1), or the number itself."""
+    return int(scale) if scale > 1 else max(1, math.ceil(scale * n_ranked))
+
+
+def scale_label(scale: float) -> str:
+    return str(int(scale)) if scale > 1 else f"{scale:g}"
+
+
+@dataclass
+class ScaleConfig:
+    """A data-scaling ladder.
+
+    Data:
+        mix: the mix directory.
+        scales: fractions of the ranked mixture in (0, 1] or whole numbers of ranked rows.
+        groups: one ladder per safety group (each with the BENIGN share); ``None`` = one ladder on all groups.
+    Training (passed to ``equi train``'s ``TrainConfig``):
+        algo, model, max_steps, epochs, batch_size, lr, beta, seed, lora_r; ``train_options`` for any
+        other ``TrainConfig`` field.
+    Evaluation (``equi eval`` on every run, and on the untrained model as the baseline):
+        evaluate, baseline, suites, eval_limit, max_new_tokens, eval_batch_size, data_dir.
+    out: the directory that receives one run directory per rung.
+    """
+
+    mix: str
+    scales: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])
+    groups: list[str] | None = None
+    out: str = "runs"
+    algo: str = "ama-dpo"
+    model: str | None = None
+    max_steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 4
+    lr: float = 5e-6
+    beta: float = 0.1
+    seed: int = 0
+    lora_r: int = 0
+    train_options: dict[str, Any] = field(default_factory=dict)
+    evaluate: bool = True
+    baseline: bool = True
+    suites: list[str] = field(default_factory=list)
+    eval_limit: int | None = 50
+    max_new_tokens: int = 64
+    eval_batch_size: int = 16
+    data_dir: str | None = None
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        self.mix = str(self.mix)
+        self.out = str(self.out)
+        if not (Path(self.mix) / "manifest.json").is_file():
+            raise ConfigError(f"mix directory {self.mix} not found (no manifest.json); make one with `equi curate`")
+        if not self.scales:
+            raise ConfigError("--scales needs at least one value, e.g. 0.1,0.3,1.0")
+        for scale in self.scales:
+            if scale <= 0 or (scale > 1 and not float(scale).is_integer()):
+                raise ConfigError(f"bad scale {scale}: use a fraction in (0, 1] or a whole number of rows")
+        self.scales = sorted(set(float(s) for s in self.scales))
+        if self.groups is not None:
+            self.groups = [g.strip().upper() for g in self.groups if g.strip()]
+            bad = sorted(set(self.groups) - set(SAFETY_GROUPS) - {"OTHER"})
+            if bad or not self.groups:
+                raise ConfigError(f"--groups names {bad or 'nothing'}; choose from {', '.join(SAFETY_GROUPS)}, OTHER")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ConfigError("--eval-limit must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Rung:
+    group: str  # a safety group, or "ALL"
+    scale: float
+    rank_limit: int
+    run_dir: Path
+
+    @property
+    def train_groups(self) -> list[str] | None:
+        return None if self.group == "ALL" else [self.group, "BENIGN"]
+
+
+@dataclass
+class LadderResult:
+    out_dir: Path
+    rungs: list[Rung]
+    baseline_dir: Path | None
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_ladder(config: ScaleConfig, n_ranked: int) -> list[Rung]:
+    """Every (group, scale) rung with its run directory; pure, so the plan can be shown before training."""
+    groups = config.groups or ["ALL"]
+    return [Rung(group, scale, rank_limit(scale, n_ranked),
+                 Path(config.out) / f"{config.algo}-{group.lower()}-s{scale_label(scale)}")
+            for group in groups for scale in config.scales]
+
+
+def training_counts(mix_dir: str, limit: int, groups: list[str] | None) -> dict[str, int]:
+    """Rows per group that ``equi train`` will train on for ``rank < limit`` and ``groups`` (pairs only)."""
+    from train.mixdata import load_split
+
+    split = load_split(mix_dir, "train", limit, groups, need_pairs=True)
+    return dict(Counter(split.dataset["group"])) if len(split.dataset) else {}
+
+
+def _train_config(config: ScaleConfig, rung: Rung):
+    from train.config import TrainConfig
+
+    known = TrainConfig.field_names()
+    unknown = sorted(set(config.train_options) - known)
+    if unknown:
+        raise ConfigError(f"unknown training option(s) {unknown}")
+    return TrainConfig(mix=config.mix, algo=config.algo, model=config.model, out=str(rung.run_dir),
+                       scale=rung.rank_limit, groups=rung.train_groups, max_steps=config.max_steps,
+                       epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, beta=config.beta,
+                       seed=config.seed, lora_r=config.lora_r, quiet=config.quiet,
+                       # an interrupted rung (config.json but no final/) continues from its last checkpoint
+                       resume=(rung.run_dir / "config.json").is_file(), **config.train_options)
+
+
+def _eval_config(config: ScaleConfig, target: str | None, out: Path | None):
+    from equi.evaluation import EvalConfig
+
+    return EvalConfig(target=target, out=str(out) if out else None, suites=list(config.suites),
+                      limit=config.eval_limit, data_dir=config.data_dir, max_new_tokens=config.max_new_tokens,
+                      batch_size=config.eval_batch_size, quiet=config.quiet)
+
+
+def _say(config: ScaleConfig, message: str) -> None:
+    if not config.quiet:
+        print(f"equi scale: {message}", file=sys.stderr)
+
+
+def run_ladder(config: ScaleConfig) -> LadderResult:
+    """Train and evaluate every rung (skipping finished ones) and the baseline; return what was made."""
+    from equi.evaluation import evaluate
+    from train.mixdata import manifest_hash, verify_mix_or_raise
+    from train.run import FINAL_DIR, train
+
+    verify_mix_or_raise(config.mix)
+    mix_hash = manifest_hash(config.mix)
+    n_ranked = ranked_rows(config.mix)
+    if n_ranked == 0:
+        raise ConfigError(f"mix {config.mix} has no ranked mixture rows to scale")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rungs = plan_ladder(config, n_ranked)
+    # Validate every rung's settings before the first (slow) training run starts.
+    for rung in rungs:
+        if not (rung.run_dir / FINAL_DIR).is_dir():
+            _train_config(config, rung)
+            if config.evaluate:
+                _eval_config(config, None, rung.run_dir / "eval")
+    notes: list[str] = []
+    baseline_dir = None
+    if config.evaluate and config.baseline:
+        from train.models import resolve_model
+
+        baseline_dir = out / BASELINE_RUN
+        model_path = resolve_model(config.model, quiet=config.quiet)
+        _write_json(baseline_dir / LADDER_FILE, {"mix": str(Path(config.mix).resolve()), "mix_manifest_hash": mix_hash,
+                                                 "group": BASELINE_RUN, "baseline": True, "n_safety": 0,
+                                                 "n_benign": 0, "n_train": 0, "model": model_path})
+        if (baseline_dir / "eval" / "metrics.json").is_file():
+            notes.append(f"{baseline_dir}: already evaluated, kept")
+        else:
+            _say(config, f"evaluating the untrained model {model_path} → {baseline_dir}")
+            evaluate(_eval_config(config, model_path, baseline_dir / "eval"))
+    for index, rung in enumerate(rungs, 1):
+        counts = training_counts(config.mix, rung.rank_limit, rung.train_groups)
+        n_safety = sum(n for g, n in counts.items() if g != "BENIGN")
+        record = {"mix": str(Path(config.mix).resolve()), "mix_manifest_hash": mix_hash, "group": rung.group,
+                  "groups": rung.train_groups, "scale": rung.scale, "rank_limit": rung.rank_limit,
+                  "n_safety": n_safety, "n_benign": counts.get("BENIGN", 0), "n_train": sum(counts.values()),
+                  "counts": counts, "algo": config.algo, "baseline": False}
+        if sum(counts.values()) == 0:
+            notes.append(f"{rung.run_dir.name}: no preference pairs for group {rung.group} below rank "
+                         f"{rung.rank_limit}; skipped")
+            continue
+        if (rung.run_dir / FINAL_DIR).is_dir():
+            notes.append(f"{rung.run_dir.name}: already trained, kept")
+        else:
+            _say(config, f"[{index}/{len(rungs)}] training {rung.run_dir.name} on {sum(counts.values())} pairs "
+                         f"({n_safety} safety) with rank < {rung.rank_limit}")
+            train(_train_config(config, rung))
+        _write_json(rung.run_dir / LADDER_FILE, record)
+        if config.evaluate:
+            if (rung.run_dir / "eval" / "metrics.json").is_file():
+                notes.append(f"{rung.run_dir.name}: already evaluated, kept")
+            else:
+                _say(config, f"[{index}/{len(rungs)}] evaluating {rung.run_dir.name}")
+                evaluate(_eval_config(config, str(rung.run_dir), None))
+    _write_json(out / "ladder-config.json", {"config": config.to_dict(), "n_ranked": n_ranked,
+                                             "rungs": [str(r.run_dir) for r in rungs], "notes": notes})
+    return LadderResult(out, rungs, baseline_dir, notes)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,147 @@
+"""equi scale: the ladder plan, then real training + eval of every rung and a report built from the dirs."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from equi.config import ConfigError
+from equi.ladder import ScaleConfig, parse_scales, plan_ladder, rank_limit, run_ladder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _importable(module: str, name: str | None = None) -> bool:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return False
+    return name is None or hasattr(mod, name)
+
+
+HAS_DETECTOR = _importable("curation.refusal", "classify_responses")
+needs_detector = pytest.mark.skipif(not HAS_DETECTOR, reason="curation.refusal.classify_responses not written yet "
+                                    "(eval labels answers with it)")
+
+
+def test_scales_parse_and_map_to_rank_limits():
+    assert parse_scales("1.0, 0.1,0.3,0.1") == [0.1, 0.3, 1.0]
+    assert parse_scales("200,0.5") == [0.5, 200.0]
+    for bad, message in (("0", "fraction"), ("1.5", "fraction"), ("x", "not|expected"), ("", "at least one")):
+        with pytest.raises(ConfigError, match=message):
+            parse_scales(bad)
+    assert [rank_limit(s, 48) for s in (0.1, 0.5, 1.0, 30.0)] == [5, 24, 48, 30]
+    assert rank_limit(0.001, 48) == 1  # never an empty rung by rounding
+
+
+def test_plan_has_one_rung_per_group_and_scale(tmp_path):
+    mix = tmp_path / "mix"
+    mix.mkdir()
+    (mix / "manifest.json").write_text("{}")
+    config = ScaleConfig(mix=str(mix), scales=[1.0, 0.25], groups=["ehd", "IHD"], out=str(tmp_path / "runs"))
+    rungs = plan_ladder(config, n_ranked=40)
+    assert [(r.group, r.scale, r.rank_limit, r.run_dir.name) for r in rungs] == [
+        ("EHD", 0.25, 10, "ama-dpo-ehd-s0.25"), ("EHD", 1.0, 40, "ama-dpo-ehd-s1"),
+        ("IHD", 0.25, 10, "ama-dpo-ihd-s0.25"), ("IHD", 1.0, 40, "ama-dpo-ihd-s1")]
+    assert rungs[0].train_groups == ["EHD", "BENIGN"]
+    (together,) = plan_ladder(ScaleConfig(mix=str(mix), scales=[0.5]), 40)
+    assert together.group == "ALL" and together.train_groups is None
+    with pytest.raises(ConfigError, match="--groups"):
+        ScaleConfig(mix=str(mix), groups=["BENIGN"])
+    with pytest.raises(ConfigError, match="not found"):
+        ScaleConfig(mix=str(tmp_path / "nope"))
+
+
+def test_scale_command_bad_input_is_one_line_exit_2(tmp_path):
+    from equi.cli import app
+
+    result = CliRunner().invoke(app, ["scale", "--mix", str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "not found" in result.output
+    help_text = CliRunner().invoke(app, ["scale", "--help"]).output
+    assert "Example" in help_text and "--scales" in help_text
+
+
+def _independent_count(mix: Path, limit: int, group: str) -> int:
+    """Train-split pairs of ``group`` with rank < limit, counted straight from the Parquet shards."""
+    n = 0
+    for path in (mix / "data").glob("train-*.parquet"):
+        for row in pq.read_table(path).to_pylist():
+            n += (row["rank"] < limit and row["group"] == group and row["chosen"] is not None
+                  and row["rejected"] is not None)
+    return n
+
+
+@needs_detector
+def test_ladder_trains_evaluates_and_reports_each_rung(tmp_path):
+    """Real hh-rlhf text with synthetic labels (tests/train_fixtures.py), a tiny model, 1 step per rung."""
+    from train_fixtures import build_hh_mix, build_tiny_model
+
+    from equi.reporting import ReportConfig, build_report
+
+    mix = build_hh_mix(tmp_path / "mix")
+    model = build_tiny_model(tmp_path / "model")
+    config = ScaleConfig(mix=str(mix), scales=[0.5, 1.0], groups=["IHD"], out=str(tmp_path / "runs"),
+                         model=str(model), max_steps=1, batch_size=2, suites=["xstest-safe", "advbench"],
+                         eval_limit=2, max_new_tokens=4, quiet=True)
+    result = run_ladder(config)
+    ladders = [json.loads((r.run_dir / "ladder.json").read_text()) for r in result.rungs]
+    assert [l["rank_limit"] for l in ladders] == [24, 48]
+    assert [l["n_safety"] for l in ladders] == [_independent_count(mix, 24, "IHD"), _independent_count(mix, 48, "IHD")]
+    assert ladders[0]["n_safety"] < ladders[1]["n_safety"]
+    for rung in result.rungs:
+        train_config = json.loads((rung.run_dir / "config.json").read_text())["train_config"]
+        assert train_config["scale"] == rung.rank_limit and train_config["groups"] == ["IHD", "BENIGN"]
+        assert (rung.run_dir / "final" / "config.json").is_file()
+        metrics = json.loads((rung.run_dir / "eval" / "metrics.json").read_text())
+        assert set(metrics["suites"]) == {"xstest-safe", "advbench"} and metrics["summary"]["n_prompts"] == 4
+    assert json.loads((result.baseline_dir / "ladder.json").read_text())["n_safety"] == 0
+    assert (result.baseline_dir / "eval" / "answers.parquet").is_file()
+    again = run_ladder(config)  # finished rungs are kept, not retrained
+    assert sum("already trained" in n for n in again.notes) == 2
+    report = build_report(ReportConfig(out=str(tmp_path / "report"), runs=str(tmp_path / "runs"), mix=str(mix)))
+    ihd = report.plots["curve_safety.png"]["series"]["IHD"]
+    assert ihd["x"] == [0.0] + [float(l["n_safety"]) for l in ladders]
+    safety = [json.loads((p / "eval" / "metrics.json").read_text())["summary"]["safety"] * 100
+              for p in [result.baseline_dir] + [r.run_dir for r in result.rungs]]
+    assert ihd["y"] == pytest.approx(safety)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (HAS_DETECTOR and _importable("curation.categorise")),
+                    reason="needs `equi curate` (curation.categorise) and the refusal detector, not written yet")
+def test_ladder_end_to_end_curate_scale_eval_report(tmp_path):
+    """The README loop on bundled real data: equi curate → equi scale → equi report, as subprocesses."""
+    from train_fixtures import build_tiny_model
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "2"}
+
+    def equi(*args: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "equi.cli", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    mix, runs, report = tmp_path / "mix", tmp_path / "runs", tmp_path / "report"
+    equi("curate", str(REPO / "examples" / "data" / "hh_rlhf_harmless_sample.jsonl.gz"),
+         str(REPO / "examples" / "data" / "xstest_prompts.jsonl"), "--out", str(mix), "--size", "60", "--quiet")
+    counts = json.loads((mix / "manifest.json").read_text())["counts"]["mixture"]
+    groups = [g for g in ("EHD", "IHD", "MHD") if counts.get(g, {}).get("train", 0) >= 2][:2]
+    assert groups, f"curate put no safety pairs in the mix: {counts}"
+    model = build_tiny_model(tmp_path / "model")
+    equi("scale", "--mix", str(mix), "--scales", "0.5,1.0", "--groups", ",".join(groups), "--out", str(runs),
+         "--model", str(model), "--max-steps", "1", "--batch-size", "2", "--suite", "xstest-safe,advbench",
+         "--eval-limit", "2", "--max-new-tokens", "4", "--quiet")
+    equi("report", "--runs", str(runs), "--mix", str(mix), "--out", str(report), "--quiet")
+    data = json.loads((report / "report.json").read_text())
+    assert set(data["plots"]["curve_over_refusal.png"]["series"]) == set(groups)
+    assert all(len(s["x"]) == 3 for s in data["plots"]["curve_over_refusal.png"]["series"].values())
+    assert data["plots"]["mix_composition.png"]["series"]["train"]
+    html = (report / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 7
