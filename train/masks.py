@@ -32,9 +32,10 @@ def token_mask(
     are in response coordinates and ``shift`` is where the response starts in that text.
     Overlap is strict (``token_start < range_end and token_end > range_start``), so touching is not overlapping.
     """
-    if not masked_ranges:
+    # An empty range covers no character, so it must not mask the token around its position.
+    ranges = sorted((start + shift, end + shift) for start, end in masked_ranges if end > start)
+    if not ranges:
         return [1] * len(offsets)
-    ranges = sorted((start + shift, end + shift) for start, end in masked_ranges)
     mask = []
     for token_start, token_end in offsets:
         hit = token_end > token_start and any(token_start < end and token_end > start for start, end in ranges)

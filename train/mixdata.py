@@ -18,6 +18,10 @@ class MixError(ValueError):
     """The mix is missing, incomplete, tampered with or unusable for the chosen algorithm (one-line message)."""
 
 
+class MixVerificationFailed(MixError):
+    """The shards do not match the manifest (tampered or incomplete): the CLI exits 3 for this one."""
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -79,7 +83,7 @@ def verify_mix_or_raise(mix_dir: str | Path) -> dict[str, Any]:
     problems = shard_problems(mix_dir)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise MixError(f"mix {mix_dir} failed verification: {problems[0]}{more}")
+        raise MixVerificationFailed(f"mix {mix_dir} failed verification: {problems[0]}{more}")
     return manifest
 
 

