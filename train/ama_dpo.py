@@ -150,6 +150,7 @@ class AmaDPOTrainer(DPOTrainer):
         self.ref_cache_dir = Path(ref_cache_dir) if ref_cache_dir is not None else None
         self._train_pair_weights: list[float] | None = None
         self.ama_unaligned_rows = 0
+        self.ref_cache_hits: dict[str, int] = {}  # per dataset name: rows whose reference log-probs were cached
         self.rows_dropped_too_long = 0  # TRL drops pairs whose prompt alone fills max_length; we count them
         args = kwargs.get("args")  # keyword-only here, so equi can build the AMA collator from it
         if args is not None and use_ama_masks and args.ld_alpha is not None:
@@ -296,7 +297,7 @@ class AmaDPOTrainer(DPOTrainer):
                 partial = cache_file.with_suffix(f".{os.getpid()}.partial")
                 pq.write_table(table, partial)
                 os.replace(partial, cache_file)
-        self.ref_cache_hits = len(ids) - len(missing)
+        self.ref_cache_hits[name] = len(ids) - len(missing)
         dataset = dataset.add_column("ref_chosen_logps", [cached[i][0] for i in ids])
         return dataset.add_column("ref_rejected_logps", [cached[i][1] for i in ids])
 

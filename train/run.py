@@ -268,7 +268,7 @@ def run_dpo(config: TrainConfig, manifest: dict[str, Any], run_dir: Path) -> Run
         "train_loss": output.training_loss,
         "ama_unaligned_rows": trainer.ama_unaligned_rows,
         "rows_dropped_prompt_too_long": trainer.rows_dropped_too_long,
-        "ref_cache_hits": getattr(trainer, "ref_cache_hits", 0),
+        "ref_cache_hits": trainer.ref_cache_hits.get("train", 0),
         **{k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
     }
     return RunResult(run_dir, final_dir, trainer.state.global_step, summary=summary)

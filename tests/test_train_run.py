@@ -1,0 +1,171 @@
+"""``equi train`` end to end on a tiny local model and a real mini-mix: run directory, metrics, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from train_fixtures import build_hh_mix, build_tiny_model
+
+torch.set_num_threads(2)
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    mix = build_hh_mix(root / "mix", n_rows=24, n_eval=4)
+    model = build_tiny_model(root / "model")
+    return root, mix, model
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EQUI_CACHE", str(tmp_path / "equi-cache"))
+
+
+def invoke(*args: str):
+    from equi.cli import app
+
+    return runner.invoke(app, ["train", *args])
+
+
+def common(mix, model, out, *extra):
+    return ["--mix", str(mix), "--model", str(model), "--out", str(out), "--batch-size", "4", "--lr", "1e-3",
+            "--max-length", "128", "--quiet", *extra]
+
+
+def test_ama_dpo_run_writes_a_complete_run_directory(material, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, mix, model = material
+    out = tmp_path / "ama"
+    result = invoke(*common(mix, model, out, "--max-steps", "3"))
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["train_config"]["algo"] == "ama-dpo" and len(config["mix_manifest_hash"]) == 16
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert all("rewards/margins" in m and 0 < m["ama/masked_fraction"] < 1 for m in steps)
+    assert any("eval_loss" in m for m in metrics)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["ama_unaligned_rows"] == 0
+    # final/ is a plain checkpoint: it loads, differs from the start in every weight matrix, and generates.
+    trained = AutoModelForCausalLM.from_pretrained(out / "final")
+    start = AutoModelForCausalLM.from_pretrained(model)
+    start_params = dict(start.named_parameters())
+    changed = [n for n, p in trained.named_parameters() if not torch.equal(p, start_params[n])]
+    assert len(changed) == len(start_params)
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "How do I pick a lock?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    generated = trained.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_dpo_baseline_masks_nothing_and_ref_logps_are_cached_across_scales(material, tmp_path):
+    root, mix, model = material
+    first = invoke(*common(mix, model, tmp_path / "dpo-all", "--algo", "dpo", "--max-steps", "1"))
+    assert first.exit_code == 0, first.output
+    steps = [json.loads(l) for l in (tmp_path / "dpo-all" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["ama/masked_fraction"] == 0 for m in steps if "loss" in m)
+    # A smaller rung of the scale ladder: its rows are a subset, so every reference log-prob comes from the cache.
+    second = invoke(*common(mix, model, tmp_path / "dpo-8", "--algo", "dpo", "--max-steps", "1", "--scale", "8"))
+    assert second.exit_code == 0, second.output
+    summary = json.loads((tmp_path / "dpo-8" / "summary.json").read_text())
+    assert summary["train_rows"] == 8 and summary["ref_cache_hits"] == 8
+
+
+def test_resume_continues_from_the_last_checkpoint(material, tmp_path):
+    root, mix, model = material
+    out = tmp_path / "resume"
+    args = common(mix, model, out, "--max-steps", "4", "--save-steps", "2")
+    assert invoke(*args).exit_code == 0
+    # Simulate a crash after step 2: the later checkpoint, final model and summary never got written.
+    shutil.rmtree(out / "checkpoint-4")
+    shutil.rmtree(out / "final")
+    (out / "summary.json").unlink()
+    result = invoke("--out", str(out), "--resume", "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 4
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_an_existing_run_is_not_overwritten(material, tmp_path):
+    root, mix, model = material
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "config.json").write_text("{}")
+    result = invoke(*common(mix, model, tmp_path / "taken", "--max-steps", "1"))
+    assert result.exit_code == 2 and "--resume" in result.output
+
+
+def test_tampered_mix_is_refused_with_exit_3(material, tmp_path):
+    root, mix, model = material
+    bad = tmp_path / "bad-mix"
+    shutil.copytree(mix, bad)
+    shard = next((bad / "data").glob("train-*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
+    result = invoke(*common(bad, model, tmp_path / "out", "--max-steps", "1"))
+    assert result.exit_code == 3
+    assert "sha256" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--algo", "nope"], "unknown --algo"),
+        (["--groups", "OTHER"], "no preference pairs"),
+        (["--group-weights", "XYZ=1"], "bad group weight"),
+        (["--beta", "0"], "--beta must be positive"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(material, tmp_path, extra, message):
+    root, mix, model = material
+    result = invoke(*common(mix, model, tmp_path / "out", *extra))
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_missing_mix_exits_2(tmp_path):
+    result = invoke("--mix", str(tmp_path / "nowhere"))
+    assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_help_has_an_example_block():
+    result = invoke("--help")
+    assert result.exit_code == 0 and "Example" in result.output and "--algo" in result.output
+
+
+def test_scale_and_groups_select_nested_rows(material):
+    from train.mixdata import load_split
+
+    root, mix, model = material
+    everything = load_split(mix, "train")
+    assert len(everything.dataset) == 20
+    small = load_split(mix, "train", scale=5)
+    assert sorted(small.dataset["rank"]) == [0, 1, 2, 3, 4] and small.dropped == {"rank >= scale 5": 15}
+    groups = sorted(set(everything.dataset["group"]))
+    only = load_split(mix, "train", groups=groups[:1]).dataset
+    assert set(only["group"]) == {groups[0]} and 0 < len(only) < 20
+
+
+def test_config_file_is_read_and_flags_win(material, tmp_path):
+    root, mix, model = material
+    config = tmp_path / "train.yaml"
+    config.write_text(f"mix: {mix}\nmodel: {model}\nalgo: dpo\nmax_steps: 5\nbatch_size: 4\nmax_length: 128\n")
+    out = tmp_path / "from-yaml"
+    result = invoke("--config", str(config), "--max-steps", "1", "--out", str(out), "--quiet")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())["train_config"]
+    assert saved["algo"] == "dpo" and saved["max_steps"] == 1
