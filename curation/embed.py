@@ -44,7 +44,8 @@ def resolve_embedder(name_or_path: str | None) -> str:
 class Embedder:
     """A sentence-transformers encoder returning L2-normalised float32 embeddings."""
 
-    def __init__(self, name_or_path: str | None = None, device: str | None = None, batch_size: int = 64):
+    def __init__(self, name_or_path: str | None = None, device: str | None = None, batch_size: int = 64,
+                 max_seq_length: int = 128):
         from sentence_transformers import SentenceTransformer
 
         self.name = name_or_path or DEFAULT_EMBEDDER
@@ -59,6 +60,8 @@ class Embedder:
                 f"cannot load embedder {name_or_path!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             ) from None
         self.batch_size = batch_size
+        # Safety prompts are short; 128 tokens keep the request and halve the cost of long inputs.
+        self.model.max_seq_length = min(self.model.max_seq_length or max_seq_length, max_seq_length)
         self.dim = int(self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension")
                        else self.model.get_sentence_embedding_dimension())
 

@@ -132,6 +132,8 @@ def group_quotas(available: dict[str, int], ratios: dict[str, float], size: int 
         total_ratio = sum(active.values())
         # The largest scale the scarcest group allows: every group gets ratio * m rows.
         m = min(available[g] / r for g, r in active.items())
+        if all(float(r).is_integer() for r in active.values()):
+            m = np.floor(m)  # whole multiples of integer ratios keep them exact (240:72:24, not 245:74:24)
         target = sum(r * m for r in active.values())
         target = int(np.floor(target + 1e-9))
         if size is not None:

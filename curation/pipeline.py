@@ -113,6 +113,18 @@ def score_spans(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def text_for_embedding(prompt: str) -> str:
+    """What the encoder sees of a prompt: the user's turns of a multi-turn transcript.
+
+    The assistant's earlier turns say little about the request's risk and would push the user's
+    words past the encoder's token limit.
+    """
+    if not prompt.startswith("Human:"):
+        return prompt
+    turns = [t for t in prompt.split("\n\n") if t.startswith("Human:")]
+    return " ".join(t[len("Human:"):].strip() for t in turns) or prompt
+
+
 _SPAN_DTYPE = pl.List(pl.Struct({"start": pl.Int32, "end": pl.Int32, "sign": pl.Int8}))
 
 
@@ -121,7 +133,7 @@ def score_batch(rows: list[RawRow], embed: Callable[[list[str]], np.ndarray], ca
     from curation.categorise import categorise
 
     frame = rows_to_frame(rows)
-    embeddings = embed(frame["prompt"].to_list())
+    embeddings = embed([text_for_embedding(p) for p in frame["prompt"].to_list()])
     frame = categorise(frame, embeddings, categoriser)
     frame = score_refusals(frame)
     frame = score_costs(frame)
@@ -319,7 +331,7 @@ def _count(groups: list[str]) -> dict[str, int]:
 
 def _count_by_split(mixture: pl.DataFrame) -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = {}
-    for (group, split), n in mixture.group_by(["group", "split"]).len().iter_rows() if mixture.height else []:
+    for group, split, n in mixture.group_by(["group", "split"]).len().iter_rows() if mixture.height else []:
         counts.setdefault(group, {})[split] = n
     return counts
 
@@ -340,7 +352,7 @@ def build_mixture_rows(stage_files: list, selected: pl.DataFrame, eval_fraction:
         pl.col("idx").cast(pl.Int64))
     wanted = pl.concat([selected["chosen_idx"], selected["rejected_idx"].drop_nulls()])
     rows = pool.filter(pl.col("idx").is_in(wanted.implode())).collect()
-    by_idx = rows.join(selected.select("chosen_idx", "rejected_idx", "rank"), left_on="idx",
+    by_idx = rows.join(selected.select("chosen_idx", "rejected_idx", "rank", "cluster"), left_on="idx",
                        right_on="chosen_idx", how="inner")
     native = by_idx.filter(pl.col("rejected_idx").is_null())
     single = by_idx.filter(pl.col("rejected_idx").is_not_null())
