@@ -1,0 +1,226 @@
+"""`equi curate` end to end on real data: contract, ratios, ladder, accounting, rejects, atomicity, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from equi.cli import app
+from equi.manifest import verify_mix
+from equi.schema import MIX_SCHEMA, POOL_SCHEMA, SAFETY_GROUPS, check_schema
+from tests.realdata import advbench_rows, hh_lines, write_jsonl, xstest_prompts, xstest_single_responses
+
+runner = CliRunner()
+
+# Synthetic broken lines (not data): one of each kind of damage, appended to the real input.
+BROKEN = [b"{not json", b'{"prompt": 7}', b'{"chosen": "no transcript", "rejected": "x"}', b"\xff\xfe\xfa", b""]
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def raw_inputs(shared_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    hh = write_jsonl(root / "hh.jsonl", hh_lines(shared_data, 300))
+    with open(hh, "ab") as fh:
+        fh.write(b"\n".join(BROKEN) + b"\n")
+    # Three models' answers to the same XSTest prompts: single responses the mixer pairs.
+    singles = [row for model in ("llama2new", "mistralinstruct", "gpt4")
+               for row in xstest_single_responses(shared_data, model, n=120)]
+    xs = write_jsonl(root / "xstest_completions.jsonl", singles)
+    prompts = write_jsonl(root / "prompts.jsonl", xstest_prompts(shared_data)[:40] + advbench_rows(shared_data, 40))
+    return [hh, xs, prompts]
+
+
+@pytest.fixture(scope="module")
+def mix(raw_inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mixes") / "mix"
+    result = _invoke("curate", *raw_inputs, "--out", out, "--quiet", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def manifest(mix):
+    return json.loads((mix / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def mixture(mix):
+    return pl.read_parquet(mix / "data" / "*.parquet")
+
+
+def test_mix_loads_with_datasets_and_has_the_contract_columns(mix):
+    from datasets import load_dataset
+
+    by_dir = load_dataset("parquet", data_dir=str(mix / "data"))
+    assert by_dir["train"].column_names == MIX_SCHEMA.names
+    by_card = load_dataset(str(mix))
+    assert set(by_card) == {"train", "eval"}
+    assert by_card["train"].num_rows + by_card["eval"].num_rows == sum(
+        pq.ParquetFile(p).metadata.num_rows for p in (mix / "data").glob("*.parquet"))
+    for path in (mix / "data").glob("*.parquet"):
+        assert check_schema(pq.read_schema(path), MIX_SCHEMA) is None
+    for path in (mix / "pool").glob("*.parquet"):
+        assert check_schema(pq.read_schema(path), POOL_SCHEMA) is None
+
+
+def test_group_configs_hold_only_their_group(mix, mixture):
+    from datasets import load_dataset
+
+    for group in mixture["group"].unique().to_list():
+        ds = load_dataset(str(mix), group)
+        assert set(ds["train"]["group"]) == {group}
+
+
+def test_safety_groups_follow_the_ratios_exactly(manifest, mixture):
+    counts = mixture.group_by("group").len().to_dict(as_series=False)
+    counts = dict(zip(counts["group"], counts["len"]))
+    ratios = {"EHD": 10, "IHD": 3, "MHD": 1}
+    active = [g for g in SAFETY_GROUPS if counts.get(g, 0)]
+    assert active, "the real mix must hold safety pairs"
+    multiples = {counts[g] / ratios[g] for g in active}
+    assert len(multiples) == 1 and float(multiples.pop()).is_integer()
+    for g in set(SAFETY_GROUPS) - set(active):
+        assert any(g in w for w in manifest["warnings"])
+    safety = sum(counts[g] for g in active)
+    assert counts.get("BENIGN", 0) == round(0.2 / 0.8 * safety) or any("BENIGN" in w for w in manifest["warnings"])
+
+
+def test_every_prefix_of_the_ladder_keeps_the_shares(mixture):
+    ordered = mixture.sort("rank")
+    assert ordered["rank"].to_list() == list(range(ordered.height))
+    groups = ordered["group"].to_list()
+    totals = {g: groups.count(g) for g in set(groups)}
+    for k in range(1, len(groups) + 1, max(1, len(groups) // 50)):
+        for g, n in totals.items():
+            assert abs(groups[:k].count(g) - k * n / len(groups)) <= 1.0
+
+
+def test_accounting_balances_and_rejects_name_file_line_and_reason(mix, manifest, raw_inputs):
+    acc = manifest["accounting"]
+    assert acc["input_lines"] == 300 + len(BROKEN) + 360 + 80
+    assert acc["input_lines"] == acc["pooled"] + acc["rejected"]
+    assert acc["pooled"] == acc["mixed"] + sum(acc["not_selected"].values())
+    rejects = [json.loads(line) for line in (mix / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == acc["rejected"]
+    broken = [r for r in rejects if r["line"] > 300]
+    assert [r["line"] for r in broken] == list(range(301, 301 + len(BROKEN)))
+    assert all(r["file"] == str(raw_inputs[0]) and r["reason"] for r in broken)
+    pool_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (mix / "pool").glob("*.parquet"))
+    assert pool_rows == acc["pooled"]
+    assert acc["not_selected"].get("prompt_only") == 80
+    assert [i["lines"] for i in manifest["inputs"]] == [300 + len(BROKEN), 360, 80]
+
+
+def test_single_responses_are_paired_safer_first(mixture):
+    paired = mixture.filter(pl.col("source").str.starts_with("xstest_"))
+    assert paired.height > 0
+    assert (paired["chosen_cost"] <= paired["rejected_cost"]).all()
+    assert (paired["chosen"] != paired["rejected"]).all()
+    assert paired["response"].is_null().all()
+
+
+def test_scores_spans_and_clusters_are_well_formed(mix, mixture):
+    pool = pl.read_parquet(mix / "pool" / "*.parquet")
+    for frame in (pool, mixture):
+        for column in ("group_confidence", "explicit_score", "intent_score"):
+            values = frame[column].to_numpy()
+            assert np.all((values >= 0) & (values <= 1))
+        assert frame["cluster"].min() >= 0
+        assert set(frame["severity"].drop_nulls().unique()) <= {"minor", "moderate", "severe"}
+    for text, spans in zip(mixture["chosen"], mixture["chosen_spans"]):
+        for span in spans or []:
+            assert 0 <= span["start"] < span["end"] <= len(text) and span["sign"] in (-1, 1)
+    labelled = pool.filter(pl.col("source") == "advbench")
+    assert (labelled["response_cost"] > 0).all()  # is_safe=false labels are kept as unsafe costs
+    assert pool["cluster"].n_unique() > 1
+
+
+def test_verify_passes_then_catches_tampering(mix, tmp_path):
+    assert verify_mix(mix) == []
+    assert _invoke("verify", mix).exit_code == 0
+    copy = tmp_path / "mix"
+    shutil.copytree(mix, copy)
+    shard = sorted((copy / "data").glob("train-*.parquet"))[0]
+    table = pq.read_table(shard)
+    pq.write_table(table.slice(0, table.num_rows - 1), shard)
+    result = _invoke("verify", copy)
+    assert result.exit_code == 3 and shard.name in result.output
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["accounting"]["rejected"] += 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert any("input_lines" in p for p in verify_mix(copy))
+
+
+def test_existing_out_is_refused_without_overwrite(mix, raw_inputs):
+    result = _invoke("curate", raw_inputs[2], "--out", mix, "--quiet")
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert json.loads((mix / "manifest.json").read_text())["accounting"]["input_lines"] > 80  # untouched
+
+
+def test_prompt_only_input_writes_the_pool_and_an_empty_mixture(raw_inputs, tmp_path):
+    out = tmp_path / "prompts-mix"
+    result = _invoke("curate", raw_inputs[2], "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "mixture is empty" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["accounting"]["pooled"] == 80 and manifest["accounting"]["mixed"] == 0
+    assert verify_mix(out) == []
+    from datasets import load_dataset
+
+    assert load_dataset(str(out), "pool")["train"].num_rows == 80
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{missing}"], "no such file"),
+    (["{empty}"], "input is empty"),
+    (["{prompts}", "--embedder", "no-such-embedder-xyz"], "cannot load embedder"),
+    (["{prompts}", "--ratios", "EHD=1,XYZ=2"], "bad ratio"),
+    (["{bad}", "--strict"], "bad.jsonl:2: invalid JSON"),
+])
+def test_bad_invocations_are_one_line_errors_with_exit_2(raw_inputs, tmp_path, args, message):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "fine"}\n{oops\n')
+    names = {"missing": tmp_path / "missing.jsonl", "empty": tmp_path / "empty.jsonl",
+             "prompts": raw_inputs[2], "bad": tmp_path / "bad.jsonl"}
+    args = [a.format(**names) for a in args]
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["curate", *args, "--out", str(out), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_an_interrupted_run_leaves_no_half_mix(raw_inputs, tmp_path, monkeypatch):
+    import curation.mixer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(curation.mixer, "select_mixture", interrupted)
+    out = tmp_path / "mix"
+    with pytest.raises(KeyboardInterrupt):
+        runner.invoke(app, ["curate", str(raw_inputs[2]), "--out", str(out), "--quiet"], catch_exceptions=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_data_card_front_matter_is_valid_for_the_hub(mix):
+    text = (mix / "README.md").read_text()
+    front = yaml.safe_load(text.split("---")[1])
+    allowed = {"n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M", "10M<n<100M", "100M<n<1B",
+               "1B<n<10B", "10B<n<100B", "100B<n<1T", "n>1T"}
+    assert set(front["size_categories"]) <= allowed
+    names = [c["config_name"] for c in front["configs"]]
+    assert names[0] == "default" and "pool" in names
+    assert front["license"]
+    assert "## Sources" in text and "## Limitations" in text and "rejects.jsonl" in text
