@@ -1,0 +1,82 @@
+"""Curation throughput: rows/s end to end, peak RSS, and the ratio to the raw encoder on the same texts.
+
+Real rows (HH-RLHF harmless-base pairs, XSTest completions, AdvBench behaviours from ../shared/data),
+resampled with replacement to --rows lines.
+
+    python bench/curate_throughput.py [--rows 20000] [--embedder NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def build_input(rows: int, seed: int, path: Path) -> list[str]:
+    import numpy as np
+
+    from tests.realdata import advbench_rows, hh_lines, xstest_single_responses
+
+    shared = REPO.parent / "shared" / "data"
+    pool = hh_lines(shared, 1850)
+    pool += [json.dumps(r) for m in ("llama2new", "mistralinstruct", "gpt4") for r in xstest_single_responses(shared, m)]
+    pool += [json.dumps(r) for r in advbench_rows(shared)]
+    picks = np.random.default_rng(seed).integers(0, len(pool), rows)
+    lines = [pool[i] for i in picks]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return lines
+
+
+def encoder_rows_per_s(lines: list[str], embedder: str | None) -> float:
+    """The raw encoder alone on exactly the texts the pipeline embeds."""
+    from curation.embed import get_embedder
+    from curation.pipeline import text_for_embedding
+    from curation.readers import normalise
+
+    texts = [text_for_embedding(normalise(json.loads(line), "auto", "bench", i).prompt) for i, line in enumerate(lines)]
+    model = get_embedder(embedder)
+    model.encode(texts[:64])  # warm-up
+    start = time.perf_counter()
+    model.encode(texts)
+    return len(texts) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--embedder", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.jsonl"
+        lines = build_input(args.rows, args.seed, raw)
+        # The pipeline runs in a child process so its peak RSS is its own.
+        cmd = [sys.executable, "-m", "equi.cli", "curate", str(raw), "--out", str(Path(tmp) / "mix"), "--quiet"]
+        if args.embedder:
+            cmd += ["--embedder", args.embedder]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        elapsed = time.perf_counter() - start
+        peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        raw_rate = encoder_rows_per_s(lines, args.embedder)
+    rate = args.rows / elapsed
+    print(f"rows                 {args.rows}")
+    print(f"end-to-end           {rate:,.0f} rows/s ({elapsed:.1f} s, including model load)")
+    print(f"raw encoder          {raw_rate:,.0f} rows/s on the same prompts")
+    print(f"pipeline / encoder   {rate / raw_rate:.2f}x")
+    print(f"peak RSS             {peak_mib:,.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
