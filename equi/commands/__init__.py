@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-_NAMES = ["curate", "verify", "fit_categoriser", "train", "scale", "eval", "report"]
+_NAMES = ["curate", "verify", "fit_categoriser", "guard", "train", "scale", "eval", "report"]
 
 COMMAND_MODULES = []
 for _name in _NAMES:
