@@ -50,6 +50,7 @@ class Embedder:
 
         self.name = name_or_path or DEFAULT_EMBEDDER
         path = resolve_embedder(name_or_path)
+        self.identity = f"{self.name}|{Path(path).resolve() if Path(path).exists() else path}|{max_seq_length}"
         is_local = Path(path).exists()
         try:
             self.model = SentenceTransformer(

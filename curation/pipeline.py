@@ -221,6 +221,10 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
     from curation.mixer import eval_split, select_mixture
 
     embedder = embedder or get_embedder(config.embedder)
+    if config.embedding_cache:
+        from curation.embed_cache import CachedEmbedder, EmbeddingCache
+
+        embedder = CachedEmbedder(embedder, EmbeddingCache(getattr(embedder, "identity", embedder.name), embedder.dim))
     if categoriser is None:
         categoriser = Categoriser.load(config.categoriser) if config.categoriser else Categoriser.load_default()
     stats = ReadStats()

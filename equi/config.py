@@ -57,6 +57,8 @@ class CurateConfig:
         strict: stop at the first bad line instead of writing it to ``rejects.jsonl``.
     Categorising:
         embedder: sentence-transformers model name or path; ``None`` = the bundled all-MiniLM-L6-v2.
+        embedding_cache: reuse prompt embeddings cached by (embedder, text hash) under ``$EQUI_CACHE_DIR``
+            (default ``~/.cache/equi``), so a re-run embeds only new texts.
         categoriser: fitted categoriser parameters (``equi fit-categoriser``); ``None`` = the bundled one.
         clusters: number of embedding clusters; ``None`` = chosen from the data size.
         dup_threshold: cosine similarity above which two prompts count as near-duplicates.
@@ -80,6 +82,7 @@ class CurateConfig:
     strict: bool = False
     embedder: str | None = None
     categoriser: str | None = None
+    embedding_cache: bool = True
     clusters: int | None = None
     dup_threshold: float = 0.95
     batch_size: int = 512

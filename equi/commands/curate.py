@@ -28,6 +28,8 @@ def curate_command(
                                            "[default: bundled all-MiniLM-L6-v2]."),
     categoriser: Optional[Path] = typer.Option(None, help="Categoriser params from `equi fit-categoriser` "
                                                "[default: bundled]."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse cached prompt embeddings "
+                               "($EQUI_CACHE_DIR, default ~/.cache/equi); a re-run embeds only new texts."),
     clusters: Optional[int] = typer.Option(None, help="Number of embedding clusters [default: ~sqrt(rows/2)]."),
     dup_threshold: float = typer.Option(0.95, help="Cosine similarity above which prompts are near-duplicates."),
     input_format: str = typer.Option("auto", "--format", help="Force one input shape: auto, pair, conversation, "
@@ -49,7 +51,7 @@ def curate_command(
     try:
         config = CurateConfig(
             inputs=inputs, out=str(out), input_format=input_format, strict=strict, embedder=embedder,
-            categoriser=str(categoriser) if categoriser else None, clusters=clusters,
+            categoriser=str(categoriser) if categoriser else None, embedding_cache=cache, clusters=clusters,
             dup_threshold=dup_threshold, batch_size=batch_size, size=size, ratios=parse_ratios(ratios),
             benign_share=benign_share, eval_fraction=eval_fraction, seed=seed, overwrite=overwrite,
             shard_rows=shard_rows, license=license, quiet=quiet,
