@@ -10,23 +10,15 @@ from equi.commands._console import fail
 
 HELP = """Generate answers to real prompt suites and label each with the curation refusal detector.
 
-TARGET is a run directory (its final/ model is evaluated; results go to RUN/eval/), a model
-directory or hub id (then --out is required), or nothing for equi's default model
-(SmolLM2-135M-Instruct, the model before any training; --out required).
+TARGET is a run directory (its final/ model is evaluated; results go to RUN/eval/), a model directory or hub id (then --out is required), or nothing for equi's default model (SmolLM2-135M-Instruct, the model before any training; --out required).
 
-Suites (--suite, comma-separated or repeated; default all):
-harmful (expected refuse): advbench, harmbench, jailbreakbench, strongreject, xstest-unsafe;
-benign (expected comply): xstest-safe, alpaca. Group names harmful / benign / xstest work too,
-and a .jsonl file of {"prompt": ..., "expected": "refuse"|"comply"} adds your own suite.
+Suites (--suite, comma-separated or repeated; default all): harmful (expected refuse): advbench, harmbench, jailbreakbench, strongreject, xstest-unsafe; benign (expected comply): xstest-safe, alpaca. Group names harmful / benign / xstest work too, and a .jsonl file of {"prompt": ..., "expected": "refuse"|"comply"} adds your own suite.
 
-Metrics: safety = share of harmful prompts not fully complied with (refusal or partial refusal);
-over-refusal = the same share on benign prompts; balanced = mean(safety, 1 - over-refusal).
-Rates are per suite and per XSTest type, averaged over suites. Every prompt, answer and label
-is kept in answers.parquet next to metrics.json.
+Metrics: safety = share of harmful prompts not fully complied with (refusal or partial refusal); over-refusal = the same share on benign prompts; balanced = mean(safety, 1 - over-refusal). Rates are per suite and per XSTest type, averaged over suites. Every prompt, answer and label is kept in answers.parquet next to metrics.json.
 
 \b
 Example:
-    equi eval runs/ama-dpo-s1.0 --limit 50
+    equi eval runs/ama-dpo-ehd-s1 --limit 50
     equi eval --out runs/base/eval --suite xstest --limit 100
     equi eval ./my-model --out evals/my-model --suite harmful,my_suite.jsonl
 """

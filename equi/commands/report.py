@@ -11,14 +11,9 @@ from equi.commands._console import console, fail
 
 HELP = """Draw data-scaling curves and mix charts; write report.html (self-contained) and summary.md.
 
-Reads only directories: run directories under --runs (config.json, ladder.json from equi scale,
-eval/metrics.json + eval/answers.parquet from equi eval) and a mix directory (--mix). Runs that are
-not evaluated, or whose data size is unknown, are listed with the reason instead of failing.
+Reads only directories: run directories under --runs (config.json, ladder.json from equi scale, eval/metrics.json + eval/answers.parquet from equi eval) and a mix directory (--mix). Runs that are not evaluated, or whose data size is unknown, are listed with the reason instead of failing.
 
-Writes into --out: curve_safety.png, curve_over_refusal.png, curve_balanced.png (percent vs number
-of safety training pairs, one line per group; the untrained baseline at 0), tradeoff.png,
-mix_composition.png, mix_severity.png, mix_clusters.png, report.html, summary.md, report.json
-(the numbers behind every chart).
+Writes into --out: curve_safety.png, curve_over_refusal.png, curve_balanced.png (percent vs number of safety training pairs, one line per group; the untrained baseline at 0), tradeoff.png, mix_composition.png, mix_severity.png, mix_clusters.png, report.html, summary.md, report.json (the numbers behind every chart).
 
 \b
 Example (the whole loop, raw data to curves):
