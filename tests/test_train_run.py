@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
@@ -169,3 +170,32 @@ def test_config_file_is_read_and_flags_win(material, tmp_path):
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "config.json").read_text())["train_config"]
     assert saved["algo"] == "dpo" and saved["max_steps"] == 1
+
+
+def test_dual_logs_lambda_cost_and_threshold_every_round(material, tmp_path):
+    root, mix, model = material
+    out = tmp_path / "dual"
+    result = invoke(*common(mix, model, out, "--algo", "dual", "--rounds", "2", "--max-steps", "1",
+                            "--lambda-lr", "0.5", "--cost-threshold", "-2"))
+    assert result.exit_code == 0, result.output
+    rounds = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"dual"' in l]
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert all(r["cost_threshold"] == -2 and math.isfinite(r["expected_cost"]) for r in rounds)
+    # E[C] lies between the pair costs (-1 .. 4 after severity scaling) and exceeds b = -2, so λ grows.
+    assert rounds[1]["lambda"] == rounds[0]["lambda_next"] > rounds[0]["lambda"]
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_rerank_swaps_pairs_whose_chosen_costs_more(material):
+    from train.dual import rerank_pairs
+    from train.mixdata import load_split
+
+    root, mix, model = material
+    pairs = load_split(mix, "train").dataset.select(range(4))
+    costly = pairs.map(lambda row, i: {"chosen_cost": 3.0 if i == 0 else row["chosen_cost"], "severity": None},
+                       with_indices=True)
+    reranked, swapped = rerank_pairs(costly, lam=1.0, severity_weights={})
+    assert swapped == 1
+    assert reranked[0]["chosen"] == pairs[0]["rejected"] and reranked[0]["rejected_cost"] == 3.0
+    assert reranked[1]["chosen"] == pairs[1]["chosen"]
+    assert rerank_pairs(costly, lam=0.0, severity_weights={})[1] == 0  # λ = 0: preferences alone decide
