@@ -14,6 +14,9 @@ from typing import Sequence
 import numpy as np
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+#: ``--embedder static``: a model2vec static embedder distilled offline from the bundled MiniLM.
+STATIC_EMBEDDER = "static"
+STATIC_PCA_DIMS = 256
 
 
 class EmbedderError(ValueError):
@@ -79,11 +82,62 @@ class Embedder:
         return np.asarray(vectors, dtype=np.float32)
 
 
+class StaticEmbedder:
+    """model2vec static embeddings distilled from the bundled MiniLM: a token lookup + mean, no transformer.
+
+    Distilled once (about a minute on 2 cores) into the equi cache directory and reused afterwards.
+    Needs ``pip install equi[fast]`` (model2vec).
+    """
+
+    def __init__(self, folder: Path | None = None):
+        try:
+            from model2vec import StaticModel
+        except ImportError:
+            raise EmbedderError("--embedder static needs model2vec: pip install 'equi[fast]'") from None
+        folder = folder or static_model_dir()
+        if not (folder / "model.safetensors").is_file():
+            distil_static_model(folder)
+        self.model = StaticModel.from_pretrained(str(folder))
+        self.name = STATIC_EMBEDDER
+        self.identity = f"{STATIC_EMBEDDER}|{folder.resolve()}"
+        self.dim = int(self.model.dim)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vectors = self.model.encode(list(texts), normalize=True, use_multiprocessing=False)
+        return np.asarray(vectors, dtype=np.float32)
+
+
+def static_model_dir() -> Path:
+    from curation.embed_cache import cache_dir
+
+    return cache_dir() / "static" / f"all-MiniLM-L6-v2-m2v-{STATIC_PCA_DIMS}"
+
+
+def distil_static_model(folder: Path) -> Path:
+    """Distil the bundled MiniLM into a model2vec static model at ``folder`` (written atomically)."""
+    import shutil
+
+    from model2vec.distill import distill
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    model = distill(str(bundled_minilm_path()), pca_dims=STATIC_PCA_DIMS, device="cpu")
+    model.save_pretrained(str(work))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(work, folder)
+    return folder
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
 
 
 @functools.lru_cache(maxsize=4)
-def get_embedder(name_or_path: str | None = None) -> Embedder:
+def get_embedder(name_or_path: str | None = None) -> Embedder | StaticEmbedder:
     """A process-wide cached embedder (loading MiniLM takes ~1 s; do it once)."""
+    if name_or_path == STATIC_EMBEDDER:
+        return StaticEmbedder()
     return Embedder(name_or_path)
