@@ -187,14 +187,10 @@ def train(config: TrainConfig) -> RunResult:
         from train.dual import run_dual
 
         result = run_dual(config, manifest, run_dir)
-    elif config.algo in ONLINE_ALGOS:
-        from train.online import run_online
-
-        result = run_online(config, manifest, run_dir)
-    elif config.algo in SCORER_ALGOS:
-        from train.rewards import run_scorer_training
-
-        result = run_scorer_training(config, manifest, run_dir)
+    elif config.algo in ONLINE_ALGOS or config.algo in SCORER_ALGOS:
+        # Planned on GRPOTrainer / RewardTrainer (issue 4); refused plainly rather than half-working.
+        raise ConfigError(f"--algo {config.algo} is not implemented in this version of equi train yet; "
+                          "use dpo, ama-dpo or dual")
     else:  # pragma: no cover - TrainConfig validates algo
         raise ConfigError(f"unknown algo {config.algo}")
     result.summary.update({"algo": config.algo, "seconds": round(time.time() - started, 1), "run_dir": str(run_dir)})
