@@ -177,6 +177,10 @@ def train(config: TrainConfig) -> RunResult:
         import datasets
 
         datasets.disable_progress_bars()
+    if config.algo in ONLINE_ALGOS or config.algo in SCORER_ALGOS:
+        # Planned on GRPOTrainer / RewardTrainer (issue 4); refused before anything is written.
+        raise ConfigError(f"--algo {config.algo} is not implemented in this version of equi train yet; "
+                          "use dpo, ama-dpo or dual")
     manifest = verify_mix_or_raise(config.mix)
     mix_hash = manifest_hash(config.mix)
     run_dir = prepare_run_dir(config, mix_hash)
@@ -187,10 +191,6 @@ def train(config: TrainConfig) -> RunResult:
         from train.dual import run_dual
 
         result = run_dual(config, manifest, run_dir)
-    elif config.algo in ONLINE_ALGOS or config.algo in SCORER_ALGOS:
-        # Planned on GRPOTrainer / RewardTrainer (issue 4); refused plainly rather than half-working.
-        raise ConfigError(f"--algo {config.algo} is not implemented in this version of equi train yet; "
-                          "use dpo, ama-dpo or dual")
     else:  # pragma: no cover - TrainConfig validates algo
         raise ConfigError(f"unknown algo {config.algo}")
     result.summary.update({"algo": config.algo, "seconds": round(time.time() - started, 1), "run_dir": str(run_dir)})
