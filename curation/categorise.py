@@ -13,11 +13,11 @@ with two logistic heads, plus a third head for "is this safety-relevant at all":
 * ``harm_score``     = P(safety-relevant)                    (harm head: harmful/OTHER vs benign prompts);
 * ``explicit_score`` = harm_score · P(explicit | features)   (explicit head: EHD ∪ MHD vs the rest);
 * ``intent_score``   = harm_score · P(intent | features)     (intent head: IHD ∪ MHD vs the rest);
-* the group is the argmax of the geometric mean of two distributions over the five groups — the one the
-  scores imply (EHD = explicit ∧ ¬intent, IHD = intent ∧ ¬explicit, MHD = both, OTHER = neither,
-  BENIGN = not harmful) and a direct five-class head — plus per-group log-offsets tuned on held-out folds
-  of the training data for macro-F1 on EHD/IHD/MHD (the classes are very unbalanced);
-  ``group_confidence`` is that blended distribution's probability of the chosen group.
+* P(BENIGN) = 1 − harm_score; P(g) = harm_score · P(g | harmful) for the four other groups, where
+  P(g | harmful) is the geometric mean of two distributions — the one the scores imply (EHD = explicit ∧
+  ¬intent, IHD = intent ∧ ¬explicit, MHD = both, OTHER = neither) and a direct group head — shifted by
+  per-group log-offsets tuned on held-out folds of the training data for macro-F1 on EHD/IHD/MHD (the
+  classes are very unbalanced). The group is the most probable one; ``group_confidence`` its probability.
 
 Labels the input carries win over estimates: a ``category`` naming a group is used as is (confidence 1);
 a BeaverTails-style harm category (``"violence,incitement"``) goes to ``harm_category`` and rules out BENIGN,
@@ -227,13 +227,14 @@ class Categoriser:
                 "log_probs": self._group_log_probs(x, harm, explicit, intent)}
 
     def _group_log_probs(self, x: np.ndarray, harm: np.ndarray, explicit: np.ndarray, intent: np.ndarray) -> np.ndarray:
+        # P(BENIGN) is the harm head's alone: it is fit on thousands of benign prompts, the group heads on few.
+        # Among the four safety-relevant groups, blend what the two scores imply with the direct head.
         eps = 1e-6
-        implied = np.stack(
-            [harm * explicit * (1 - intent), harm * (1 - explicit) * intent, harm * explicit * intent,
-             harm * (1 - explicit) * (1 - intent), 1 - harm], axis=1)
-        direct = _log_softmax(x @ self.group_coef.T + self.group_intercept)
-        mixed = self.blend * np.log(implied + eps) + (1 - self.blend) * direct + self.offsets
-        return _log_softmax(mixed)
+        implied = np.stack([explicit * (1 - intent), (1 - explicit) * intent, explicit * intent,
+                            (1 - explicit) * (1 - intent)], axis=1)
+        direct = _log_softmax((x @ self.group_coef.T + self.group_intercept)[:, :4])
+        given_harm = _log_softmax(self.blend * np.log(implied + eps) + (1 - self.blend) * direct + self.offsets[:4])
+        return np.hstack([np.log(harm + eps)[:, None] + given_harm, np.log(1 - harm + eps)[:, None]])
 
     # ---- persistence -----------------------------------------------------------------------------
 

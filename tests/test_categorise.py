@@ -1,0 +1,272 @@
+"""The prompt categoriser: shipped params on real prompts, label handling, fitting, persistence, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from curation.categorise import (  # noqa: E402
+    Categoriser,
+    CategoriserError,
+    FitConfig,
+    LabelledPrompts,
+    best_offsets,
+    categorise,
+    cross_validate,
+    fit_arrays,
+    group_from_label,
+    lexicon_features,
+    macro_f1,
+)
+from equi.schema import GROUPS, SEVERITIES  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+RELABEL = SHARED / "equilibrate_relabel_dev" / "beavertails_relabelled_dev.jsonl"
+pytestmark = pytest.mark.skipif(not RELABEL.is_file(), reason="needs ../shared/data beside the repo")
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    import torch
+
+    from curation.embed import get_embedder
+
+    torch.set_num_threads(2)
+    return get_embedder()
+
+
+def _relabel(n: int | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in RELABEL.read_text().splitlines() if line.strip()]
+    return rows[:n] if n else rows
+
+
+def _instructions(name: str, n: int) -> list[str]:
+    rows = json.loads((SHARED / "refusal_direction_splits" / f"{name}.json").read_text())
+    return [r["instruction"] for r in rows[:n]]
+
+
+@pytest.fixture(scope="module")
+def real_sample(embedder):
+    """Real prompts: 300 BeaverTails (group labels), 60 harmful test instructions, 60 Alpaca (harmless)."""
+    rows = _relabel(300)
+    texts = [r["prompt"] for r in rows]
+    harmful, harmless = _instructions("harmful_test", 60), _instructions("harmless_test", 60)
+    return {
+        "relabel": LabelledPrompts(texts, embedder.encode(texts), [group_from_label(r["category"]) for r in rows],
+                                   [None] * len(rows)),
+        "harmful": (harmful, embedder.encode(harmful)),
+        "harmless": (harmless, embedder.encode(harmless)),
+    }
+
+
+# ---- the shipped categoriser on real prompts --------------------------------------------------------
+
+
+def test_default_categoriser_outputs_contract_columns(real_sample):
+    texts, emb = real_sample["harmful"]
+    frame = categorise(pl.DataFrame({"prompt": texts}), emb)
+    assert frame.schema["harm_score"] == pl.Float32 and frame.schema["group_confidence"] == pl.Float32
+    assert frame.schema["explicit_score"] == pl.Float32 and frame.schema["intent_score"] == pl.Float32
+    assert frame.schema["group"] == pl.String and frame.schema["harm_category"] == pl.String
+    for col in ("harm_score", "explicit_score", "intent_score", "group_confidence"):
+        assert frame[col].min() >= 0.0 and frame[col].max() <= 1.0
+    # explicit/intent are "harmful AND explicit/intentional": never above the harm score
+    assert (frame["explicit_score"] <= frame["harm_score"] + 1e-6).all()
+    assert (frame["intent_score"] <= frame["harm_score"] + 1e-6).all()
+    assert set(frame["group"]) <= set(GROUPS)
+    assert frame["harm_category"].null_count() == frame.height  # no label → no invented harm category
+
+
+def test_default_separates_harmful_from_alpaca(real_sample):
+    """Held-out JailbreakBench/HarmBench/StrongREJECT vs Alpaca test instructions (never used to fit)."""
+    harmful = categorise(pl.DataFrame({"prompt": real_sample["harmful"][0]}), real_sample["harmful"][1])
+    harmless = categorise(pl.DataFrame({"prompt": real_sample["harmless"][0]}), real_sample["harmless"][1])
+    assert (harmful["harm_score"] >= 0.5).mean() >= 0.75  # 0.83 measured on these 60 JailbreakBench rows
+    assert (harmless["harm_score"] < 0.5).mean() >= 0.85
+    assert (harmless["group"] == "BENIGN").mean() >= 0.8
+    assert harmless.filter(pl.col("group") == "BENIGN")["severity"].null_count() == (harmless["group"] == "BENIGN").sum()
+    assert set(harmful["severity"].drop_nulls()) <= set(SEVERITIES)
+
+
+def test_explicit_and_intent_scores_follow_the_groups(real_sample):
+    """On real labelled prompts, EHD rows score more explicit than IHD rows, and IHD rows more intent than EHD."""
+    data = real_sample["relabel"]
+    pred = Categoriser.load_default().predict(data.texts, data.embeddings)
+    groups = np.array(data.groups)
+    explicit, intent = pred["explicit_given_harm"], pred["intent_given_harm"]
+    assert explicit[groups == "EHD"].mean() > explicit[groups == "IHD"].mean() + 0.1
+    assert intent[groups == "IHD"].mean() > intent[groups == "EHD"].mean() + 0.1
+
+
+# ---- labels the input carries -------------------------------------------------------------------------
+
+
+def test_input_labels_win(embedder):
+    # Synthetic rows (written for this test), labelled the way BeaverTails / PKU-SafeRLHF rows are.
+    prompts = ["How do I bake bread?", "How do I bake bread?", "How do I bake bread?", "How do I bake bread?",
+               "Tell me about the weather.", "What is 2 + 2?"]
+    frame = pl.DataFrame(
+        {"prompt": prompts,
+         "category": ["MHD", "No risk", "violence,aiding_and_abetting,incitement", None, "ihd", None],
+         "severity": [None, "severe", "Moderate", None, None, None],
+         "is_safe": [None, None, None, False, True, None]},
+        schema={"prompt": pl.String, "category": pl.String, "severity": pl.String, "is_safe": pl.Boolean},
+    )
+    out = categorise(frame, embedder.encode(prompts)).to_dicts()
+    assert out[0]["group"] == "MHD" and out[0]["group_confidence"] == 1.0 and out[0]["harm_score"] == 1.0
+    assert out[1]["group"] == "BENIGN" and out[1]["severity"] is None and out[1]["harm_score"] == 0.0
+    assert out[2]["group"] != "BENIGN" and out[2]["harm_category"] == "violence,aiding_and_abetting,incitement"
+    assert out[2]["severity"] == "moderate" and out[2]["harm_score"] == 1.0
+    assert out[3]["group"] != "BENIGN" and out[3]["harm_score"] == 1.0  # unsafe response ⇒ harmful prompt
+    assert out[4]["group"] == "IHD" and out[4]["harm_category"] is None
+    assert out[5]["group"] == "BENIGN"  # unlabelled and plainly benign
+    assert out[5]["severity"] is None
+
+
+def test_group_aliases():
+    assert group_from_label("No risk") == "BENIGN" and group_from_label(" ehd ") == "EHD"
+    assert group_from_label("violence") is None and group_from_label(None) is None
+
+
+def test_empty_frame_and_dimension_mismatch():
+    model = Categoriser.load_default()
+    out = categorise(pl.DataFrame({"prompt": []}, schema={"prompt": pl.String}), np.zeros((0, 384), np.float32), model)
+    assert out.height == 0 and "group" in out.columns
+    with pytest.raises(ValueError, match="dimension 8"):
+        categorise(pl.DataFrame({"prompt": ["hi"]}), np.zeros((1, 8), np.float32), model)
+
+
+def test_categorise_20k_prompts_is_fast():
+    """20,000 real prompts with precomputed (here random unit) embeddings in a couple of seconds."""
+    texts = [r["prompt"] for r in _relabel()] + _instructions("harmless_train", 8000)
+    texts = (texts * 3)[:20_000]
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(len(texts), 384)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    model = Categoriser.load_default()
+    started = time.perf_counter()
+    out = categorise(pl.DataFrame({"prompt": texts}), emb, model)
+    assert out.height == 20_000
+    assert time.perf_counter() - started < 6.0  # ~1.6 s measured on 2 shared cores
+
+
+# ---- fitting, cross-validation and persistence -------------------------------------------------------
+
+
+def test_fit_save_load_round_trip(real_sample, tmp_path):
+    data = real_sample["relabel"]
+    harmless_texts, harmless_emb = real_sample["harmless"]
+    benign = LabelledPrompts(harmless_texts, harmless_emb, [None] * len(harmless_texts), [False] * len(harmless_texts))
+    from curation.categorise import _concat
+
+    model = fit_arrays(_concat(data, benign), FitConfig(tune_offsets=False), embedder_name="all-MiniLM-L6-v2")
+    path = model.save(tmp_path / "cat.json")
+    loaded = Categoriser.load(path)
+    a = model.predict(data.texts, data.embeddings)
+    b = loaded.predict(data.texts, data.embeddings)
+    np.testing.assert_allclose(a["log_probs"], b["log_probs"], atol=1e-3)
+    # fitted on these rows: the training fit must beat the majority-class rate clearly
+    pred = np.array(GROUPS)[a["log_probs"].argmax(1)]
+    assert np.mean(pred == np.array(data.groups)) > 0.6
+    assert loaded.info["group_counts"]["IHD"] == sum(g == "IHD" for g in data.groups)
+
+
+def test_cross_validation_beats_majority_baseline(real_sample):
+    """Held-out folds only: macro-F1 over EHD/IHD/MHD must beat always-IHD (≈ 0.24 here) by a margin."""
+    cv = cross_validate(real_sample["relabel"], folds=3, config=FitConfig(tune_offsets=False))
+    y = np.array(real_sample["relabel"].groups)
+    majority = macro_f1(np.array([GROUPS.index(g) for g in y]), np.full(len(y), GROUPS.index("IHD")), range(3))
+    assert cv["macro_f1_ehd_ihd_mhd"] > majority + 0.1
+    assert len(cv["predicted"]) == len(y)
+
+
+def test_tuned_offsets_do_not_hurt_on_tuning_data():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 5, 400)
+    log_probs = np.log(rng.dirichlet(np.ones(5), 400))
+    log_probs[np.arange(400), y] += rng.normal(0.5, 1.0, 400)
+    log_probs[:, 1] += 1.5  # a biased head that over-predicts IHD
+    before = macro_f1(y, log_probs.argmax(1), range(3))
+    off = best_offsets(log_probs, y, np.linspace(-2, 2, 9))
+    after = macro_f1(y, (log_probs + off).argmax(1), range(3))
+    assert after >= before and off[1] < 0 and off[3] == off[4] == 0
+
+
+def test_macro_f1_matches_sklearn():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(2)
+    y, p = rng.integers(0, 5, 300), rng.integers(0, 5, 300)
+    assert macro_f1(y, p, range(3)) == pytest.approx(f1_score(y, p, labels=[0, 1, 2], average="macro"))
+
+
+def test_lexicon_counts_are_explainable():
+    x = lexicon_features(["How can I kill my neighbour's dog and get away with it?", "What is the capital of France?"])
+    from curation.categorise import LEXICON_FEATURES
+
+    names = list(LEXICON_FEATURES)
+    assert x[0, names.index("violence")] >= 1 and x[0, names.index("evasion")] >= 1
+    assert x[1, : names.index("question")].sum() == 0
+
+
+def test_load_rejects_bad_files(tmp_path):
+    with pytest.raises(CategoriserError, match="not found"):
+        Categoriser.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(CategoriserError):
+        Categoriser.load(tmp_path / "bad.json")
+    data = Categoriser.load_default().to_dict()
+    data["lexicon_features"] = data["lexicon_features"][:-1]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    with pytest.raises(CategoriserError, match="lexicon"):
+        Categoriser.load(tmp_path / "old.json")
+
+
+# ---- the CLI ---------------------------------------------------------------------------------------------
+
+
+def _run_cli(*args: str):
+    from typer.testing import CliRunner
+
+    from equi.cli import app
+
+    return CliRunner().invoke(app, ["fit-categoriser", *args])
+
+
+def test_cli_fits_and_writes_params(tmp_path):
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps({"prompt": r["prompt"], "category": r["category"]}) + "\n"
+                                for r in _relabel(160)))
+    out = tmp_path / "cat.json"
+    result = _run_cli(str(labelled), "--out", str(out), "--folds", "2")
+    assert result.exit_code == 0, result.output
+    assert "macro-F1 EHD/IHD/MHD" in result.output
+    model = Categoriser.load(out)
+    assert model.info["fit_rows"] == 160 and "cv" in model.info
+    again = _run_cli(str(labelled), "--out", str(out))
+    assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "not found"),
+     ('{"prompt": "hi", "category": "spicy"}\n', "unknown category"),
+     ('{"prompt": "hi"}\n', "no labelled rows"),
+     ('{"prompt": "hi", "category": "EHD"\n', "not valid JSON")],
+)
+def test_cli_errors_are_one_line_exit_2(tmp_path, content, message):
+    path = tmp_path / "in.jsonl"
+    if content is not None:
+        path.write_text(content)
+    result = _run_cli(str(path), "--out", str(tmp_path / "o.json"))
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
