@@ -387,3 +387,17 @@ def classify_responses(
     refusing = proba[:, 0] <= 0.5
     kind = np.where(proba[:, 2] > proba[:, 1], "partial", "refuse")
     return [str(k) if r else "comply" for k, r in zip(kind, refusing)]
+
+
+def has_refusal_phrase(texts: Sequence[str | None]) -> np.ndarray:
+    """Boolean per text: contains a first-person refusal or apology ("I can't help with that", "I'm sorry").
+
+    The fitted heads read whole responses; for one sentence (AMA segments) this explicit cue is the stronger evidence.
+    """
+    import polars as pl
+
+    strings = _as_strings(texts)
+    if not strings:
+        return np.zeros(0, dtype=bool)
+    core = _I + "(?:" + "|".join(_REFUSAL_PATTERNS[k].removeprefix(_I) for k in _REFUSAL_CORE) + ")"
+    return pl.Series("t", strings, dtype=pl.String).str.contains(core).fill_null(False).to_numpy().astype(bool)

@@ -1,0 +1,220 @@
+"""AMA key segments: which parts of a response are worth learning (+1) and which are harmful/unhelpful (−1).
+
+A response is split into segments (sentences, list items, code blocks; :func:`split_segments`), each segment is
+scored in [−1, 1] against how harmful the prompt is (:func:`segment_scores`), and the scores become ±1 character
+spans with hysteresis (:func:`response_spans`): a span opens only on a clear score (``|s| >= high``) and stays open
+through weaker segments until the score falls past ``low``, so one neutral sentence inside a refusal or a list does
+not cut it in two. Consecutive segments with the same state merge into one span; neutral stretches get no span
+(their tokens keep mask 1, see the contract's "AMA token masks").
+
+Scoring a segment, with ``h`` = P(prompt harmful), ``r`` = the refusal detector's score of the segment alone (at least 0.9 when it holds an explicit
+first-person refusal such as "I can't help with that") and
+``k`` = how concrete/actionable it is (steps, list items, code, imperative how-to wording):
+
+- harmful view: refusing is good, concrete compliance is bad: ``r − k·(1 − r)``;
+- benign view: helping is good, refusing or lecturing is bad: ``(1 − r)·(0.3 + 0.7·k) − r``;
+- score = ``h · harmful + (1 − h) · benign``.
+
+The refusal detector (:mod:`curation.refusal`) runs once over every segment of a batch, so
+:func:`spans_for_rows` costs one vectorised call however many rows it gets.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import numpy as np
+
+DEFAULT_HIGH = 0.35
+DEFAULT_LOW = 0.05
+
+_CODE_BLOCK = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
+_LIST_ITEM = re.compile(r"^[ \t]*(?:\d{1,3}[.)]|[-*•+]|[a-zA-Z][.)])[ \t]+", re.MULTILINE)
+# A sentence ends at . ! ? (optionally followed by closing quotes/brackets) before whitespace; the lookbehind
+# keeps common abbreviations and decimals ("e.g. ", "3.5") from ending one.
+_SENTENCE_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)(?<!\bvs)(?<!\bMr)(?<!\bDr)(?<!\bMrs)(?<!\bSt)[.!?]+[\"')\]]*(?=\s)")
+_CONCRETE = re.compile(
+    r"(?i)^\s*(?:\d{1,3}[.)]|[-*•+]|step \d)|```|\b(?:first|then|next|finally|mix|add|combine|heat|install|"
+    r"run|use|open|click|type|download|buy|obtain|take|apply|insert|attach|set up|create|write|place|"
+    r"remove|cut|measure|you can|you could|you will need|you need|make sure|follow these|here['’]s how|"
+    r"here is how|here are|ingredients|example|import|def|function|command)\b"
+)
+
+
+def _trimmed(text: str, start: int, end: int) -> tuple[int, int] | None:
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return (start, end) if start < end else None
+
+
+def _split_prose(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """Split a stretch without code into list items (one segment each) and sentences."""
+    pieces: list[tuple[int, int]] = []
+    # Lines first: a list item is one segment even if it holds several sentences.
+    line_start = start
+    block_start = start
+    for match in re.finditer(r"\n", text[start:end]):
+        line_end = start + match.start()
+        next_start = start + match.end()
+        if (
+            _LIST_ITEM.match(text, next_start, end)
+            or _LIST_ITEM.match(text, line_start, line_end)
+            or not text[line_start:line_end].strip()
+        ):
+            pieces.append((block_start, line_end))
+            block_start = next_start
+        line_start = next_start
+    pieces.append((block_start, end))
+    segments: list[tuple[int, int]] = []
+    for piece_start, piece_end in pieces:
+        if _LIST_ITEM.match(text, piece_start, piece_end):
+            span = _trimmed(text, piece_start, piece_end)
+            if span:
+                segments.append(span)
+            continue
+        cursor = piece_start
+        for match in _SENTENCE_END.finditer(text, piece_start, piece_end):
+            span = _trimmed(text, cursor, match.end())
+            if span:
+                segments.append(span)
+            cursor = match.end()
+        span = _trimmed(text, cursor, piece_end)
+        if span:
+            segments.append(span)
+    return segments
+
+
+def split_segments(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` character offsets of the segments of ``text``: code blocks, list items, sentences.
+
+    Segments are sorted, do not overlap, carry no leading/trailing whitespace, and together cover every
+    non-whitespace character.
+    """
+    if not text:
+        return []
+    segments: list[tuple[int, int]] = []
+    cursor = 0
+    for block in _CODE_BLOCK.finditer(text):
+        segments += _split_prose(text, cursor, block.start())
+        span = _trimmed(text, block.start(), block.end())
+        if span:
+            segments.append(span)
+        cursor = block.end()
+    segments += _split_prose(text, cursor, len(text))
+    return segments
+
+
+def _concreteness(segment_texts: list[str]) -> np.ndarray:
+    """0–1: how actionable a segment is (counts of step/list/code/how-to cues, saturating)."""
+    counts = np.array([len(_CONCRETE.findall(s)) for s in segment_texts], dtype=np.float32)
+    lengths = np.array([len(s) for s in segment_texts], dtype=np.float32)
+    # Long segments carry more content; a two-word fragment is never very concrete.
+    return np.clip(0.35 * counts + np.minimum(lengths / 400.0, 0.3), 0.0, 1.0)
+
+
+def _score_segments(prompt_harm: np.ndarray, segment_texts: list[str]) -> np.ndarray:
+    from curation.refusal import has_refusal_phrase, refusal_scores
+
+    if not segment_texts:
+        return np.zeros(0, dtype=np.float32)
+    refusal = refusal_scores(segment_texts).astype(np.float32)
+    refusal = np.where(has_refusal_phrase(segment_texts), np.maximum(refusal, 0.9), refusal).astype(np.float32)
+    concrete = _concreteness(segment_texts)
+    harmful_view = refusal - concrete * (1.0 - refusal)
+    benign_view = (1.0 - refusal) * (0.3 + 0.7 * concrete) - refusal
+    harm = np.clip(np.asarray(prompt_harm, dtype=np.float32), 0.0, 1.0)
+    return np.clip(harm * harmful_view + (1.0 - harm) * benign_view, -1.0, 1.0).astype(np.float32)
+
+
+def segment_scores(prompt_harm: float, response: str) -> list[tuple[int, int, float]]:
+    """``(start, end, score)`` per segment of ``response``; score in [−1, 1], > 0 = worth learning."""
+    segments = split_segments(response or "")
+    texts = [response[s:e] for s, e in segments]
+    scores = _score_segments(np.full(len(texts), prompt_harm, dtype=np.float32), texts)
+    return [(s, e, float(v)) for (s, e), v in zip(segments, scores)]
+
+
+def hysteresis_states(scores: Sequence[float], high: float = DEFAULT_HIGH, low: float = DEFAULT_LOW) -> list[int]:
+    """+1 / −1 / 0 per score: enter +1 at ``>= high`` (−1 at ``<= −high``), stay while ``> low`` (``< −low``)."""
+    _check_thresholds(high, low)
+    states: list[int] = []
+    state = 0
+    for score in scores:
+        if state == 1 and score <= low:
+            state = 0
+        elif state == -1 and score >= -low:
+            state = 0
+        if state == 0:
+            if score >= high:
+                state = 1
+            elif score <= -high:
+                state = -1
+        states.append(state)
+    return states
+
+
+def _check_thresholds(high: float, low: float) -> None:
+    if not 0.0 < high <= 1.0:
+        raise ValueError(f"high must be in (0, 1], got {high}")
+    if not -high < low < high:
+        raise ValueError(f"low must lie strictly between -high and high ({-high}, {high}), got {low}")
+
+
+def spans_from_scores(
+    scored: Sequence[tuple[int, int, float]], high: float = DEFAULT_HIGH, low: float = DEFAULT_LOW
+) -> list[dict]:
+    """Turn scored segments into merged ±1 spans ``{"start", "end", "sign"}`` (neutral stretches get none)."""
+    states = hysteresis_states([s for _, _, s in scored], high, low)
+    spans: list[dict] = []
+    previous_state = 0
+    for (start, end, _), state in zip(scored, states):
+        if state != 0 and state == previous_state and spans:
+            spans[-1]["end"] = end  # same run: merge, covering the whitespace between segments
+        elif state != 0:
+            spans.append({"start": int(start), "end": int(end), "sign": int(state)})
+        previous_state = state
+    return spans
+
+
+def response_spans(
+    prompt_harm: float, response: str, high: float = DEFAULT_HIGH, low: float = DEFAULT_LOW
+) -> list[dict]:
+    """AMA spans of one response: sorted, non-overlapping ``{"start", "end", "sign"}`` with ``0 <= start < end``."""
+    return spans_from_scores(segment_scores(prompt_harm, response), high, low)
+
+
+def spans_for_rows(
+    prompt_harm: Sequence[float],
+    responses: Sequence[str | None],
+    high: float = DEFAULT_HIGH,
+    low: float = DEFAULT_LOW,
+) -> list[list[dict] | None]:
+    """:func:`response_spans` over a batch, with one refusal-detector call for all segments; None → None."""
+    if len(prompt_harm) != len(responses):
+        raise ValueError(f"{len(prompt_harm)} prompt_harm values but {len(responses)} responses")
+    _check_thresholds(high, low)
+    per_row: list[list[tuple[int, int]] | None] = []
+    texts: list[str] = []
+    harms: list[float] = []
+    for harm, response in zip(prompt_harm, responses):
+        if response is None:
+            per_row.append(None)
+            continue
+        segments = split_segments(response)
+        per_row.append(segments)
+        texts += [response[s:e] for s, e in segments]
+        harms += [float(harm)] * len(segments)
+    scores = _score_segments(np.asarray(harms, dtype=np.float32), texts)
+    out: list[list[dict] | None] = []
+    cursor = 0
+    for segments in per_row:
+        if segments is None:
+            out.append(None)
+            continue
+        row_scores = scores[cursor : cursor + len(segments)]
+        cursor += len(segments)
+        out.append(spans_from_scores([(s, e, float(v)) for (s, e), v in zip(segments, row_scores)], high, low))
+    return out
