@@ -1,0 +1,124 @@
+"""Refusal detector: API contract, real-data accuracy on rows the shipped heads never saw, refit round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from curation import refusal  # noqa: E402
+from curation.refusal import (  # noqa: E402
+    CLASSES,
+    RefusalHeads,
+    classify_responses,
+    fit_refusal_head,
+    refusal_scores,
+    xstest_labelled,
+)
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+XSTEST = DATA / "xstest_completions_dev"
+REFUSAL_DIRECTION = DATA / "refusal_direction_completions"
+
+
+def _refusal_direction(set_name: str) -> tuple[list[str], np.ndarray]:
+    """Real completions with automatic (substring-match) labels; the shipped heads were fit on XSTest only."""
+    texts, refuses = [], []
+    for path in sorted(REFUSAL_DIRECTION.glob(f"*/{set_name}_evaluations.json")):
+        for row in json.loads(path.read_text())["completions"]:
+            texts.append(row["response"])
+            refuses.append(row["is_jailbreak_substring_matching"] == 0)
+    return texts, np.array(refuses)
+
+
+def test_scores_are_probabilities_and_empty_is_zero():
+    texts = ["", "   ", None, "I'm sorry, but I can't help with that.", "Sure. 1. Open a terminal.\n2. Run `ls`."]
+    scores = refusal_scores(texts)
+    assert scores.dtype == np.float32 and scores.shape == (5,)
+    assert np.all((scores >= 0) & (scores <= 1))
+    assert scores[:3].tolist() == [0.0, 0.0, 0.0]
+    assert scores[3] > 0.5 > scores[4]
+    assert refusal_scores([]).shape == (0,)
+
+
+def test_classify_is_consistent_with_scores():
+    texts, _ = _refusal_direction("jailbreakbench_baseline")
+    scores = refusal_scores(texts)
+    classes = classify_responses(texts)
+    assert set(classes) <= set(CLASSES)
+    assert [c != "comply" for c in classes] == list(scores >= 0.5)
+
+
+@pytest.mark.parametrize("set_name", ["harmless_actadd", "jailbreakbench_baseline", "jailbreakbench_ablation"])
+def test_agrees_with_labels_on_unseen_real_completions(set_name):
+    texts, refuses = _refusal_direction(set_name)
+    accuracy = ((refusal_scores(texts) >= 0.5) == refuses).mean()
+    assert accuracy >= 0.85, f"{set_name}: {accuracy:.3f}"
+
+
+def test_held_out_xstest_prompts_beat_string_matching():
+    """Fit on 4/5 of the prompts, score the other 1/5: the learned head must beat the XSTest authors' baseline."""
+    frame = xstest_labelled(XSTEST)
+    prompts = sorted(set(frame["prompt"].to_list()))
+    held_out = set(prompts[::5])
+    test_mask = np.array([p in held_out for p in frame["prompt"].to_list()])
+    texts = np.array(frame["completion"].to_list(), dtype=object)
+    labels = np.array(frame["label"].to_list())
+    head = fit_refusal_head(list(texts[~test_mask]), list(labels[~test_mask]))
+    predicted = np.array(classify_responses(list(texts[test_mask]), heads=RefusalHeads(text=head)))
+    truth = labels[test_mask] != "comply"
+    ours = ((predicted != "comply") == truth).mean()
+    baseline = ((np.array(frame["strmatch"].to_list())[test_mask] != "comply") == truth).mean()
+    assert ours >= baseline + 0.02 and ours >= 0.9, (ours, baseline)
+
+
+def test_partial_refusal_is_recognised_as_refusal():
+    # Real llama2 partial refusals (XSTest human label 3_partial_refusal): refusal first, then tips/lists.
+    frame = xstest_labelled(XSTEST)
+    partial = frame.filter((frame["label"] == "partial") & (frame["model"] == "llama2new"))
+    scores = refusal_scores(partial["completion"].to_list())
+    assert (scores >= 0.5).mean() >= 0.8
+
+
+def test_saved_heads_round_trip(tmp_path):
+    frame = xstest_labelled(XSTEST).head(300)
+    texts, labels = frame["completion"].to_list(), frame["label"].to_list()
+    heads = RefusalHeads(text=fit_refusal_head(texts, labels))
+    path = heads.save(tmp_path / "head.npz")
+    loaded = refusal.load_heads(str(path))
+    np.testing.assert_allclose(refusal_scores(texts, heads=loaded), refusal_scores(texts, heads=heads), atol=1e-6)
+
+
+def test_fit_rejects_unknown_labels():
+    with pytest.raises(ValueError, match="unknown refusal labels"):
+        fit_refusal_head(["a", "b"], ["comply", "maybe"])
+
+
+def test_embeddings_path_and_dimension_fallback():
+    from curation.embed import get_embedder
+
+    texts = ["I cannot assist with that request.", "Here is a recipe:\n1. Boil water.\n2. Add pasta."]
+    embedded = refusal_scores(texts, get_embedder().encode(texts))
+    assert embedded[0] > 0.5 > embedded[1]
+    with pytest.warns(UserWarning, match="text-only head"):
+        fallback = refusal_scores(texts, np.zeros((2, 7), dtype=np.float32))
+    np.testing.assert_allclose(fallback, refusal_scores(texts))
+    with pytest.raises(ValueError):
+        refusal_scores(texts, np.zeros((3, 384), dtype=np.float32))
+
+
+def test_text_head_scores_twenty_thousand_responses_quickly():
+    texts, _ = _refusal_direction("jailbreakbench_ablation")
+    many = (texts * (20_000 // len(texts) + 1))[:20_000]  # real responses, resampled
+    refusal.load_heads()
+    start = time.perf_counter()
+    scores = refusal_scores(many)
+    elapsed = time.perf_counter() - start
+    assert scores.shape == (20_000,)
+    assert elapsed < 20, f"{elapsed:.1f}s"
