@@ -168,6 +168,9 @@ class TrainConfig:
             raise ConfigError(
                 f"--batch-size ({self.batch_size}) must be a multiple of --num-generations ({self.num_generations})"
             )
+        if (self.reward_model or self.cost_model) and self.algo not in ONLINE_ALGOS:
+            raise ConfigError(f"--reward-model / --cost-model are for the online stage ({', '.join(ONLINE_ALGOS)}), "
+                              f"not --algo {self.algo}")
         if self.out is None:
             self.out = str(Path("runs") / f"{self.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.out = str(self.out)

@@ -177,10 +177,6 @@ def train(config: TrainConfig) -> RunResult:
         import datasets
 
         datasets.disable_progress_bars()
-    if config.algo in ONLINE_ALGOS or config.algo in SCORER_ALGOS:
-        # Planned on GRPOTrainer / RewardTrainer (issue 4); refused before anything is written.
-        raise ConfigError(f"--algo {config.algo} is not implemented in this version of equi train yet; "
-                          "use dpo, ama-dpo or dual")
     manifest = verify_mix_or_raise(config.mix)
     mix_hash = manifest_hash(config.mix)
     run_dir = prepare_run_dir(config, mix_hash)
@@ -191,6 +187,14 @@ def train(config: TrainConfig) -> RunResult:
         from train.dual import run_dual
 
         result = run_dual(config, manifest, run_dir)
+    elif config.algo in ONLINE_ALGOS:
+        from train.online import run_online
+
+        result = run_online(config, manifest, run_dir)
+    elif config.algo in SCORER_ALGOS:
+        from train.scorers import run_scorer_training
+
+        result = run_scorer_training(config, manifest, run_dir)
     else:  # pragma: no cover - TrainConfig validates algo
         raise ConfigError(f"unknown algo {config.algo}")
     result.summary.update({"algo": config.algo, "seconds": round(time.time() - started, 1), "run_dir": str(run_dir)})

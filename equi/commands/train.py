@@ -19,6 +19,14 @@ Example:
 
   equi train --mix mix/ --out runs/ama --resume        # continue an interrupted run
 
+  equi train --mix mix/ --algo ppo-lag --num-generations 4 --lambda-update-every 4 --cost-threshold 0
+
+  equi train --mix mix/ --algo reward-model --out runs/rm && equi train --mix mix/ --algo cost-model --out runs/cm
+  equi train --mix mix/ --algo repo --reward-model runs/rm/final --cost-model runs/cm/final
+
+The online algos (ppo, ama-ppo, repo, ppo-lag) run on TRL's GRPOTrainer: PPO's clipped surrogate with a group
+baseline over --num-generations samples per prompt instead of a critic.
+
   accelerate launch --config_file examples/accelerate/deepspeed_zero2.yaml -m equi.cli train --mix mix/
 """
 
@@ -58,7 +66,7 @@ def train_command(
     batch_size: Optional[int] = typer.Option(None, help="Pairs (or prompts x generations) per device step [4]."),
     grad_accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps [1]."),
     lr: Optional[float] = typer.Option(None, help="Learning rate [5e-6]."),
-    beta: Optional[float] = typer.Option(None, help="DPO temperature / KL coefficient [0.1]."),
+    beta: Optional[float] = typer.Option(None, help="DPO temperature; online: KL coefficient to the reference [0.1]."),
     seed: Optional[int] = typer.Option(None, help="Random seed [0]."),
     max_length: Optional[int] = typer.Option(None, help="Max tokens of prompt+response [512]."),
     loss_type: Optional[str] = typer.Option(None, help="TRL DPO loss type [sigmoid]."),
@@ -67,8 +75,8 @@ def train_command(
         None, help="Cost multipliers by severity [minor=1,moderate=2,severe=4]."
     ),
     group_weights: Optional[str] = typer.Option(None, help="Per-group pair weights, e.g. EHD=0.5,IHD=1,BENIGN=1."),
-    reward_model: Optional[str] = typer.Option(None, help="Reward model (sequence classifier) for the online stage."),
-    cost_model: Optional[str] = typer.Option(None, help="Cost model (sequence classifier) for the online stage."),
+    reward_model: Optional[str] = typer.Option(None, help="Online: reward model (from --algo reward-model) instead of equi's refusal-based reward."),
+    cost_model: Optional[str] = typer.Option(None, help="Online: cost model (from --algo cost-model) instead of equi's refusal x harm cost."),
     lambda_init: Optional[float] = typer.Option(None, help="Initial Lagrange multiplier λ [1.0]."),
     lambda_lr: Optional[float] = typer.Option(None, help="Dual step size η [0.1]."),
     lambda_max: Optional[float] = typer.Option(None, help="Upper clip of λ [10]."),

@@ -1,0 +1,206 @@
+"""Reward and cost functions for the online stage, in the shape TRL's ``GRPOTrainer`` calls them.
+
+A TRL reward function receives ``prompts``, ``completions`` and every dataset column as keyword lists (one entry
+per completion) plus ``log_metric``; it returns one float per completion. equi's defaults need no model:
+
+- prompt harm ``h`` from the mix's prompt columns (:func:`prompt_harm`);
+- ``r`` = the curation refusal detector's probability that the completion refuses;
+- reward (:func:`safety_reward_values`): on BENIGN prompts ``1 − 2r`` (help, do not refuse); on safety prompts
+  (EHD / IHD / MHD / OTHER) ``r − h·(1 − r)`` (refusing earns 1, complying costs in proportion to the harm);
+- cost (:func:`cost_values`): ``C = 2·h·(1 − r) − 1`` as curation computes ``*_cost`` (``curation/pipeline.py:
+  score_costs``), then scaled by ``--severity-weights`` (only positive, unsafe costs are scaled).
+
+``--reward-model`` / ``--cost-model`` swap ``r``-based scores for a sequence-classifier's output
+(:class:`ModelScorer`). The scorers are injected (``refusal_fn=``, ``reward_scorer=``, ``cost_scorer=``) so tests and
+callers can pass their own; the default imports :func:`curation.refusal.refusal_scores` lazily.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from train.lagrangian import lagrangian_rewards, repo_rewards, severity_scaled_costs, violation_fraction
+
+#: texts -> one score per text (refusal probability, reward, or cost)
+TextScorer = Callable[[list[str]], Sequence[float]]
+#: (prompts, completions) -> one score per completion (a reward or cost model)
+PairScorer = Callable[[list[str], list[str]], Sequence[float]]
+
+SAFETY_GROUPS = ("EHD", "IHD", "MHD", "OTHER")
+
+
+def default_refusal_fn(texts: list[str]) -> list[float]:
+    """The curation refusal detector (text-only head: no model to load, fast enough to run every step)."""
+    from curation.refusal import refusal_scores
+
+    return [float(x) for x in refusal_scores(texts)]
+
+
+def as_text(message: Any) -> str:
+    """A prompt or completion as plain text: TRL passes strings, or message lists for conversational data."""
+    if message is None:
+        return ""
+    if isinstance(message, str):
+        return message
+    if isinstance(message, dict):
+        return str(message.get("content") or "")
+    return "\n".join(as_text(m) for m in message)
+
+
+def last_user_text(prompt: Any) -> str:
+    """The user's request in a prompt (the last user turn of a conversation)."""
+    if isinstance(prompt, list):
+        users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        return as_text(users[-1]) if users else as_text(prompt)
+    return as_text(prompt)
+
+
+def prompt_harm(group: str | None, explicit_score: float | None, intent_score: float | None) -> float:
+    """P(the prompt is harmful), from the mix's prompt columns.
+
+    The categoriser writes ``explicit = harm·P(explicit)`` and ``intent = harm·P(intent)``, so ``harm`` is at least
+    the larger of the two. A safety group means the categoriser judged the prompt safety-relevant, so its harm is
+    at least 0.5; BENIGN prompts count as harmless (h = 0: any answer to them is safe, cost −1).
+    """
+    if group == "BENIGN":
+        return 0.0
+    scores = [float(s) for s in (explicit_score, intent_score) if s is not None and not math.isnan(float(s))]
+    harm = max(scores, default=0.0)
+    if group in SAFETY_GROUPS:
+        harm = max(harm, 0.5)
+    return min(max(harm, 0.0), 1.0)
+
+
+def safety_reward_values(refusals: Sequence[float], harms: Sequence[float], benign: Sequence[bool]) -> list[float]:
+    """Reward in [−1, 1]: compliance on benign prompts, refusal (minus harmful compliance) on safety prompts."""
+    rewards = []
+    for r, h, is_benign in zip(refusals, harms, benign, strict=True):
+        r = min(max(float(r), 0.0), 1.0)
+        rewards.append(1.0 - 2.0 * r if is_benign else r - h * (1.0 - r))
+    return rewards
+
+
+def cost_values(refusals: Sequence[float], harms: Sequence[float]) -> list[float]:
+    """Curation's cost ``2·h·(1 − r) − 1``: +1 full compliance with a surely harmful prompt, −1 a refusal."""
+    return [2.0 * h * (1.0 - min(max(float(r), 0.0), 1.0)) - 1.0 for r, h in zip(refusals, harms, strict=True)]
+
+
+def _column(kwargs: dict[str, Any], name: str, n: int) -> list:
+    values = kwargs.get(name)
+    return list(values) if values is not None else [None] * n
+
+
+def batch_harms(n: int, kwargs: dict[str, Any]) -> tuple[list[float], list[bool]]:
+    groups = _column(kwargs, "group", n)
+    explicit, intent = _column(kwargs, "explicit_score", n), _column(kwargs, "intent_score", n)
+    harms = [prompt_harm(g, e, i) for g, e, i in zip(groups, explicit, intent)]
+    return harms, [g == "BENIGN" for g in groups]
+
+
+def _log(kwargs: dict[str, Any], name: str, value: float) -> None:
+    log_metric = kwargs.get("log_metric")
+    if log_metric is not None and math.isfinite(value):
+        log_metric(name, float(value))
+
+
+class SafetyScorer:
+    """Reward R and cost C of each completion, from the refusal detector or from reward/cost models.
+
+    Args:
+        refusal_fn: texts → P(refusal); default the curation detector.
+        reward_scorer: (prompts, completions) → reward; replaces the detector-based reward (``--reward-model``).
+        cost_scorer: (prompts, completions) → cost; replaces the detector-based cost (``--cost-model``).
+        severity_weights: ``--severity-weights``; multiplies positive costs by the prompt's severity weight.
+    """
+
+    def __init__(
+        self,
+        refusal_fn: TextScorer | None = None,
+        reward_scorer: PairScorer | None = None,
+        cost_scorer: PairScorer | None = None,
+        severity_weights: dict[str, float] | None = None,
+    ):
+        self.refusal_fn = refusal_fn or default_refusal_fn
+        self.reward_scorer = reward_scorer
+        self.cost_scorer = cost_scorer
+        self.severity_weights = severity_weights or {}
+
+    def score(self, prompts: list, completions: list, kwargs: dict[str, Any]) -> tuple[list[float], list[float]]:
+        n = len(completions)
+        texts = [as_text(c) for c in completions]
+        harms, benign = batch_harms(n, kwargs)
+        refusals = None
+        if self.reward_scorer is None or self.cost_scorer is None:
+            refusals = [float(r) for r in self.refusal_fn(texts)]
+            _log(kwargs, "safety/refusal_rate", sum(r >= 0.5 for r in refusals) / max(n, 1))
+        user_texts = [last_user_text(p) for p in prompts]
+        if self.reward_scorer is not None:
+            rewards = [float(x) for x in self.reward_scorer(user_texts, texts)]
+        else:
+            rewards = safety_reward_values(refusals, harms, benign)
+        if self.cost_scorer is not None:
+            costs = [float(x) for x in self.cost_scorer(user_texts, texts)]
+        else:
+            costs = cost_values(refusals, harms)
+        costs = severity_scaled_costs(costs, _column(kwargs, "severity", n), self.severity_weights)
+        return rewards, costs
+
+
+def make_safety_reward(
+    refusal_fn: TextScorer | None = None,
+    reward_scorer: PairScorer | None = None,
+    severity_weights: dict[str, float] | None = None,
+    scorer: SafetyScorer | None = None,
+):
+    """``--algo ppo``: a TRL reward function returning R (the cost is only logged)."""
+    scorer = scorer or SafetyScorer(refusal_fn, reward_scorer, None, severity_weights)
+
+    def safety_reward(prompts, completions, **kwargs) -> list[float]:
+        rewards, costs = scorer.score(prompts, completions, kwargs)
+        _log(kwargs, "safety/cost_mean", sum(costs) / max(len(costs), 1))
+        _log(kwargs, "safety/violation_fraction", violation_fraction(costs))
+        return rewards
+
+    return safety_reward
+
+
+class LambdaState:
+    """The multiplier λ and the costs seen since its last update (shared by the reward function and the trainer)."""
+
+    def __init__(self, value: float):
+        self.value = float(value)
+        self.pending_costs: list[float] = []
+        self.history: list[dict[str, Any]] = []
+
+    def take_pending(self) -> list[float]:
+        costs, self.pending_costs = self.pending_costs, []
+        return costs
+
+
+def make_constrained_reward(
+    mode: str,
+    lam: LambdaState,
+    scorer: SafetyScorer | None = None,
+    refusal_fn: TextScorer | None = None,
+    severity_weights: dict[str, float] | None = None,
+):
+    """``repo`` (R − λ·max(0, C)) or ``ppo-lag`` (R − λ·C) as a TRL reward function reading λ from ``lam``."""
+    if mode not in ("repo", "ppo-lag"):
+        raise ValueError(f"mode must be 'repo' or 'ppo-lag', not {mode!r}")
+    scorer = scorer or SafetyScorer(refusal_fn, None, None, severity_weights)
+    combine = repo_rewards if mode == "repo" else lagrangian_rewards
+
+    def constrained_reward(prompts, completions, **kwargs) -> list[float]:
+        rewards, costs = scorer.score(prompts, completions, kwargs)
+        lam.pending_costs.extend(c for c in costs if math.isfinite(c))
+        _log(kwargs, "safety/reward_mean", sum(rewards) / max(len(rewards), 1))
+        _log(kwargs, "safety/cost_mean", sum(costs) / max(len(costs), 1))
+        # RePO's "fraction of violating prompts": here per sampled response, the unit the penalty applies to.
+        _log(kwargs, "safety/violation_fraction", violation_fraction(costs))
+        _log(kwargs, "lambda", lam.value)
+        return combine(rewards, costs, lam.value)
+
+    constrained_reward.__name__ = "repo_reward" if mode == "repo" else "lagrangian_reward"
+    return constrained_reward
