@@ -118,7 +118,7 @@ def test_accounting_balances_and_rejects_name_file_line_and_reason(mix, manifest
     assert all(r["file"] == str(raw_inputs[0]) and r["reason"] for r in broken)
     pool_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (mix / "pool").glob("*.parquet"))
     assert pool_rows == acc["pooled"]
-    assert acc["not_selected"].get("prompt_only") == 80
+    assert acc["not_selected"].get("prompt_only") == 40  # the XSTest prompts; AdvBench rows are single responses
     assert [i["lines"] for i in manifest["inputs"]] == [300 + len(BROKEN), 360, 80]
 
 
@@ -137,10 +137,14 @@ def test_scores_spans_and_clusters_are_well_formed(mix, mixture):
             values = frame[column].to_numpy()
             assert np.all((values >= 0) & (values <= 1))
         assert frame["cluster"].min() >= 0
-        assert set(frame["severity"].drop_nulls().unique()) <= {"minor", "moderate", "severe"}
-    for text, spans in zip(mixture["chosen"], mixture["chosen_spans"]):
-        for span in spans or []:
-            assert 0 <= span["start"] < span["end"] <= len(text) and span["sign"] in (-1, 1)
+        assert set(frame["severity"].drop_nulls().unique().to_list()) <= {"minor", "moderate", "severe"}
+    signs = []
+    for column in ("chosen", "rejected"):
+        for text, spans in zip(mixture[column].to_list(), mixture[f"{column}_spans"].to_list()):
+            for span in spans or []:
+                assert 0 <= span["start"] < span["end"] <= len(text) and span["sign"] in (-1, 1)
+                signs.append(span["sign"])
+    assert set(signs) == {-1, 1}  # real answers get key segments of both kinds
     labelled = pool.filter(pl.col("source") == "advbench")
     assert (labelled["response_cost"] > 0).all()  # is_safe=false labels are kept as unsafe costs
     assert pool["cluster"].n_unique() > 1
@@ -168,9 +172,10 @@ def test_existing_out_is_refused_without_overwrite(mix, raw_inputs):
     assert json.loads((mix / "manifest.json").read_text())["accounting"]["input_lines"] > 80  # untouched
 
 
-def test_prompt_only_input_writes_the_pool_and_an_empty_mixture(raw_inputs, tmp_path):
+def test_prompt_only_input_writes_the_pool_and_an_empty_mixture(shared_data, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", xstest_prompts(shared_data)[:80])
     out = tmp_path / "prompts-mix"
-    result = _invoke("curate", raw_inputs[2], "--out", out)
+    result = _invoke("curate", prompts, "--out", out)
     assert result.exit_code == 0, result.output
     assert "mixture is empty" in result.output
     manifest = json.loads((out / "manifest.json").read_text())
@@ -203,15 +208,19 @@ def test_bad_invocations_are_one_line_errors_with_exit_2(raw_inputs, tmp_path, a
 
 def test_an_interrupted_run_leaves_no_half_mix(raw_inputs, tmp_path, monkeypatch):
     import curation.mixer
+    from equi.config import CurateConfig
+    from curation.pipeline import curate
 
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt  # what Ctrl-C raises in the middle of the run
 
     monkeypatch.setattr(curation.mixer, "select_mixture", interrupted)
     out = tmp_path / "mix"
     with pytest.raises(KeyboardInterrupt):
-        runner.invoke(app, ["curate", str(raw_inputs[2]), "--out", str(out), "--quiet"], catch_exceptions=False)
+        curate(CurateConfig(inputs=[str(raw_inputs[2])], out=str(out), quiet=True))
     assert list(tmp_path.iterdir()) == []
+    result = runner.invoke(app, ["curate", str(raw_inputs[2]), "--out", str(out), "--quiet"])
+    assert result.exit_code != 0 and not out.exists()
 
 
 def test_data_card_front_matter_is_valid_for_the_hub(mix):
