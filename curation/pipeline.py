@@ -13,7 +13,6 @@ The flow, with bounded memory (only the embeddings matrix and slim metadata grow
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

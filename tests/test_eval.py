@@ -19,18 +19,6 @@ from test_eval_support import build_tiny_model
 torch.set_num_threads(2)
 
 
-def _detector_ready() -> bool:
-    try:
-        from curation.refusal import classify_responses, refusal_scores  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_detector = pytest.mark.skipif(not _detector_ready(), reason="curation.refusal.classify_responses not written "
-                                    "yet (eval labels answers with it)")
-
-
 def _row(suite, expected, label, subtype=None):
     return {"suite": suite, "expected": expected, "label": label, "subtype": subtype}
 
@@ -110,7 +98,6 @@ def tiny_run(tmp_path_factory) -> Path:
     return run
 
 
-@needs_detector
 def test_eval_command_writes_audit_that_explains_the_metrics(tiny_run, tmp_path):
     from equi.cli import app
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -17,19 +16,6 @@ from equi.config import ConfigError
 from equi.ladder import ScaleConfig, parse_scales, plan_ladder, rank_limit, run_ladder
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _importable(module: str, name: str | None = None) -> bool:
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return False
-    return name is None or hasattr(mod, name)
-
-
-HAS_DETECTOR = _importable("curation.refusal", "classify_responses")
-needs_detector = pytest.mark.skipif(not HAS_DETECTOR, reason="curation.refusal.classify_responses not written yet "
-                                    "(eval labels answers with it)")
 
 
 def test_scales_parse_and_map_to_rank_limits():
@@ -79,7 +65,6 @@ def _independent_count(mix: Path, limit: int, group: str) -> int:
     return n
 
 
-@needs_detector
 def test_ladder_trains_evaluates_and_reports_each_rung(tmp_path):
     """Real hh-rlhf text with synthetic labels (tests/train_fixtures.py), a tiny model, 1 step per rung."""
     from train_fixtures import build_hh_mix, build_tiny_model
@@ -115,8 +100,6 @@ def test_ladder_trains_evaluates_and_reports_each_rung(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (HAS_DETECTOR and _importable("curation.categorise")),
-                    reason="needs `equi curate` (curation.categorise) and the refusal detector, not written yet")
 def test_ladder_end_to_end_curate_scale_eval_report(tmp_path):
     """The README loop on bundled real data: equi curate → equi scale → equi report, as subprocesses."""
     from train_fixtures import build_tiny_model
