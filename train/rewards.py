@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from train.config import DEFAULT_SEVERITY_WEIGHTS
 from train.lagrangian import lagrangian_rewards, repo_rewards, severity_scaled_costs, violation_fraction
 
 #: texts -> one score per text (refusal probability, reward, or cost)
@@ -112,7 +113,8 @@ class SafetyScorer:
         refusal_fn: texts → P(refusal); default the curation detector.
         reward_scorer: (prompts, completions) → reward; replaces the detector-based reward (``--reward-model``).
         cost_scorer: (prompts, completions) → cost; replaces the detector-based cost (``--cost-model``).
-        severity_weights: ``--severity-weights``; multiplies positive costs by the prompt's severity weight.
+        severity_weights: ``--severity-weights``; multiplies positive costs by the prompt's severity weight
+            (``None`` = equi's default weights).
     """
 
     def __init__(
@@ -125,7 +127,8 @@ class SafetyScorer:
         self.refusal_fn = refusal_fn or default_refusal_fn
         self.reward_scorer = reward_scorer
         self.cost_scorer = cost_scorer
-        self.severity_weights = severity_weights or {}
+        # None = equi's defaults (as ``TrainConfig``); {} = no scaling.
+        self.severity_weights = dict(DEFAULT_SEVERITY_WEIGHTS) if severity_weights is None else severity_weights
 
     def score(self, prompts: list, completions: list, kwargs: dict[str, Any]) -> tuple[list[float], list[float]]:
         n = len(completions)
