@@ -309,3 +309,9 @@ def test_model_flags_are_refused_outside_the_online_stage(material, tmp_path):
     result = invoke("--mix", str(mix), "--model", str(model), "--out", str(tmp_path / "x"), "--algo", "dpo",
                     "--reward-model", "somewhere")
     assert result.exit_code == 2 and "online stage" in result.output
+
+
+def test_online_without_prompts_exits_2(material, tmp_path):
+    _, mix, model = material
+    result = invoke(*online(mix, model, tmp_path / "none", "ppo", "--groups", "OTHER"))
+    assert result.exit_code == 2 and "no prompts" in result.output

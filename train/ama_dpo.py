@@ -130,7 +130,10 @@ class AmaDPOTrainer(DPOTrainer):
         use_ama_masks: ``False`` gives plain TRL DPO (the ``dpo`` baseline) with the same data plumbing.
         group_weights: ``{group: weight}``; pairs are drawn with probability ∝ weight, so each group's pairs
             count ``weight`` times in expectation (the same gradient as scaling their loss, without touching
-            TRL's loss code). ``None`` = uniform shuffling.
+            TRL's loss code). ``None`` = uniform shuffling. Exact per-pair loss scaling has no seam in TRL 1.16:
+            ``DPOTrainer._compute_loss`` reduces ``per_sequence_loss.mean()`` inside the one method (its only
+            per-pair factor is WPO's ``use_weighting``, computed from the policy's own probabilities), so it would
+            mean copying that method; sampling gives the same expected gradient, with more variance.
         ref_cache_dir: where reference log-probs are cached per row id; ``None`` = no cross-run cache.
     """
 

@@ -256,10 +256,11 @@ def run_online(config, manifest: dict[str, Any], run_dir: Path):
     from train.run import METRICS_FILE, RunResult, last_checkpoint, load_policy, metrics_callback, save_final
 
     split = load_split(config.mix, "train", config.scale, config.groups, need_pairs=False, manifest=manifest)
+    if not any(p and p.strip() for p in split.dataset["prompt"]):  # before the model is loaded
+        why = ", ".join(f"{n} {reason}" for reason, n in split.dropped.items()) or "the split is empty"
+        raise MixError(f"mix {config.mix} has no prompts to train {config.algo} on ({why})")
     _, model, tokenizer = load_policy(config)
     prompts = prompt_dataset(split.dataset, tokenizer)
-    if len(prompts) == 0:
-        raise MixError(f"mix {config.mix} has no prompts to train {config.algo} on")
     if tokenizer.padding_side != "left":  # generation appends to the right, so prompts pad on the left
         tokenizer.padding_side = "left"
     checkpoint = last_checkpoint(run_dir) if config.resume else None
