@@ -216,7 +216,7 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
 
     from curation.categorise import Categoriser
     from curation.cluster import choose_k, fit_assign_clusters
-    from curation.embed import get_embedder
+    from curation.embed import EmbedderError, get_embedder
     from curation.mixer import eval_split, select_mixture
 
     embedder = embedder or get_embedder(config.embedder)
@@ -225,7 +225,16 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
 
         embedder = CachedEmbedder(embedder, EmbeddingCache(getattr(embedder, "identity", embedder.name), embedder.dim))
     if categoriser is None:
-        categoriser = Categoriser.load(config.categoriser) if config.categoriser else Categoriser.load_default()
+        try:
+            categoriser = Categoriser.load(config.categoriser) if config.categoriser else Categoriser.load_default()
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot load categoriser {config.categoriser}: {exc}") from None
+    if categoriser.embedding_dim != embedder.dim:
+        raise EmbedderError(
+            f"the categoriser was fit on {categoriser.embedding_dim}-dimensional embeddings "
+            f"({categoriser.embedder or 'unknown embedder'}) but --embedder {embedder.name} gives {embedder.dim}: "
+            f"fit one with `equi fit-categoriser LABELLED.jsonl --embedder {embedder.name} --out cat.json` and pass "
+            "--categoriser cat.json")
     stats = ReadStats()
     quiet = config.quiet
     with atomic_directory(config.out, overwrite=config.overwrite) as work:
