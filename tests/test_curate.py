@@ -233,3 +233,20 @@ def test_data_card_front_matter_is_valid_for_the_hub(mix):
     assert names[0] == "default" and "pool" in names
     assert front["license"]
     assert "## Sources" in text and "## Limitations" in text and "rejects.jsonl" in text
+
+
+def test_a_categoriser_fit_for_another_embedder_is_refused_before_any_work(raw_inputs, tmp_path):
+    from curation.embed import EmbedderError
+    from curation.pipeline import curate
+    from equi.config import CurateConfig
+
+    class EightDimensional:  # a stand-in embedder of another size (not a real model)
+        name, identity, dim = "eight", "eight", 8
+
+        def encode(self, texts):
+            return np.ones((len(texts), 8), dtype=np.float32) / np.sqrt(8)
+
+    out = tmp_path / "mix"
+    with pytest.raises(EmbedderError, match="fit-categoriser"):
+        curate(CurateConfig(inputs=[str(raw_inputs[2])], out=str(out), quiet=True), embedder=EightDimensional())
+    assert not out.exists()
