@@ -5,12 +5,12 @@ Rows are read from the Parquet shards through ``datasets`` (Arrow, memory-mapped
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from equi.manifest import sha256_file, verify_mix
 from equi.schema import DATA_DIR, MANIFEST, MIX_SCHEMA, check_schema
 
 
@@ -20,14 +20,6 @@ class MixError(ValueError):
 
 class MixVerificationFailed(MixError):
     """The shards do not match the manifest (tampered or incomplete): the CLI exits 3 for this one."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(mix_dir: str | Path) -> dict[str, Any]:
@@ -45,42 +37,13 @@ def read_manifest(mix_dir: str | Path) -> dict[str, Any]:
 
 def manifest_hash(mix_dir: str | Path) -> str:
     """Hash of ``manifest.json``: it names every shard's sha256, so it identifies the mix's exact rows."""
-    return _sha256(Path(mix_dir) / MANIFEST)[:16]
-
-
-def shard_problems(mix_dir: str | Path) -> list[str]:
-    """Every way the shards disagree with the manifest (missing file, wrong checksum); empty = trustworthy.
-
-    Prefers ``equi.manifest.verify_mix`` (the curation side's verifier) when it exists, so there is one
-    definition of a valid mix; this fallback checks the contract's shard list only.
-    """
-    try:
-        from equi.manifest import verify_mix  # type: ignore[import-not-found]
-    except ImportError:
-        verify_mix = None
-    if verify_mix is not None:
-        return list(verify_mix(Path(mix_dir)))
-    mix_dir = Path(mix_dir)
-    manifest = read_manifest(mix_dir)
-    problems: list[str] = []
-    for shard in manifest["shards"]:
-        try:
-            rel, expected = shard["path"], shard["sha256"]
-        except (KeyError, TypeError):
-            problems.append(f"manifest shard entry {shard!r} lacks path/sha256")
-            continue
-        path = mix_dir / rel
-        if not path.is_file():
-            problems.append(f"shard {rel} is missing")
-        elif _sha256(path) != expected:
-            problems.append(f"shard {rel} does not match its sha256 in {MANIFEST}")
-    return problems
+    return sha256_file(Path(mix_dir) / MANIFEST)[:16]
 
 
 def verify_mix_or_raise(mix_dir: str | Path) -> dict[str, Any]:
     """Refuse a tampered or incomplete mix with a one-line error; return the manifest."""
     manifest = read_manifest(mix_dir)
-    problems = shard_problems(mix_dir)
+    problems = verify_mix(mix_dir)  # the one definition of a sound mix, shared with `equi verify`
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise MixVerificationFailed(f"mix {mix_dir} failed verification: {problems[0]}{more}")
