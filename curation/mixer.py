@@ -1,6 +1,6 @@
 """The FDC (fine-grained data-centric) mixer: pool rows → a group-balanced, de-duplicated mixture.
 
-Works on a slim metadata frame (one row per pool row: index, prompt, group, cluster, kind, cost),
+Works on a slim metadata frame (one row per pool row: index, prompt key, group, cluster, kind, cost),
 never on the full texts, so it scales with the pool. Every pool row ends up either in the mixture
 or with a ``not_selected`` reason; :func:`select_mixture` returns both.
 
@@ -53,20 +53,21 @@ class Selection:
         return dict(sorted(counts.items()))
 
 
-def normalise_prompt(text: str) -> str:
-    return " ".join(text.lower().split())
+def prompt_key(prompts: pl.Expr) -> pl.Expr:
+    """A 64-bit key equal for prompts that differ only in case and white space (pairing needs no full text)."""
+    return prompts.str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars().hash(seed=0)
 
 
 def pair_single_responses(singles: pl.DataFrame) -> tuple[pl.DataFrame, dict[int, str]]:
     """Pair single responses to the same prompt: lowest cost → chosen, highest cost → rejected.
 
-    ``singles`` has columns ``idx``, ``prompt``, ``response_cost``. Returns the pairs
+    ``singles`` has columns ``idx``, ``prompt_key`` (:func:`prompt_key`), ``response_cost``. Returns the pairs
     (``chosen_idx``, ``rejected_idx``) and a reason for every single response left unpaired.
     """
     reasons: dict[int, str] = {}
     if singles.height == 0:
         return pl.DataFrame(schema={"chosen_idx": pl.Int64, "rejected_idx": pl.Int64}), reasons
-    keyed = singles.with_columns(pl.col("prompt").map_elements(normalise_prompt, return_dtype=pl.String).alias("_key"))
+    keyed = singles.rename({"prompt_key": "_key"})
     chosen, rejected = [], []
     for group in keyed.sort(["_key", "response_cost", "idx"]).partition_by("_key", maintain_order=True):
         idx = group["idx"].to_list()
@@ -206,14 +207,14 @@ def select_mixture(meta: pl.DataFrame, embeddings: np.ndarray, *, ratios: dict[s
                    benign_share: float, dup_threshold: float, seed: int) -> Selection:
     """Choose the mixture from pool metadata.
 
-    ``meta`` columns: ``idx`` (row index into ``embeddings``), ``prompt``, ``kind`` (pair/single/prompt),
+    ``meta`` columns: ``idx`` (row index into ``embeddings``), ``prompt_key``, ``kind`` (pair/single/prompt),
     ``group``, ``cluster``, ``response_cost``.
     """
     not_selected: dict[int, str] = {}
     for i in meta.filter(pl.col("kind") == "prompt")["idx"].to_list():
         not_selected[i] = PROMPT_ONLY
     pairs, single_reasons = pair_single_responses(
-        meta.filter(pl.col("kind") == "single").select("idx", "prompt", "response_cost"))
+        meta.filter(pl.col("kind") == "single").select("idx", "prompt_key", "response_cost"))
     not_selected.update(single_reasons)
     native = meta.filter(pl.col("kind") == "pair").select(pl.col("idx").alias("chosen_idx"),
                                                           pl.lit(None, pl.Int64).alias("rejected_idx"))

@@ -212,12 +212,59 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
 
 def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResult:
     """Run the whole curation stage for ``config``; returns the written mix's manifest."""
-    from tqdm.auto import tqdm
-
-    from curation.categorise import Categoriser
     from curation.cluster import choose_k, fit_assign_clusters
+    from curation.mixer import select_mixture
+
+    embedder, categoriser = load_models(config, embedder, categoriser)
+    with atomic_directory(config.out, overwrite=config.overwrite) as work:
+        scored = read_and_score(config, work, embedder, categoriser)
+        k = min(config.clusters or choose_k(scored.n_rows), max(scored.n_rows, 1))
+        clusters = fit_assign_clusters(scored.embeddings, k, config.seed)
+        pool_files = write_pool(scored.stage_files, clusters, work / POOL_DIR, config)
+        meta = scored.meta.with_columns(pl.Series("cluster", clusters, pl.Int32))
+        selection = select_mixture(meta, scored.embeddings, ratios=config.ratios, size=config.size,
+                                   benign_share=config.benign_share, dup_threshold=config.dup_threshold,
+                                   seed=config.seed)
+        mixture = build_mixture_rows(scored.stage_files, selection.mixture, config.eval_fraction)
+        data_files = write_mixture(work / DATA_DIR, mixture, config.shard_rows)
+        scored.remove_stage()
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "equi_version": equi_version(),
+            "created_at": utc_now(),
+            "config": config.to_dict(),
+            "config_hash": config_hash({k: v for k, v in config.to_dict().items()
+                                        if k not in ("out", "overwrite", "quiet")}),
+            "embedder": embedder.name,
+            "categoriser": config.categoriser or "bundled",
+            "clusters": int(k),
+            "inputs": [{"path": name, "sha256": sha256_file(name) if name != "<stdin>" else None, "lines": lines}
+                       for name, lines in scored.stats.lines_by_file.items()],
+            "shards": [shard_entry(work, p, rows, "pool") for p, rows, _ in pool_files]
+            + [shard_entry(work, p, rows, split, group) for p, rows, (split, group) in data_files],
+            "counts": {"pool": _count(meta["group"].to_list()), "mixture": _count_by_split(mixture)},
+            "ratios": {"requested": config.ratios, "effective": selection.effective_ratios},
+            "accounting": {
+                "input_lines": sum(scored.stats.lines_by_file.values()),
+                "pooled": scored.n_rows,
+                "rejected": scored.n_rejected,
+                # A pair of single responses uses two pool rows.
+                "mixed": selection.mixture.height + int(selection.mixture["rejected_idx"].is_not_null().sum()),
+                "mixture_rows": mixture.height,
+                "not_selected": selection.reason_counts(),
+            },
+            "warnings": selection.warnings + ([] if mixture.height else
+                                              ["the mixture is empty: no usable preference pairs in the input"]),
+        }
+        write_json_atomic(work / MANIFEST, manifest)
+        (work / CARD).write_text(_render_card(manifest), encoding="utf-8")
+    return CurateResult(out=Path(config.out), manifest=manifest, warnings=manifest["warnings"])
+
+
+def load_models(config: CurateConfig, embedder=None, categoriser=None):
+    """The embedder (behind the embedding cache) and a categoriser fit for its embedding size."""
+    from curation.categorise import Categoriser
     from curation.embed import EmbedderError, get_embedder
-    from curation.mixer import eval_split, select_mixture
 
     embedder = embedder or get_embedder(config.embedder)
     if config.embedding_cache:
@@ -235,100 +282,79 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
             f"({categoriser.embedder or 'unknown embedder'}) but --embedder {embedder.name} gives {embedder.dim}: "
             f"fit one with `equi fit-categoriser LABELLED.jsonl --embedder {embedder.name} --out cat.json` and pass "
             "--categoriser cat.json")
-    stats = ReadStats()
-    quiet = config.quiet
-    with atomic_directory(config.out, overwrite=config.overwrite) as work:
-        stage_dir = work / ".stage"
-        stage = ShardWriter(stage_dir, "stage", _STAGE_SCHEMA, rows_per_shard=1 << 62)
-        embeddings: list[np.ndarray] = []
-        meta_parts: list[pl.DataFrame] = []
-        n_rejected = 0
-        n_rows = 0
-        with open(work / REJECTS, "w", encoding="utf-8") as rejects, \
-                tqdm(desc="curate: read+score", unit=" lines", disable=quiet, file=sys.stderr) as bar:
-            for batch in _batched(read_rows(config.inputs, config.input_format, config.strict, stats),
-                                  config.batch_size):
-                rows = [item for item in batch if isinstance(item, RawRow)]
-                for item in batch:
-                    if isinstance(item, Reject):
-                        rejects.write(item.to_json() + "\n")
-                        n_rejected += 1
-                if rows:
-                    frame, vecs = score_batch(rows, embedder.encode, categoriser)
-                    frame = frame.with_columns(pl.Series("split", eval_split(frame["id"].to_list(),
-                                                                               config.eval_fraction)))
-                    stage.write(to_table(frame, _STAGE_SCHEMA))
-                    embeddings.append(vecs.astype(np.float16))
-                    meta_parts.append(frame.select(
-                        pl.int_range(n_rows, n_rows + frame.height, dtype=pl.Int64).alias("idx"),
-                        "prompt", "kind", "group", "response_cost"))
-                    n_rows += frame.height
-                bar.update(len(batch))
-        stage_files = stage.close()
-        if sum(stats.lines_by_file.values()) == 0:
-            raise InputError("the input is empty: no lines to curate (nothing was written)")
-        matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, embedder.dim), dtype=np.float16)
-        k = min(config.clusters or choose_k(n_rows), max(n_rows, 1))
-        clusters = fit_assign_clusters(matrix, k, config.seed)
+    return embedder, categoriser
 
-        pool = ShardWriter(work / POOL_DIR, "pool", POOL_SCHEMA, config.shard_rows)
-        offset = 0
-        for path, _, _ in stage_files:
-            for record_batch in pq.ParquetFile(path).iter_batches(batch_size=config.batch_size):
-                frame = pl.from_arrow(record_batch)
-                frame = frame.with_columns(pl.Series("cluster", clusters[offset:offset + frame.height], pl.Int32))
-                offset += frame.height
-                pool.write(to_table(frame, POOL_SCHEMA))
-        pool_files = pool.close()
 
-        meta = (pl.concat(meta_parts) if meta_parts else
-                pl.DataFrame(schema={"idx": pl.Int64, "prompt": pl.String, "kind": pl.String, "group": pl.String,
-                                     "response_cost": pl.Float32}))
-        meta = meta.with_columns(pl.Series("cluster", clusters, pl.Int32))
-        selection = select_mixture(meta, matrix, ratios=config.ratios, size=config.size,
-                                   benign_share=config.benign_share, dup_threshold=config.dup_threshold,
-                                   seed=config.seed)
-        mixture = build_mixture_rows(stage_files, selection.mixture, config.eval_fraction)
-        data_files = write_mixture(work / DATA_DIR, mixture, config.shard_rows)
-        for path, _, _ in stage_files:
+@dataclass
+class ScoredInput:
+    """What the first pass leaves: staged rows on disk, and in memory only embeddings and slim metadata."""
+
+    stage_dir: Path
+    stage_files: list
+    embeddings: np.ndarray  # float16, one row per pooled row
+    meta: pl.DataFrame  # idx, prompt_key, kind, group, response_cost
+    n_rows: int
+    n_rejected: int
+    stats: ReadStats
+
+    def remove_stage(self) -> None:
+        for path, _, _ in self.stage_files:
             path.unlink()
-        stage_dir.rmdir()
+        self.stage_dir.rmdir()
 
-        input_lines = sum(stats.lines_by_file.values())
-        mixed_pool_rows = selection.mixture.height + int(selection.mixture["rejected_idx"].is_not_null().sum())
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "equi_version": equi_version(),
-            "created_at": utc_now(),
-            "config": config.to_dict(),
-            "config_hash": config_hash({k: v for k, v in config.to_dict().items()
-                                        if k not in ("out", "overwrite", "quiet")}),
-            "embedder": embedder.name,
-            "categoriser": config.categoriser or "bundled",
-            "clusters": int(k),
-            "inputs": [{"path": name, "sha256": sha256_file(name) if name != "<stdin>" else None, "lines": lines}
-                       for name, lines in stats.lines_by_file.items()],
-            "shards": [shard_entry(work, p, rows, "pool") for p, rows, _ in pool_files]
-            + [shard_entry(work, p, rows, split, group) for p, rows, (split, group) in data_files],
-            "counts": {
-                "pool": _count(meta["group"].to_list()),
-                "mixture": _count_by_split(mixture),
-            },
-            "ratios": {"requested": config.ratios, "effective": selection.effective_ratios},
-            "accounting": {
-                "input_lines": input_lines,
-                "pooled": n_rows,
-                "rejected": n_rejected,
-                "mixed": mixed_pool_rows,
-                "mixture_rows": mixture.height,
-                "not_selected": selection.reason_counts(),
-            },
-            "warnings": selection.warnings + ([] if mixture.height else
-                                              ["the mixture is empty: no usable preference pairs in the input"]),
-        }
-        write_json_atomic(work / MANIFEST, manifest)
-        (work / CARD).write_text(_render_card(manifest), encoding="utf-8")
-    return CurateResult(out=Path(config.out), manifest=manifest, warnings=manifest["warnings"])
+
+def read_and_score(config: CurateConfig, work: Path, embedder, categoriser) -> ScoredInput:
+    """Pass 1: stream the inputs in batches; rejects go to ``rejects.jsonl``, scored rows to staged Parquet."""
+    from tqdm.auto import tqdm
+
+    from curation.mixer import eval_split, prompt_key
+
+    stats = ReadStats()
+    stage_dir = work / ".stage"
+    stage = ShardWriter(stage_dir, "stage", _STAGE_SCHEMA, rows_per_shard=1 << 62)
+    embeddings: list[np.ndarray] = []
+    meta_parts: list[pl.DataFrame] = []
+    n_rows = n_rejected = 0
+    with open(work / REJECTS, "w", encoding="utf-8") as rejects, \
+            tqdm(desc="curate: read+score", unit=" lines", disable=config.quiet, file=sys.stderr) as bar:
+        for batch in _batched(read_rows(config.inputs, config.input_format, config.strict, stats),
+                              config.batch_size):
+            rows = [item for item in batch if isinstance(item, RawRow)]
+            for item in batch:
+                if isinstance(item, Reject):
+                    rejects.write(item.to_json() + "\n")
+                    n_rejected += 1
+            if rows:
+                frame, vecs = score_batch(rows, embedder.encode, categoriser)
+                frame = frame.with_columns(pl.Series("split", eval_split(frame["id"].to_list(), config.eval_fraction)))
+                stage.write(to_table(frame, _STAGE_SCHEMA))
+                embeddings.append(vecs.astype(np.float16))
+                meta_parts.append(frame.select(
+                    pl.int_range(n_rows, n_rows + frame.height, dtype=pl.Int64).alias("idx"),
+                    prompt_key(pl.col("prompt")).alias("prompt_key"), "kind", "group", "response_cost"))
+                n_rows += frame.height
+            bar.update(len(batch))
+    stage_files = stage.close()
+    if sum(stats.lines_by_file.values()) == 0:
+        raise InputError("the input is empty: no lines to curate (nothing was written)")
+    meta = (pl.concat(meta_parts) if meta_parts else
+            pl.DataFrame(schema={"idx": pl.Int64, "prompt_key": pl.UInt64, "kind": pl.String, "group": pl.String,
+                                 "response_cost": pl.Float32}))
+    matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, embedder.dim), dtype=np.float16)
+    return ScoredInput(stage_dir, stage_files, matrix, meta, n_rows, n_rejected, stats)
+
+
+def write_pool(stage_files: list, clusters: np.ndarray, folder: Path, config: CurateConfig) -> list:
+    """Pass 2: stream the staged rows into the pool shards, adding the ``cluster`` column."""
+    pool = ShardWriter(folder, "pool", POOL_SCHEMA, config.shard_rows)
+    offset = 0
+    for path, _, _ in stage_files:
+        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=config.batch_size):
+            frame = pl.from_arrow(record_batch)
+            frame = frame.with_columns(pl.Series("cluster", clusters[offset:offset + frame.height], pl.Int32))
+            offset += frame.height
+            pool.write(to_table(frame, POOL_SCHEMA))
+    return pool.close()
 
 
 def _render_card(manifest: dict) -> str:

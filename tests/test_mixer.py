@@ -76,6 +76,7 @@ def test_near_duplicates_keep_the_first_copy_only_within_clusters():
 def test_single_responses_pair_safest_with_least_safe():
     singles = pl.DataFrame({"idx": [0, 1, 2, 3, 4, 5], "prompt": ["A", "a ", "A", "B", "C", "C"],
                             "response_cost": [0.5, -1.0, 1.0, -1.0, 0.1, 0.2]})
+    singles = singles.select("idx", mixer.prompt_key(pl.col("prompt")).alias("prompt_key"), "response_cost")
     pairs, reasons = mixer.pair_single_responses(singles)
     assert pairs.rows() == [(1, 2)]
     assert reasons == {0: mixer.UNPAIRED, 3: mixer.UNPAIRED, 4: mixer.NO_SAFETY_DIFFERENCE,
