@@ -56,10 +56,13 @@ def rows_to_frame(rows: list[RawRow]) -> pl.DataFrame:
             "category": [r.category for r in rows],
             "severity": [r.severity for r in rows],
             "is_safe": [r.is_safe for r in rows],
+            "image": [r.image for r in rows],
+            "image_severity": [r.image_severity for r in rows],
         },
         schema={"id": pl.String, "source": pl.String, "source_line": pl.Int64, "kind": pl.String,
                 "prompt": pl.String, "chosen": pl.String, "rejected": pl.String, "response": pl.String,
-                "category": pl.String, "severity": pl.String, "is_safe": pl.Boolean},
+                "category": pl.String, "severity": pl.String, "is_safe": pl.Boolean,
+                "image": pl.String, "image_severity": pl.String},
     )
 
 

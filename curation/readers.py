@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
-PASS_THROUGH = ("category", "severity", "is_safe")
+PASS_THROUGH = ("category", "severity", "is_safe", "image", "image_severity")
 
 
 class InputError(ValueError):
@@ -41,6 +41,8 @@ class RawRow:
     category: str | None = None
     severity: str | None = None
     is_safe: bool | None = None
+    image: str | None = None  # path, URL or base64 of the image the prompt refers to (BeaverTails-V style)
+    image_severity: str | None = None
 
 
 @dataclass
@@ -175,7 +177,7 @@ def normalise(obj: Any, shape: str, source: str, line: int) -> RawRow:
     if is_safe is not None and not isinstance(is_safe, bool):
         raise ShapeError(f"field 'is_safe' must be true/false, got {is_safe!r}")
     extras = {}
-    for key in ("category", "severity"):
+    for key in ("category", "severity", "image", "image_severity"):
         value = obj.get(key)
         if value is not None and not isinstance(value, str):
             raise ShapeError(f"field {key!r} must be a string, got {type(value).__name__}")
@@ -185,9 +187,17 @@ def normalise(obj: Any, shape: str, source: str, line: int) -> RawRow:
         severity = severity.strip().lower()
         if severity not in ("minor", "moderate", "severe"):
             raise ShapeError(f"field 'severity' must be minor, moderate or severe, got {extras['severity']!r}")
+    image, image_severity = extras["image"], extras["image_severity"]
+    if image is not None and not image.strip():
+        image = None
+    if image_severity is not None:
+        image_severity = image_severity.strip().lower()
+        if image_severity not in ("minor", "moderate", "severe"):
+            raise ShapeError(f"field 'image_severity' must be minor, moderate or severe, got {extras['image_severity']!r}")
     return RawRow(
         id=str(obj["id"]) if isinstance(obj.get("id"), (str, int)) and str(obj["id"]).strip()
-        else content_id(prompt, chosen, rejected, response),
+        else (content_id(prompt, chosen, rejected, response) if image is None
+              else content_id(prompt, chosen, rejected, response, image)),
         source=obj["source"] if isinstance(obj.get("source"), str) and obj["source"].strip() else source,
         source_line=line,
         shape=shape,
@@ -198,6 +208,8 @@ def normalise(obj: Any, shape: str, source: str, line: int) -> RawRow:
         category=extras["category"],
         severity=severity,
         is_safe=is_safe,
+        image=image,
+        image_severity=image_severity,
     )
 
 

@@ -3,6 +3,11 @@
 This module is the only thing ``train/`` needs to know about ``curation/``: column names, the
 Arrow schema of pool and mixture rows, the group and severity vocabularies, and the directory
 layout of a mix.
+
+Schema version 2 adds two nullable columns for multimodal rows (BeaverTails-V style): ``image`` (a path,
+URL or base64 string, kept as given; categorisation uses the text) and ``image_severity``
+(minor/moderate/severe). ``equi train`` trains text-only models: it refuses a mix with image rows unless
+``--skip-images`` drops them (counted in ``summary.json``).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from enum import Enum
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: nullable `image` and `image_severity` columns (multimodal rows)
 
 
 class Group(str, Enum):
@@ -49,6 +54,8 @@ ROW_FIELDS: list[pa.Field] = [
     pa.field("intent_score", pa.float32()),
     pa.field("severity", pa.string()),
     pa.field("harm_category", pa.string()),
+    pa.field("image", pa.string()),
+    pa.field("image_severity", pa.string()),
     pa.field("cluster", pa.int32()),
     pa.field("chosen_refusal", pa.float32()),
     pa.field("rejected_refusal", pa.float32()),

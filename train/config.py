@@ -110,6 +110,7 @@ class TrainConfig:
     logging_steps: int = 1
     precompute_ref: bool = True
     trust_remote_code: bool = False
+    skip_images: bool = False  # drop image rows (counted) instead of refusing the mix: models here are text-only
     resume: bool = False
     quiet: bool = False
 

@@ -76,10 +76,12 @@ def load_split(
     groups: list[str] | None = None,
     need_pairs: bool = True,
     manifest: dict[str, Any] | None = None,
+    skip_images: bool = False,
 ) -> LoadedSplit:
     """Load one split of a verified mix, keep ``rank < scale`` and ``group in groups``.
 
     ``need_pairs`` drops rows without both ``chosen`` and ``rejected`` (the counts go in ``dropped``).
+    Rows with an ``image`` are refused (models trained here are text-only) unless ``skip_images`` drops them.
     Returns an empty dataset (not an error) when a split has no shards, so callers decide what that means.
     """
     import datasets
@@ -108,6 +110,14 @@ def load_split(
     if groups is not None:
         allowed = set(groups)
         keep(lambda batch: [g in allowed for g in batch["group"]], f"group not in {','.join(groups)}")
+    n_images = sum(1 for image in dataset["image"] if image is not None)
+    if n_images and not skip_images:
+        raise MixError(f"mix {mix_dir} has {n_images} {split} row(s) with an image; equi trains text-only models: "
+                       "pass --skip-images to drop them")
+    if n_images:
+        keep(lambda batch: [i is None for i in batch["image"]], "image row (text-only model)")
+    # TRL takes any dataset with an `image` column for a vision dataset, even an all-null one.
+    dataset = dataset.remove_columns(["image", "image_severity"])
     if need_pairs:
         keep(
             lambda batch: [bool(c) and bool(r) for c, r in zip(batch["chosen"], batch["rejected"])],

@@ -255,7 +255,8 @@ def run_online(config, manifest: dict[str, Any], run_dir: Path):
     from train.mixdata import MixError, load_split
     from train.run import METRICS_FILE, RunResult, last_checkpoint, load_policy, metrics_callback, save_final
 
-    split = load_split(config.mix, "train", config.scale, config.groups, need_pairs=False, manifest=manifest)
+    split = load_split(config.mix, "train", config.scale, config.groups, need_pairs=False, manifest=manifest,
+                       skip_images=config.skip_images)
     if not any(p and p.strip() for p in split.dataset["prompt"]):  # before the model is loaded
         why = ", ".join(f"{n} {reason}" for reason, n in split.dropped.items()) or "the split is empty"
         raise MixError(f"mix {config.mix} has no prompts to train {config.algo} on ({why})")

@@ -162,11 +162,13 @@ def save_final(trainer, tokenizer, run_dir: Path) -> Path:
 
 def load_pairs(config: TrainConfig, manifest: dict[str, Any]):
     """The train and eval pairs of the mix after ``--scale`` / ``--groups``; a one-line error when none are left."""
-    train = load_split(config.mix, "train", config.scale, config.groups, need_pairs=True, manifest=manifest)
+    train = load_split(config.mix, "train", config.scale, config.groups, need_pairs=True, manifest=manifest,
+                       skip_images=config.skip_images)
     if len(train.dataset) == 0:
         why = ", ".join(f"{n} {reason}" for reason, n in train.dropped.items()) or "the split is empty"
         raise MixError(f"mix {config.mix} has no preference pairs to train {config.algo} on ({why})")
-    evaluation = load_split(config.mix, "eval", None, config.groups, need_pairs=True, manifest=manifest)
+    evaluation = load_split(config.mix, "eval", None, config.groups, need_pairs=True, manifest=manifest,
+                            skip_images=config.skip_images)
     return train, evaluation
 
 

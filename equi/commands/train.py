@@ -89,6 +89,8 @@ def train_command(
     save_steps: Optional[int] = typer.Option(None, help="Checkpoint every N steps [50]."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub."),
+    skip_images: bool = typer.Option(False, "--skip-images", help="Drop rows that carry an image (counted in "
+                                     "summary.json) instead of refusing the mix; equi trains text-only models."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
 ) -> None:
     """Train a causal LM on a mix with TRL, using its AMA spans, costs and groups.
@@ -143,7 +145,8 @@ def train_command(
             "save_steps": save_steps,
         }
         values.update({k: v for k, v in flags.items() if v is not None})
-        for name, flag in (("resume", resume), ("trust_remote_code", trust_remote_code), ("quiet", quiet)):
+        for name, flag in (("resume", resume), ("trust_remote_code", trust_remote_code), ("skip_images", skip_images),
+                           ("quiet", quiet)):
             if flag:
                 values[name] = True
         unknown = sorted(set(values) - TrainConfig.field_names())
