@@ -176,3 +176,16 @@ def test_report_command_errors_and_help(tmp_path, runs_dir):
     assert (tmp_path / "r" / "report.html").is_file()
     help_text = runner.invoke(app, ["report", "--help"]).output
     assert "Example" in help_text and "equi curate" in help_text and "equi scale" in help_text
+
+
+def test_summary_names_no_culprit_when_over_refusal_is_tied():
+    from equi.reporting.runs import CurvePoint
+    from equi.reporting.summary import findings
+
+    # Synthetic curve points (numbers only): both groups end at 0% over-refusal.
+    series = {g: [CurvePoint("baseline", 0, 0.03, 0.0, 0.515), CurvePoint(f"{g}-1", n, s, 0.0, 0.5 + s / 2)]
+              for g, n, s in (("EHD", 57, 0.067), ("IHD", 18, 0.033))}
+    text = "\n".join(findings(series))
+    assert "drives over-refusal most" not in text and "no group drives it" in text
+    series["IHD"][-1] = CurvePoint("IHD-1", 18, 0.033, 0.25, 0.39)
+    assert "**IHD** drives over-refusal most" in "\n".join(findings(series))

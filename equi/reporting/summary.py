@@ -39,8 +39,13 @@ def findings(series: dict[str, list[CurvePoint]]) -> list[str]:
     if len(last) >= 2:
         worst = max(last, key=lambda g: last[g].over_refusal)
         best = max((g for g in last if last[g].balanced is not None), key=lambda g: last[g].balanced, default=None)
-        lines.append(f"At each group's largest size, **{worst}** drives over-refusal most "
-                     f"({pct(last[worst].over_refusal)} of benign prompts refused at n={last[worst].n_safety}).")
+        rates = {round(p.over_refusal, 6) for p in last.values()}
+        if len(rates) == 1:  # a tie (e.g. all 0%) names no culprit
+            lines.append(f"At each group's largest size over-refusal is the same for every group "
+                         f"({pct(last[worst].over_refusal)} of benign prompts refused): no group drives it here.")
+        else:
+            lines.append(f"At each group's largest size, **{worst}** drives over-refusal most "
+                         f"({pct(last[worst].over_refusal)} of benign prompts refused at n={last[worst].n_safety}).")
         if best is not None:
             lines.append(f"The best balance of safety and helpfulness comes from **{best}** "
                          f"(balanced {pct(last[best].balanced)} at n={last[best].n_safety}).")
