@@ -44,15 +44,16 @@ ONLINE = ["--num-generations", "2", "--max-completion-length", "12"]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algo,extra", [
-    ("dpo", []), ("ama-dpo", []), ("dual", ["--rounds", "2"]),
+    ("dpo", []), ("ama-dpo", ["--epochs", "1"]), ("dual", ["--rounds", "2"]),
     ("ppo", ONLINE), ("ama-ppo", ONLINE), ("repo", ONLINE), ("ppo-lag", ONLINE + ["--lambda-update-every", "1"]),
     ("reward-model", []), ("cost-model", []),
 ])
 def test_every_algorithm_trains_on_a_curated_mix(curated, tmp_path, algo, extra):
     mix, model = curated
     out = tmp_path / algo
+    steps = [] if "--epochs" in extra else ["--max-steps", "2"]
     result = runner.invoke(app, ["train", "--mix", str(mix), "--model", str(model), "--out", str(out), "--algo", algo,
-                                 "--batch-size", "4", "--lr", "1e-3", "--max-steps", "2", "--max-length", "128",
+                                 "--batch-size", "4", "--lr", "1e-3", *steps, "--max-length", "128",
                                  "--quiet", *extra])
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
@@ -60,5 +61,11 @@ def test_every_algorithm_trains_on_a_curated_mix(curated, tmp_path, algo, extra)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in m for m in metrics)
     assert (out / "final" / "config.json").is_file() and (out / "summary.json").is_file()
-    if algo == "ama-dpo":  # the curated spans mask part of the answers
+    if algo == "ama-dpo":  # over a whole epoch, the curated spans mask part of the answers
+        import polars as pl
+
+        train = pl.read_parquet(mix / "data" / "train-*.parquet")
+        masking = sum(any(s["sign"] == -1 for s in spans or []) for spans in train["chosen_spans"].to_list()) + sum(
+            any(s["sign"] == 1 for s in spans or []) for spans in train["rejected_spans"].to_list())
+        assert masking > 0, "the curated mix should hold spans that AMA masks"
         assert any(0 < m.get("ama/masked_fraction", 0) < 1 for m in metrics)
