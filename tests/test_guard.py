@@ -146,8 +146,9 @@ def test_two_rounds_balance_and_the_policy_fixes_unsafe_rows(guarded):
     for r in rounds[1:]:
         assert r["regenerated"] == r["unsafe"] + r["ehd_refusals"]
         assert r["guarded"] == r["regenerated"] * 1  # one candidate per row
-    # Round 1 framed plainly: the policy complied, nothing was fixed; round 2's safety framing fixed rows.
-    assert rounds[1]["fixed"] == 0 and rounds[2]["fixed"] > 0
+    # Round 1 framed plainly: the policy complies, so it fixes (almost) nothing — only where the guard rates the
+    # prompt low-harm does a compliant answer count as safe; round 2's safety framing fixes most unsafe rows.
+    assert rounds[1]["fixed"] < rounds[2]["fixed"] and rounds[2]["fixed"] > rounds[2]["unsafe"] / 2
     assert g["still_unsafe"] == rounds[2]["unsafe"] - rounds[2]["fixed"]
     assert g["changed_rows"] == sum(r["fixed"] + r["refined"] for r in rounds)
 
