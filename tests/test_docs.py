@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from equi.cli import app
 from tests.conftest import REPO
 
-COMMANDS = ["curate", "verify", "fit-categoriser", "train", "scale", "eval", "report"]
+COMMANDS = ["curate", "verify", "guard", "fit-categoriser", "train", "scale", "eval", "report"]
 
 
 def test_every_command_is_registered():
