@@ -199,3 +199,12 @@ def test_rerank_swaps_pairs_whose_chosen_costs_more(material):
     assert reranked[0]["chosen"] == pairs[0]["rejected"] and reranked[0]["rejected_cost"] == 3.0
     assert reranked[1]["chosen"] == pairs[1]["chosen"]
     assert rerank_pairs(costly, lam=0.0, severity_weights={})[1] == 0  # λ = 0: preferences alone decide
+
+
+def test_quiet_prints_no_training_logs(material, tmp_path, capfd):
+    root, mix, model = material
+    result = invoke(*common(mix, model, tmp_path / "quiet", "--max-steps", "2"))
+    assert result.exit_code == 0, result.output
+    out, err = capfd.readouterr()
+    assert "'loss'" not in result.output + out + err  # transformers' PrinterCallback dicts
+    assert (tmp_path / "quiet" / "metrics.jsonl").read_text().count('"loss"') >= 2  # still logged to the run

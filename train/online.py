@@ -213,7 +213,7 @@ def build_online_trainer(config, model, tokenizer, train_dataset, run_dir: Path,
     from trl import GRPOConfig
 
     from train.rewards import make_constrained_reward, make_safety_reward
-    from train.run import METRICS_FILE, peft_config_for, trl_common_kwargs
+    from train.run import METRICS_FILE, peft_config_for, quiet_trainer, trl_common_kwargs
 
     scorer = scorer or build_scorer(config)
     lam = lam or LambdaState(config.lambda_init)
@@ -242,6 +242,7 @@ def build_online_trainer(config, model, tokenizer, train_dataset, run_dir: Path,
         callbacks=callbacks,
         segment_fn=segment_fn if config.algo == "ama-ppo" else None,
     )
+    quiet_trainer(trainer, config.quiet)
     if config.algo == "ppo-lag":
         trainer.add_callback(LambdaCallback(
             lam, every=config.lambda_update_every, warmup_steps=config.lambda_warmup_steps, lr=config.lambda_lr,

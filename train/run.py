@@ -172,6 +172,15 @@ def load_pairs(config: TrainConfig, manifest: dict[str, Any]):
     return train, evaluation
 
 
+def quiet_trainer(trainer, quiet: bool):
+    """Under ``--quiet`` drop the callback transformers adds to print every log dict when tqdm is off."""
+    if quiet:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 def train(config: TrainConfig) -> RunResult:
     """Run ``equi train`` for ``config``; returns where the model went and the logged metrics."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -228,7 +237,7 @@ def build_dpo_trainer(
         precompute_ref_log_probs=config.precompute_ref,
         eval_strategy="no",
     )
-    return AmaDPOTrainer(
+    return quiet_trainer(AmaDPOTrainer(
         model,
         ref_model=ref_model,
         args=args,
@@ -240,7 +249,7 @@ def build_dpo_trainer(
         use_ama_masks=config.algo == "ama-dpo",
         group_weights=config.group_weights,
         ref_cache_dir=equi_cache_dir() / "ref_logps" if config.precompute_ref else None,
-    )
+    ), config.quiet)
 
 
 def run_dpo(config: TrainConfig, manifest: dict[str, Any], run_dir: Path) -> RunResult:
