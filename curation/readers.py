@@ -19,7 +19,6 @@ from typing import Any, Iterator
 
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
-PASS_THROUGH = ("category", "severity", "is_safe", "image", "image_severity")
 
 
 class InputError(ValueError):
