@@ -38,6 +38,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import polars as pl
 
+from equi.jsonl import iter_json_lines
 from equi.schema import GROUPS, SAFETY_GROUPS, SEVERITIES
 
 FORMAT_VERSION = 1
@@ -487,31 +488,24 @@ def read_labelled_jsonl(paths: Sequence[str | Path]) -> tuple[list[str], list[st
         path = Path(path)
         if not path.is_file():
             raise CategoriserError(f"labelled file not found: {path}")
-        with path.open(encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise CategoriserError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-                prompt = row.get("prompt") if isinstance(row, dict) else None
-                if not isinstance(prompt, str) or not prompt.strip():
-                    raise CategoriserError(f"{path}:{line_no}: needs a non-empty string 'prompt'")
-                category = row.get("category")
-                group = group_from_label(category) if category is not None else None
-                if category is not None and group is None:
-                    raise CategoriserError(
-                        f"{path}:{line_no}: unknown category {category!r}; use one of {', '.join(GROUPS)} or 'No risk'"
-                    )
-                is_harmful = row.get("is_harmful")
-                if is_harmful is not None and not isinstance(is_harmful, bool):
-                    raise CategoriserError(f"{path}:{line_no}: 'is_harmful' must be true or false")
-                if group is None and is_harmful is None:
-                    continue
-                texts.append(prompt)
-                groups.append(group)
-                harmful.append(is_harmful)
+        for line_no, row in iter_json_lines(path, CategoriserError):
+            prompt = row.get("prompt") if isinstance(row, dict) else None
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise CategoriserError(f"{path}:{line_no}: needs a non-empty string 'prompt'")
+            category = row.get("category")
+            group = group_from_label(category) if category is not None else None
+            if category is not None and group is None:
+                raise CategoriserError(
+                    f"{path}:{line_no}: unknown category {category!r}; use one of {', '.join(GROUPS)} or 'No risk'"
+                )
+            is_harmful = row.get("is_harmful")
+            if is_harmful is not None and not isinstance(is_harmful, bool):
+                raise CategoriserError(f"{path}:{line_no}: 'is_harmful' must be true or false")
+            if group is None and is_harmful is None:
+                continue
+            texts.append(prompt)
+            groups.append(group)
+            harmful.append(is_harmful)
     return texts, groups, harmful
 
 

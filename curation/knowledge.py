@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from equi.jsonl import iter_json_lines
+
 RESOURCE = "safety_knowledge.jsonl"
 
 
@@ -49,19 +51,12 @@ def read_knowledge(path: str | Path | None = None) -> list[Passage]:
     if not path.is_file():
         raise KnowledgeError(f"knowledge file not found: {path}")
     passages: list[Passage] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise KnowledgeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            text = obj.get("text") if isinstance(obj, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise KnowledgeError(f"{path}:{number}: each line needs a non-empty string field 'text'")
-            passages.append(Passage(id=str(obj.get("id", f"{path.name}:{number}")), text=text.strip(),
-                                    title=obj.get("title"), category=obj.get("category"), source=obj.get("source")))
+    for number, obj in iter_json_lines(path, KnowledgeError):
+        text = obj.get("text") if isinstance(obj, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise KnowledgeError(f"{path}:{number}: each line needs a non-empty string field 'text'")
+        passages.append(Passage(id=str(obj.get("id", f"{path.name}:{number}")), text=text.strip(),
+                                title=obj.get("title"), category=obj.get("category"), source=obj.get("source")))
     if not passages:
         raise KnowledgeError(f"{path}: no passages")
     return passages

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from equi.jsonl import iter_json_lines
+
 EXPECTED = ("refuse", "comply")
 DATA_DIR_ENV = "EQUI_DATA_DIR"
 
@@ -181,22 +183,15 @@ def load_user_suite(path: str | os.PathLike) -> Suite:
         raise SuiteError(f"suite file not found: {path}")
     name = path.name.removesuffix(".jsonl")
     prompts = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SuiteError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                raise SuiteError(f"{path}:{number}: each line needs a non-empty string 'prompt'")
-            expected = str(row.get("expected", "")).strip().lower()
-            if expected not in EXPECTED:
-                raise SuiteError(f"{path}:{number}: 'expected' must be 'refuse' or 'comply', got {row.get('expected')!r}")
-            subtype = row.get("type") or row.get("category")
-            prompts.append(EvalPrompt(name, str(row.get("id", f"{name}-{number}")), row["prompt"], expected,
-                                      str(subtype) if subtype else None))
+    for number, row in iter_json_lines(path, SuiteError):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise SuiteError(f"{path}:{number}: each line needs a non-empty string 'prompt'")
+        expected = str(row.get("expected", "")).strip().lower()
+        if expected not in EXPECTED:
+            raise SuiteError(f"{path}:{number}: 'expected' must be 'refuse' or 'comply', got {row.get('expected')!r}")
+        subtype = row.get("type") or row.get("category")
+        prompts.append(EvalPrompt(name, str(row.get("id", f"{name}-{number}")), row["prompt"], expected,
+                                  str(subtype) if subtype else None))
     if not prompts:
         raise SuiteError(f"{path}: no prompts")
     return Suite(name, prompts, str(path))

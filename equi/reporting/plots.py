@@ -47,6 +47,16 @@ def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=110, metadata={"Software": "equi report"})
 
 
+def _finish(plt, fig, ax, path: Path, kind: str, **extra: Any) -> dict[str, Any]:
+    """Save the figure and return the data behind it (what the report's tests and report.json read)."""
+    _save(fig, path)
+    series = _lines_of(ax) if kind == "line" else _bars_of(ax)
+    data = {"file": path.name, "kind": kind, "title": ax.get_title(), "xlabel": ax.get_xlabel(),
+            "ylabel": ax.get_ylabel(), **extra, "series": series}
+    plt.close(fig)
+    return data
+
+
 def _lines_of(ax) -> dict[str, dict[str, list[float]]]:
     return {line.get_label(): {"x": [float(v) for v in line.get_xdata()], "y": [float(v) for v in line.get_ydata()]}
             for line in ax.get_lines() if not line.get_label().startswith("_")}
@@ -86,11 +96,7 @@ def plot_curve(series: dict[str, list[CurvePoint]], metric: str, path: Path) -> 
     else:
         ax.text(0.5, 0.5, "no evaluated runs with a known data size", ha="center", va="center",
                 transform=ax.transAxes)
-    _save(fig, path)
-    data = {"file": path.name, "kind": "line", "title": ax.get_title(), "xlabel": ax.get_xlabel(),
-            "ylabel": ax.get_ylabel(), "series": _lines_of(ax)}
-    plt.close(fig)
-    return data
+    return _finish(plt, fig, ax, path, "line")
 
 
 def plot_tradeoff(series: dict[str, list[CurvePoint]], path: Path) -> dict[str, Any]:
@@ -112,11 +118,7 @@ def plot_tradeoff(series: dict[str, list[CurvePoint]], path: Path) -> dict[str, 
     ax.grid(True, alpha=0.3)
     if ax.get_lines():
         ax.legend(title="training group")
-    _save(fig, path)
-    data = {"file": path.name, "kind": "line", "title": ax.get_title(), "xlabel": ax.get_xlabel(),
-            "ylabel": ax.get_ylabel(), "series": _lines_of(ax)}
-    plt.close(fig)
-    return data
+    return _finish(plt, fig, ax, path, "line")
 
 
 def plot_composition(composition: dict[str, dict[str, int]], path: Path) -> dict[str, Any]:
@@ -138,11 +140,7 @@ def plot_composition(composition: dict[str, dict[str, int]], path: Path) -> dict
     ax.set_title("Mixture composition by group and split", fontsize=10)
     if splits:
         ax.legend(title="split")
-    _save(fig, path)
-    data = {"file": path.name, "kind": "bar", "title": ax.get_title(), "xlabel": ax.get_xlabel(),
-            "ylabel": ax.get_ylabel(), "categories": groups, "series": _bars_of(ax)}
-    plt.close(fig)
-    return data
+    return _finish(plt, fig, ax, path, "bar", categories=groups)
 
 
 def plot_severity(severity: dict[str, dict[str, int]], path: Path) -> dict[str, Any]:
@@ -164,11 +162,7 @@ def plot_severity(severity: dict[str, dict[str, int]], path: Path) -> dict[str, 
     ax.set_title("Severity by group (unknown: no severity label)", fontsize=10)
     if levels:
         ax.legend(title="severity")
-    _save(fig, path)
-    data = {"file": path.name, "kind": "bar", "title": ax.get_title(), "xlabel": ax.get_xlabel(),
-            "ylabel": ax.get_ylabel(), "categories": groups, "series": _bars_of(ax)}
-    plt.close(fig)
-    return data
+    return _finish(plt, fig, ax, path, "bar", categories=groups)
 
 
 def plot_cluster_sizes(sizes: list[int], path: Path) -> dict[str, Any]:
@@ -180,8 +174,4 @@ def plot_cluster_sizes(sizes: list[int], path: Path) -> dict[str, Any]:
     ax.set_ylabel("pool rows")
     _integer_y(ax)
     ax.set_title(f"Cluster sizes: {len(sizes)} clusters, {sum(sizes)} pool rows", fontsize=10)
-    _save(fig, path)
-    data = {"file": path.name, "kind": "bar", "title": ax.get_title(), "xlabel": ax.get_xlabel(),
-            "ylabel": ax.get_ylabel(), "series": _bars_of(ax)}
-    plt.close(fig)
-    return data
+    return _finish(plt, fig, ax, path, "bar")
