@@ -13,7 +13,7 @@
     python bench/quality_categoriser.py                  # print the numbers
     python bench/quality_categoriser.py --write-default  # also refit on everything and write the shipped params
 
-Set ``EQUI_CACHE_DIR`` to keep the embedding cache elsewhere (default ``~/.cache/equi``).
+Set ``EQUI_CACHE`` to keep the embedding cache elsewhere (default ``~/.cache/equi``).
 """
 
 from __future__ import annotations

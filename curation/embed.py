@@ -110,7 +110,7 @@ class StaticEmbedder:
 
 
 def static_model_dir() -> Path:
-    from curation.embed_cache import cache_dir
+    from equi.cache import cache_dir
 
     return cache_dir() / "static" / f"all-MiniLM-L6-v2-m2v-{STATIC_PCA_DIMS}"
 

@@ -1,24 +1,20 @@
 """A persistent embedding cache keyed by (embedder, text hash).
 
 Re-running ``equi curate`` on the same or a grown input embeds only texts it has not seen. The
-cache is a SQLite file per embedder under the user's cache directory (``$EQUI_CACHE_DIR`` or
+cache is a SQLite file per embedder under the user's cache directory (``$EQUI_CACHE`` or
 ``~/.cache/equi``); vectors are stored as float16.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import sqlite3
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-
-def cache_dir() -> Path:
-    root = os.environ.get("EQUI_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "equi")
-    return Path(root).expanduser()
+from equi.cache import cache_dir
 
 
 def _key(text: str) -> bytes:

