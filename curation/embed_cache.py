@@ -70,6 +70,7 @@ class CachedEmbedder:
     def __init__(self, embedder, cache: EmbeddingCache):
         self.embedder, self.cache = embedder, cache
         self.name, self.dim = embedder.name, embedder.dim
+        self.identity = getattr(embedder, "identity", embedder.name)
         self.hits = self.misses = 0
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

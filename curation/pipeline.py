@@ -13,6 +13,8 @@ The flow, with bounded memory (only the embeddings matrix and slim metadata grow
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from equi.config import CurateConfig, config_hash
-from equi.manifest import atomic_directory, equi_version, sha256_file, shard_entry, utc_now, write_json_atomic
+from equi.manifest import equi_version, resumable_directory, sha256_file, shard_entry, utc_now, write_json_atomic
 from equi.schema import (CARD, DATA_DIR, GROUPS, MANIFEST, MIX_SCHEMA, POOL_DIR, POOL_SCHEMA, REJECTS,
                          SCHEMA_VERSION, shard_name)
 
@@ -36,6 +38,7 @@ class CurateResult:
     out: Path
     manifest: dict
     warnings: list[str] = field(default_factory=list)
+    resumed_batches: int = 0  # batches read back from an interrupted run instead of scored again
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,10 +222,14 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
     from curation.mixer import select_mixture
 
     embedder, categoriser = load_models(config, embedder, categoriser)
-    with atomic_directory(config.out, overwrite=config.overwrite) as work:
-        scored = read_and_score(config, work, embedder, categoriser)
+    fingerprint = run_fingerprint(config, embedder) if config.resume else None
+    with resumable_directory(config.out, fingerprint, overwrite=config.overwrite) as run:
+        work = run.path
+        scored = read_and_score(config, work, embedder, categoriser, resume=run.resumed)
         k = min(config.clusters or choose_k(scored.n_rows), max(scored.n_rows, 1))
         clusters = fit_assign_clusters(scored.embeddings, k, config.seed)
+        for leftover in (POOL_DIR, DATA_DIR):  # from an interrupted run that got past pass 1
+            shutil.rmtree(work / leftover, ignore_errors=True)
         pool_files = write_pool(scored.stage_files, clusters, work / POOL_DIR, config)
         meta = scored.meta.with_columns(pl.Series("cluster", clusters, pl.Int32))
         selection = select_mixture(meta, scored.embeddings, ratios=config.ratios, size=config.size,
@@ -236,8 +243,7 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
             "equi_version": equi_version(),
             "created_at": utc_now(),
             "config": config.to_dict(),
-            "config_hash": config_hash({k: v for k, v in config.to_dict().items()
-                                        if k not in ("out", "overwrite", "quiet")}),
+            "config_hash": _config_hash(config),
             "embedder": embedder.name,
             "categoriser": config.categoriser or "bundled",
             "clusters": int(k),
@@ -261,7 +267,8 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
         }
         write_json_atomic(work / MANIFEST, manifest)
         (work / CARD).write_text(_render_card(manifest), encoding="utf-8")
-    return CurateResult(out=Path(config.out), manifest=manifest, warnings=manifest["warnings"])
+    return CurateResult(out=Path(config.out), manifest=manifest, warnings=manifest["warnings"],
+                        resumed_batches=scored.resumed_batches)
 
 
 def load_models(config: CurateConfig, embedder=None, categoriser=None):
@@ -288,6 +295,31 @@ def load_models(config: CurateConfig, embedder=None, categoriser=None):
     return embedder, categoriser
 
 
+#: Config fields that do not change what a run writes.
+_NOT_OUTPUT_DEFINING = ("out", "overwrite", "quiet", "resume")
+
+
+def _config_hash(config: CurateConfig) -> str:
+    return config_hash({k: v for k, v in config.to_dict().items() if k not in _NOT_OUTPUT_DEFINING})
+
+
+def run_fingerprint(config: CurateConfig, embedder) -> dict | None:
+    """What an interrupted run must share with this one to be resumed; ``None`` (never resume) for stdin.
+
+    Inputs are identified by size and modification time (hashing a large input again would cost a read).
+    """
+    if "-" in config.inputs:
+        return None
+    files = [Path(p) for p in config.inputs] + ([Path(config.categoriser)] if config.categoriser else [])
+    return {
+        "equi_version": equi_version(),
+        "config_hash": _config_hash(config),
+        "embedder": getattr(embedder, "identity", embedder.name),
+        "files": [{"path": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
+                  for f in files],
+    }
+
+
 @dataclass
 class ScoredInput:
     """What the first pass leaves: staged rows on disk, and in memory only embeddings and slim metadata."""
@@ -299,52 +331,107 @@ class ScoredInput:
     n_rows: int
     n_rejected: int
     stats: ReadStats
+    resumed_batches: int = 0
 
     def remove_stage(self) -> None:
-        for path, _, _ in self.stage_files:
-            path.unlink()
-        self.stage_dir.rmdir()
+        shutil.rmtree(self.stage_dir)
 
 
-def read_and_score(config: CurateConfig, work: Path, embedder, categoriser) -> ScoredInput:
-    """Pass 1: stream the inputs in batches; rejects go to ``rejects.jsonl``, scored rows to staged Parquet."""
+def read_and_score(config: CurateConfig, work: Path, embedder, categoriser, resume: bool = False) -> ScoredInput:
+    """Pass 1: stream the inputs in batches; rejects go to ``rejects.jsonl``, scored rows to staged Parquet.
+
+    Each batch of ``batch_size`` input lines is staged as its own pair of files (rows as Parquet, prompt
+    embeddings as ``.npy``), each renamed into place when whole; the Parquet file is written last and marks
+    the batch done. With ``resume``, done batches are read back instead of scored again: reading the input
+    is cheap next to scoring it, so every line is read again (rejects and counts come out the same) and
+    the batch boundaries, hence every later step, are exactly those of an uninterrupted run.
+    """
     from tqdm.auto import tqdm
-
-    from curation.mixer import eval_split, prompt_key
 
     stats = ReadStats()
     stage_dir = work / ".stage"
-    stage = ShardWriter(stage_dir, "stage", _STAGE_SCHEMA, rows_per_shard=1 << 62)
+    stage_dir.mkdir(exist_ok=True)
+    stage_files: list[tuple[Path, int, None]] = []
     embeddings: list[np.ndarray] = []
     meta_parts: list[pl.DataFrame] = []
-    n_rows = n_rejected = 0
+    n_rows = n_rejected = resumed = 0
     with open(work / REJECTS, "w", encoding="utf-8") as rejects, \
             tqdm(desc="curate: read+score", unit=" lines", disable=config.quiet, file=sys.stderr) as bar:
-        for batch in _batched(read_rows(config.inputs, config.input_format, config.strict, stats),
-                              config.batch_size):
+        for number, batch in enumerate(_batched(read_rows(config.inputs, config.input_format, config.strict, stats),
+                                                config.batch_size)):
             rows = [item for item in batch if isinstance(item, RawRow)]
             for item in batch:
                 if isinstance(item, Reject):
                     rejects.write(item.to_json() + "\n")
                     n_rejected += 1
             if rows:
-                frame, vecs = score_batch(rows, embedder.encode, categoriser)
-                frame = frame.with_columns(pl.Series("split", eval_split(frame["id"].to_list(), config.eval_fraction)))
-                stage.write(to_table(frame, _STAGE_SCHEMA))
-                embeddings.append(vecs.astype(np.float16))
-                meta_parts.append(frame.select(
-                    pl.int_range(n_rows, n_rows + frame.height, dtype=pl.Int64).alias("idx"),
-                    prompt_key(pl.col("prompt")).alias("prompt_key"), "kind", "group", "response_cost"))
+                path = stage_dir / f"batch-{number:06d}.parquet"
+                done = resume and _staged_batch(path, len(rows))
+                if done:
+                    frame, vecs = done
+                    resumed += 1
+                else:
+                    frame, vecs = _score_and_stage(rows, path, config, embedder, categoriser)
+                stage_files.append((path, frame.height, None))
+                embeddings.append(vecs)
+                meta_parts.append(_meta(frame, n_rows))
                 n_rows += frame.height
             bar.update(len(batch))
-    stage_files = stage.close()
     if sum(stats.lines_by_file.values()) == 0:
         raise InputError("the input is empty: no lines to curate (nothing was written)")
     meta = (pl.concat(meta_parts) if meta_parts else
             pl.DataFrame(schema={"idx": pl.Int64, "prompt_key": pl.UInt64, "kind": pl.String, "group": pl.String,
                                  "response_cost": pl.Float32}))
     matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, embedder.dim), dtype=np.float16)
-    return ScoredInput(stage_dir, stage_files, matrix, meta, n_rows, n_rejected, stats)
+    return ScoredInput(stage_dir, stage_files, matrix, meta, n_rows, n_rejected, stats, resumed)
+
+
+_META_COLUMNS = ("prompt", "kind", "group", "response_cost")
+
+
+def _meta(frame: pl.DataFrame, offset: int) -> pl.DataFrame:
+    """The slim per-row metadata the mixer needs; ``idx`` is the row's position in the pool."""
+    from curation.mixer import prompt_key
+
+    return frame.select(pl.int_range(offset, offset + frame.height, dtype=pl.Int64).alias("idx"),
+                        prompt_key(pl.col("prompt")).alias("prompt_key"), "kind", "group", "response_cost")
+
+
+def _score_and_stage(rows: list[RawRow], path: Path, config: CurateConfig, embedder, categoriser
+                     ) -> tuple[pl.DataFrame, np.ndarray]:
+    from curation.mixer import eval_split
+
+    frame, vecs = score_batch(rows, embedder.encode, categoriser)
+    frame = frame.with_columns(pl.Series("split", eval_split(frame["id"].to_list(), config.eval_fraction)))
+    vecs = vecs.astype(np.float16)
+    _write_atomic(path.with_suffix(".npy"), lambda tmp: _save_npy(tmp, vecs))
+    _write_atomic(path, lambda tmp: pq.write_table(to_table(frame, _STAGE_SCHEMA), tmp, compression="zstd"))
+    return frame.select(_META_COLUMNS), vecs
+
+
+def _staged_batch(path: Path, expected_rows: int) -> tuple[pl.DataFrame, np.ndarray] | None:
+    """A batch an earlier run finished: its metadata and embeddings, or ``None`` to score it again."""
+    vectors_path = path.with_suffix(".npy")
+    if not (path.is_file() and vectors_path.is_file()):
+        return None
+    frame = pl.read_parquet(path, columns=list(_META_COLUMNS))
+    vecs = np.load(vectors_path, allow_pickle=False)
+    if frame.height != expected_rows or vecs.shape[0] != expected_rows:
+        raise InputError(f"{path.parent.parent} holds an interrupted run that does not match this input "
+                         f"(batch {path.stem}: {frame.height} staged rows, {expected_rows} read); "
+                         "run again with --no-resume")
+    return frame, vecs
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a handle: np.save would append ".npy" to a path's name
+        np.save(handle, array, allow_pickle=False)
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def write_pool(stage_files: list, clusters: np.ndarray, folder: Path, config: CurateConfig) -> list:
@@ -377,9 +464,11 @@ def _count_by_split(mixture: pl.DataFrame) -> dict[str, dict[str, int]]:
     return counts
 
 
-# Staged rows: the pool's columns before clustering, plus the prompt's harm probability that the
-# mixer needs to score the spans of single responses it pairs (not a contract column).
-_STAGE_SCHEMA = pa.schema([f for f in POOL_SCHEMA if f.name != "cluster"] + [pa.field("harm_score", pa.float32())])
+# Staged rows: the pool's columns before clustering, plus (not contract columns) the prompt's harm
+# probability that the mixer needs to score the spans of single responses it pairs, and the row kind
+# (pair, single, prompt) that a resumed run reads back.
+_STAGE_SCHEMA = pa.schema([f for f in POOL_SCHEMA if f.name != "cluster"]
+                          + [pa.field("harm_score", pa.float32()), pa.field("kind", pa.string())])
 
 
 def build_mixture_rows(stage_files: list, selected: pl.DataFrame, eval_fraction: float) -> pl.DataFrame:

@@ -72,6 +72,8 @@ class CurateConfig:
     Writing:
         out: the mix directory (appears atomically).
         overwrite: replace an existing ``out``.
+        resume: pick up an interrupted run of the same command (same config, inputs and models), kept in
+            ``.{out}.partial`` beside ``out``; the result is byte-identical to an uninterrupted run.
         shard_rows: rows per Parquet shard.
         license: licence identifier written into the data card (the sources' licences apply).
     """
@@ -92,6 +94,7 @@ class CurateConfig:
     eval_fraction: float = 0.05
     seed: int = 0
     overwrite: bool = False
+    resume: bool = True
     shard_rows: int = 50_000
     license: str = "other"
     quiet: bool = False

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -54,10 +55,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     An exception (or Ctrl-C) inside the block removes the half-built directory, so a crash never
     leaves something at ``target`` that looks whole.
     """
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = _check_target(target, overwrite)
     work = target.with_name(f".{target.name}.partial-{os.getpid()}")
     if work.exists():
         shutil.rmtree(work)
@@ -67,6 +65,72 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    _replace_directory(work, target)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) inside :func:`resumable_directory`: the work kept for a resume is at ``work``."""
+
+    def __init__(self, work: Path):
+        super().__init__(str(work))
+        self.work = work
+
+
+@dataclass
+class ResumableWork:
+    """The work directory of a resumable stage, and whether it holds an earlier run's progress."""
+
+    path: Path
+    resumed: bool
+
+
+@contextlib.contextmanager
+def resumable_directory(target: str | Path, fingerprint: dict | None, overwrite: bool = False
+                        ) -> Iterator[ResumableWork]:
+    """Like :func:`atomic_directory`, but an interrupted build is kept for the next run to finish.
+
+    The work directory ``.{name}.partial`` beside ``target`` has a fixed name and holds
+    ``fingerprint`` (what defines the output: config hash, input sizes and times, models). A run whose
+    fingerprint matches picks up the work (``resumed=True``); any other run starts it afresh.
+    ``fingerprint=None`` (e.g. stdin input) never resumes. Ctrl-C (``KeyboardInterrupt``) keeps the
+    work and re-raises as :class:`Interrupted`; any other exception removes it (the input or the code
+    was at fault, and a resume would repeat the fault); a hard kill leaves it as it was.
+    """
+    target = _check_target(target, overwrite)
+    work = target.with_name(f".{target.name}.partial")
+    with _exclusive(target.with_name(f".{target.name}.lock"), target):
+        stamp = work / RESUME_FILE
+        resumed = (fingerprint is not None and stamp.is_file()
+                   and _read_json_or_none(stamp) == json.loads(json.dumps(fingerprint, default=str)))
+        if not resumed:
+            if work.exists():
+                shutil.rmtree(work)
+            work.mkdir()
+            if fingerprint is not None:
+                write_json_atomic(stamp, fingerprint)
+        try:
+            yield ResumableWork(work, resumed)
+        except KeyboardInterrupt:
+            raise Interrupted(work) from None
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        stamp.unlink(missing_ok=True)
+        _replace_directory(work, target)
+
+
+RESUME_FILE = ".resume.json"
+
+
+def _check_target(target: str | Path, overwrite: bool) -> Path:
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def _replace_directory(work: Path, target: Path) -> None:
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -74,6 +138,29 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     os.replace(work, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, target: Path) -> Iterator[None]:
+    """One writer per target: a second run on the same ``--out`` fails at once instead of sharing the work."""
+    import fcntl
+
+    with open(lock_path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"another run is writing {target} (lock {lock_path})") from None
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+
+
+def _read_json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def shard_entry(root: Path, path: Path, rows: int, split: str, group: str | None = None) -> dict[str, Any]:

@@ -209,6 +209,7 @@ def test_bad_invocations_are_one_line_errors_with_exit_2(raw_inputs, tmp_path, a
 def test_an_interrupted_run_leaves_no_half_mix(raw_inputs, tmp_path, monkeypatch):
     import curation.mixer
     from equi.config import CurateConfig
+    from equi.manifest import Interrupted
     from curation.pipeline import curate
 
     def interrupted(*args, **kwargs):
@@ -216,11 +217,24 @@ def test_an_interrupted_run_leaves_no_half_mix(raw_inputs, tmp_path, monkeypatch
 
     monkeypatch.setattr(curation.mixer, "select_mixture", interrupted)
     out = tmp_path / "mix"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):
         curate(CurateConfig(inputs=[str(raw_inputs[2])], out=str(out), quiet=True))
+    # Nothing that looks whole at --out: only the work kept for a resume.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mix.partial"]
+
+
+def test_a_failed_run_keeps_no_work(raw_inputs, tmp_path, monkeypatch):
+    import curation.mixer
+    from equi.config import CurateConfig
+    from curation.pipeline import curate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(curation.mixer, "select_mixture", broken)
+    with pytest.raises(RuntimeError):
+        curate(CurateConfig(inputs=[str(raw_inputs[2])], out=str(tmp_path / "mix"), quiet=True))
     assert list(tmp_path.iterdir()) == []
-    result = runner.invoke(app, ["curate", str(raw_inputs[2]), "--out", str(out), "--quiet"])
-    assert result.exit_code != 0 and not out.exists()
 
 
 def test_data_card_front_matter_is_valid_for_the_hub(mix):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from pathlib import Path
 from typing import List, Optional
 
@@ -40,6 +42,9 @@ def curate_command(
     license: str = typer.Option("other", help="Licence id for the data card (the sources' licences apply)."),
     strict: bool = typer.Option(False, help="Stop at the first bad line (file:line: reason) instead of rejecting it."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Pick up an interrupted run of the same "
+                                "command (kept in .OUT.partial beside --out); the result is byte-identical to "
+                                "an uninterrupted run. --no-resume starts afresh."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
 ) -> None:
     """Categorise raw safety data (EHD/IHD/MHD/OTHER/BENIGN) and build a balanced FDC mixture.
@@ -53,7 +58,7 @@ def curate_command(
             inputs=inputs, out=str(out), input_format=input_format, strict=strict, embedder=embedder,
             categoriser=str(categoriser) if categoriser else None, embedding_cache=cache, clusters=clusters,
             dup_threshold=dup_threshold, batch_size=batch_size, size=size, ratios=parse_ratios(ratios),
-            benign_share=benign_share, eval_fraction=eval_fraction, seed=seed, overwrite=overwrite,
+            benign_share=benign_share, eval_fraction=eval_fraction, seed=seed, overwrite=overwrite, resume=resume,
             shard_rows=shard_rows, license=license, quiet=quiet,
         )
     except ConfigError as exc:
@@ -65,13 +70,33 @@ def curate_command(
     from curation.embed import EmbedderError
     from curation.pipeline import curate
     from curation.readers import InputError
+    from equi.manifest import Interrupted
 
     try:
-        result = curate(config)
+        with _sigterm_as_interrupt():
+            result = curate(config)
     except (InputError, EmbedderError, FileExistsError) as exc:
         fail(str(exc), code=2)
+    except Interrupted as exc:
+        kept = "; run the same command again to resume" if config.resume and "-" not in config.inputs else ""
+        fail(f"interrupted: the work so far is in {exc.work}{kept}", code=130)
     if not quiet:
         print_summary(result.manifest, result.out)
+        if result.resumed_batches:
+            console.print(f"resumed: {result.resumed_batches} batches came from the interrupted run")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """``kill`` (SIGTERM) stops a run like Ctrl-C does, so its finished batches are kept for a resume."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def print_summary(manifest: dict, out: Path) -> None:

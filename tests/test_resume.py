@@ -1,0 +1,141 @@
+"""Resumable curation: an interrupted `equi curate`, run again with the same command, finishes the work
+and writes shards byte-identical to an uninterrupted run (issue 6). Real data from ../shared/data."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from equi.config import CurateConfig
+from equi.manifest import Interrupted
+from tests.realdata import advbench_rows, hh_lines, write_jsonl, xstest_single_responses
+
+BATCH = 64
+
+
+@pytest.fixture(scope="module")
+def raw(shared_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume-raw")
+    rows = hh_lines(shared_data, 200)
+    path = write_jsonl(root / "hh.jsonl", rows)
+    with open(path, "ab") as fh:
+        fh.write(b"{not json\n")  # synthetic damage: one reject
+    singles = [r for m in ("llama2new", "gpt4") for r in xstest_single_responses(shared_data, m, n=80)]
+    return [str(path), str(write_jsonl(root / "xs.jsonl", singles)),
+            str(write_jsonl(root / "adv.jsonl", advbench_rows(shared_data, 30)))]
+
+
+def _config(raw, out, **kw) -> CurateConfig:
+    return CurateConfig(inputs=raw, out=str(out), quiet=True, batch_size=BATCH, seed=5, embedding_cache=False, **kw)
+
+
+def _shards(mix: Path) -> dict[str, str]:
+    """Every file of a mix but the manifest and card (they hold the creation time): path → sha256."""
+    files = [p for p in mix.rglob("*") if p.is_file() and p.name not in ("manifest.json", "README.md")]
+    return {p.relative_to(mix).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(raw, tmp_path_factory):
+    from curation.pipeline import curate
+
+    out = tmp_path_factory.mktemp("resume-ref") / "mix"
+    result = curate(_config(raw, out))
+    assert result.resumed_batches == 0
+    return out
+
+
+def _interrupt_after(monkeypatch, batches: int, error=KeyboardInterrupt):
+    import curation.pipeline
+
+    real, calls = curation.pipeline.score_batch, []
+
+    def score_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > batches:
+            raise error()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(curation.pipeline, "score_batch", score_batch)
+
+
+def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(raw, uninterrupted, tmp_path, monkeypatch):
+    from curation.pipeline import curate
+
+    out = tmp_path / "mix"
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 3)
+        with pytest.raises(Interrupted) as info:
+            curate(_config(raw, out))
+    assert info.value.work == tmp_path / ".mix.partial" and not out.exists()
+    assert len(list(info.value.work.glob(".stage/batch-*.parquet"))) == 3
+
+    result = curate(_config(raw, out))
+    assert result.resumed_batches == 3
+    assert _shards(out) == _shards(uninterrupted)
+    assert not (tmp_path / ".mix.partial").exists()
+
+
+def test_no_resume_and_a_changed_input_start_afresh(raw, tmp_path, monkeypatch):
+    from curation.pipeline import curate
+
+    out = tmp_path / "mix"
+    for fresh_start in ({"resume": False}, {}):
+        with monkeypatch.context() as patch:
+            _interrupt_after(patch, 2)
+            with pytest.raises(Interrupted):
+                curate(_config(raw, out, overwrite=True))
+        if not fresh_start:  # the same command, but an input grew since: its fingerprint changed
+            changed = tmp_path / "adv.jsonl"
+            changed.write_text(Path(raw[2]).read_text() + Path(raw[2]).read_text().splitlines()[0] + "\n")
+            inputs = raw[:2] + [str(changed)]
+        else:
+            inputs = raw
+        result = curate(_config(inputs, out, overwrite=True, **fresh_start))
+        assert result.resumed_batches == 0
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_one_is_running(raw, tmp_path):
+    import fcntl
+
+    out = tmp_path / "mix"
+    with open(tmp_path / ".mix.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running `equi curate` holds
+        from curation.pipeline import curate
+
+        with pytest.raises(FileExistsError, match="another run is writing"):
+            curate(_config(raw, out))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_a_killed_cli_run_resumes_byte_identically(raw, uninterrupted, tmp_path, sig):
+    """The real thing: the CLI in a child process, stopped by a signal once a few batches are staged."""
+    out = tmp_path / "mix"
+    cmd = [sys.executable, "-m", "equi.cli", "curate", *raw, "--out", str(out), "--quiet", "--no-cache",
+           "--batch-size", str(BATCH), "--seed", "5"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stage = tmp_path / ".mix.partial" / ".stage"
+    deadline = time.monotonic() + 300
+    while len(list(stage.glob("batch-*.parquet"))) < 2 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert child.poll() is None, "the run finished before it could be interrupted"
+    child.send_signal(sig)
+    output, _ = child.communicate(timeout=120)
+    if sig == signal.SIGINT:
+        assert child.returncode == 130, output
+        assert "run the same command again to resume" in output
+    assert not out.exists()
+
+    again = subprocess.run([a for a in cmd if a != "--quiet"], env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resumed: " in again.stdout + again.stderr
+    assert _shards(out) == _shards(uninterrupted)
