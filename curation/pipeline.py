@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -135,15 +136,24 @@ _SPAN_DTYPE = pl.List(pl.Struct({"start": pl.Int32, "end": pl.Int32, "sign": pl.
 
 def score_batch(rows: list[RawRow], embed: Callable[[list[str]], np.ndarray], categoriser) -> tuple[pl.DataFrame, np.ndarray]:
     """All per-row columns of the contract except ``cluster`` and ``split``, plus the prompt embeddings."""
+    embeddings = embed(prompt_texts(rows))
+    return score_rows(rows, embeddings, categoriser), embeddings
+
+
+def prompt_texts(rows: list[RawRow]) -> list[str]:
+    """What the encoder embeds, one text per row."""
+    return [text_for_embedding(r.prompt) for r in rows]
+
+
+def score_rows(rows: list[RawRow], embeddings: np.ndarray, categoriser) -> pl.DataFrame:
+    """:func:`score_batch` once the prompt embeddings are known (the pipeline computes them ahead)."""
     from curation.categorise import categorise
 
     frame = rows_to_frame(rows)
-    embeddings = embed([text_for_embedding(p) for p in frame["prompt"].to_list()])
     frame = categorise(frame, embeddings, categoriser)
     frame = score_refusals(frame)
     frame = score_costs(frame)
-    frame = score_spans(frame)
-    return frame, embeddings
+    return score_spans(frame)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,28 +365,34 @@ def read_and_score(config: CurateConfig, work: Path, embedder, categoriser, resu
     embeddings: list[np.ndarray] = []
     meta_parts: list[pl.DataFrame] = []
     n_rows = n_rejected = resumed = 0
-    with open(work / REJECTS, "w", encoding="utf-8") as rejects, \
+    batches = enumerate(_batched(read_rows(config.inputs, config.input_format, config.strict, stats),
+                                 config.batch_size))
+    with open(work / REJECTS, "w", encoding="utf-8") as rejects, ThreadPoolExecutor(1) as encoder, \
             tqdm(desc="curate: read+score", unit=" lines", disable=config.quiet, file=sys.stderr) as bar:
-        for number, batch in enumerate(_batched(read_rows(config.inputs, config.input_format, config.strict, stats),
-                                                config.batch_size)):
-            rows = [item for item in batch if isinstance(item, RawRow)]
-            for item in batch:
-                if isinstance(item, Reject):
-                    rejects.write(item.to_json() + "\n")
+
+        def start(item: tuple[int, list]) -> _Batch:
+            number, batch = item
+            rows = [x for x in batch if isinstance(x, RawRow)]
+            path = stage_dir / f"batch-{number:06d}.parquet"
+            done = _staged_batch(path, len(rows)) if resume and rows else None
+            embedding = None if done or not rows else encoder.submit(embedder.encode, prompt_texts(rows))
+            return _Batch(batch, rows, path, done, embedding)
+
+        for item in _one_ahead(batches, start):
+            for reject in item.batch:
+                if isinstance(reject, Reject):
+                    rejects.write(reject.to_json() + "\n")
                     n_rejected += 1
-            if rows:
-                path = stage_dir / f"batch-{number:06d}.parquet"
-                done = resume and _staged_batch(path, len(rows))
-                if done:
-                    frame, vecs = done
-                    resumed += 1
+            if item.rows:
+                if item.done:
+                    (frame, vecs), resumed = item.done, resumed + 1
                 else:
-                    frame, vecs = _score_and_stage(rows, path, config, embedder, categoriser)
-                stage_files.append((path, frame.height, None))
+                    frame, vecs = _score_and_stage(item, config, categoriser)
+                stage_files.append((item.path, frame.height, None))
                 embeddings.append(vecs)
                 meta_parts.append(_meta(frame, n_rows))
                 n_rows += frame.height
-            bar.update(len(batch))
+            bar.update(len(item.batch))
     if sum(stats.lines_by_file.values()) == 0:
         raise InputError("the input is empty: no lines to curate (nothing was written)")
     meta = (pl.concat(meta_parts) if meta_parts else
@@ -397,13 +413,40 @@ def _meta(frame: pl.DataFrame, offset: int) -> pl.DataFrame:
                         prompt_key(pl.col("prompt")).alias("prompt_key"), "kind", "group", "response_cost")
 
 
-def _score_and_stage(rows: list[RawRow], path: Path, config: CurateConfig, embedder, categoriser
-                     ) -> tuple[pl.DataFrame, np.ndarray]:
+@dataclass
+class _Batch:
+    """One batch of reader items on its way through pass 1."""
+
+    batch: list  # RawRow and Reject items, in input order
+    rows: list[RawRow]
+    path: Path  # its staged Parquet file
+    done: tuple[pl.DataFrame, np.ndarray] | None  # read back from an interrupted run
+    embedding: Future | None  # the prompt embeddings, being computed
+
+
+def _one_ahead(items: Iterable, start: Callable) -> Iterator:
+    """``start(item)`` for each item, one item ahead of the consumer.
+
+    The encoder (torch, which releases the GIL) embeds batch n+1 in a thread while the heuristics score
+    batch n, so the two cores are both busy.
+    """
+    previous = None
+    for item in items:
+        current = start(item)
+        if previous is not None:
+            yield previous
+        previous = current
+    if previous is not None:
+        yield previous
+
+
+def _score_and_stage(item: _Batch, config: CurateConfig, categoriser) -> tuple[pl.DataFrame, np.ndarray]:
     from curation.mixer import eval_split
 
-    frame, vecs = score_batch(rows, embedder.encode, categoriser)
+    vecs = item.embedding.result()
+    frame = score_rows(item.rows, vecs, categoriser)
     frame = frame.with_columns(pl.Series("split", eval_split(frame["id"].to_list(), config.eval_fraction)))
-    vecs = vecs.astype(np.float16)
+    vecs, path = vecs.astype(np.float16), item.path
     _write_atomic(path.with_suffix(".npy"), lambda tmp: _save_npy(tmp, vecs))
     _write_atomic(path, lambda tmp: pq.write_table(to_table(frame, _STAGE_SCHEMA), tmp, compression="zstd"))
     return frame.select(_META_COLUMNS), vecs

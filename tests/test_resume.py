@@ -55,15 +55,15 @@ def uninterrupted(raw, tmp_path_factory):
 def _interrupt_after(monkeypatch, batches: int, error=KeyboardInterrupt):
     import curation.pipeline
 
-    real, calls = curation.pipeline.score_batch, []
+    real, calls = curation.pipeline.score_rows, []
 
-    def score_batch(*args, **kwargs):
+    def score_rows(*args, **kwargs):
         calls.append(1)
         if len(calls) > batches:
             raise error()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(curation.pipeline, "score_batch", score_batch)
+    monkeypatch.setattr(curation.pipeline, "score_rows", score_rows)
 
 
 def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(raw, uninterrupted, tmp_path, monkeypatch):
