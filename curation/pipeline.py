@@ -143,6 +143,32 @@ def score_batch(rows: list[RawRow], embed: Callable[[list[str]], np.ndarray], ca
     return frame, embeddings
 
 
+def stage_batch(rows: list[RawRow], embed: Callable[[list[str]], np.ndarray], categoriser,
+                eval_fraction: float) -> tuple[pl.DataFrame, np.ndarray]:
+    """One batch's staged rows (:func:`score_batch` plus ``split``) and its float16 prompt embeddings."""
+    from curation.mixer import eval_split
+
+    frame, embeddings = score_batch(rows, embed, categoriser)
+    frame = frame.with_columns(pl.Series("split", eval_split(frame["id"].to_list(), eval_fraction)))
+    return frame, embeddings.astype(np.float16)
+
+
+def batch_meta(frame: pl.DataFrame, start: int) -> pl.DataFrame:
+    """The slim metadata the mixer needs for one staged batch whose first row is pool row ``start``."""
+    from curation.mixer import prompt_key
+
+    return frame.select(pl.int_range(start, start + frame.height, dtype=pl.Int64).alias("idx"),
+                        prompt_key(pl.col("prompt")).alias("prompt_key"), "kind", "group", "response_cost")
+
+
+def take_rows(batch: list[RawRow | Reject], rejects) -> list[RawRow]:
+    """The usable rows of a reader batch; its rejects are written, one JSON line each, to ``rejects``."""
+    for item in batch:
+        if isinstance(item, Reject):
+            rejects.write(item.to_json() + "\n")
+    return [item for item in batch if isinstance(item, RawRow)]
+
+
 # --------------------------------------------------------------------------------------------------
 # I/O objects
 # --------------------------------------------------------------------------------------------------
@@ -300,6 +326,18 @@ class ScoredInput:
     n_rejected: int
     stats: ReadStats
 
+    @classmethod
+    def assemble(cls, stage_dir: Path, stage_files: list, embeddings: list[np.ndarray], meta_parts: list[pl.DataFrame],
+                 n_rejected: int, stats: ReadStats, dim: int) -> "ScoredInput":
+        """The first pass's result from its per-batch parts, in input order; refuses an empty input."""
+        if sum(stats.lines_by_file.values()) == 0:
+            raise InputError("the input is empty: no lines to curate (nothing was written)")
+        meta = (pl.concat(meta_parts) if meta_parts else
+                pl.DataFrame(schema={"idx": pl.Int64, "prompt_key": pl.UInt64, "kind": pl.String, "group": pl.String,
+                                     "response_cost": pl.Float32}))
+        matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, dim), dtype=np.float16)
+        return cls(stage_dir, stage_files, matrix, meta, meta.height, n_rejected, stats)
+
     def remove_stage(self) -> None:
         for path, _, _ in self.stage_files:
             path.unlink()
@@ -309,8 +347,6 @@ class ScoredInput:
 def read_and_score(config: CurateConfig, work: Path, embedder, categoriser) -> ScoredInput:
     """Pass 1: stream the inputs in batches; rejects go to ``rejects.jsonl``, scored rows to staged Parquet."""
     from tqdm.auto import tqdm
-
-    from curation.mixer import eval_split, prompt_key
 
     stats = ReadStats()
     stage_dir = work / ".stage"
@@ -322,29 +358,16 @@ def read_and_score(config: CurateConfig, work: Path, embedder, categoriser) -> S
             tqdm(desc="curate: read+score", unit=" lines", disable=config.quiet, file=sys.stderr) as bar:
         for batch in _batched(read_rows(config.inputs, config.input_format, config.strict, stats),
                               config.batch_size):
-            rows = [item for item in batch if isinstance(item, RawRow)]
-            for item in batch:
-                if isinstance(item, Reject):
-                    rejects.write(item.to_json() + "\n")
-                    n_rejected += 1
+            rows = take_rows(batch, rejects)
+            n_rejected += len(batch) - len(rows)
             if rows:
-                frame, vecs = score_batch(rows, embedder.encode, categoriser)
-                frame = frame.with_columns(pl.Series("split", eval_split(frame["id"].to_list(), config.eval_fraction)))
+                frame, vecs = stage_batch(rows, embedder.encode, categoriser, config.eval_fraction)
                 stage.write(to_table(frame, _STAGE_SCHEMA))
-                embeddings.append(vecs.astype(np.float16))
-                meta_parts.append(frame.select(
-                    pl.int_range(n_rows, n_rows + frame.height, dtype=pl.Int64).alias("idx"),
-                    prompt_key(pl.col("prompt")).alias("prompt_key"), "kind", "group", "response_cost"))
+                embeddings.append(vecs)
+                meta_parts.append(batch_meta(frame, n_rows))
                 n_rows += frame.height
             bar.update(len(batch))
-    stage_files = stage.close()
-    if sum(stats.lines_by_file.values()) == 0:
-        raise InputError("the input is empty: no lines to curate (nothing was written)")
-    meta = (pl.concat(meta_parts) if meta_parts else
-            pl.DataFrame(schema={"idx": pl.Int64, "prompt_key": pl.UInt64, "kind": pl.String, "group": pl.String,
-                                 "response_cost": pl.Float32}))
-    matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, embedder.dim), dtype=np.float16)
-    return ScoredInput(stage_dir, stage_files, matrix, meta, n_rows, n_rejected, stats)
+    return ScoredInput.assemble(stage_dir, stage.close(), embeddings, meta_parts, n_rejected, stats, embedder.dim)
 
 
 def write_pool(stage_files: list, clusters: np.ndarray, folder: Path, config: CurateConfig) -> list:
