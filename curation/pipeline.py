@@ -246,7 +246,12 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
 
     embedder, categoriser = load_models(config, embedder, categoriser)
     with atomic_directory(config.out, overwrite=config.overwrite) as work:
-        scored = read_and_score(config, work, embedder, categoriser)
+        if config.engine == "ray":
+            from curation.engine_ray import read_and_score_ray
+
+            scored = read_and_score_ray(config, work, embedder, categoriser)
+        else:
+            scored = read_and_score(config, work, embedder, categoriser)
         k = min(config.clusters or choose_k(scored.n_rows), max(scored.n_rows, 1))
         clusters = fit_assign_clusters(scored.embeddings, k, config.seed)
         pool_files = write_pool(scored.stage_files, clusters, work / POOL_DIR, config)
@@ -263,7 +268,7 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
             "created_at": utc_now(),
             "config": config.to_dict(),
             "config_hash": config_hash({k: v for k, v in config.to_dict().items()
-                                        if k not in ("out", "overwrite", "quiet")}),
+                                        if k not in ("out", "overwrite", "quiet", "engine", "ray_address")}),
             "embedder": embedder.name,
             "categoriser": config.categoriser or "bundled",
             "clusters": int(k),

@@ -13,6 +13,8 @@ EXAMPLE = """
 Example:
 
   equi curate hh.jsonl.gz xstest.jsonl --out mix/ --size 2000 --ratios EHD=10,IHD=3,MHD=1
+
+  RAY_ADDRESS=auto equi curate big/*.jsonl.gz --out mix/ --engine ray
 """
 
 
@@ -41,6 +43,11 @@ def curate_command(
     strict: bool = typer.Option(False, help="Stop at the first bad line (file:line: reason) instead of rejecting it."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
+    engine: str = typer.Option("local", metavar="[local|ray]", help="Where to score the rows: local (this process) or ray (a Ray "
+                               "actor pool, GPU actors when the cluster has GPUs; pip install 'equi[ray]'). "
+                               "Same mix either way."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join with --engine ray "
+                                              "[default: $RAY_ADDRESS, else a local Ray instance]."),
 ) -> None:
     """Categorise raw safety data (EHD/IHD/MHD/OTHER/BENIGN) and build a balanced FDC mixture.
 
@@ -54,7 +61,7 @@ def curate_command(
             categoriser=str(categoriser) if categoriser else None, embedding_cache=cache, clusters=clusters,
             dup_threshold=dup_threshold, batch_size=batch_size, size=size, ratios=parse_ratios(ratios),
             benign_share=benign_share, eval_fraction=eval_fraction, seed=seed, overwrite=overwrite,
-            shard_rows=shard_rows, license=license, quiet=quiet,
+            shard_rows=shard_rows, license=license, quiet=quiet, engine=engine, ray_address=ray_address,
         )
     except ConfigError as exc:
         fail(str(exc), code=2)
@@ -68,7 +75,7 @@ def curate_command(
 
     try:
         result = curate(config)
-    except (InputError, EmbedderError, FileExistsError) as exc:
+    except (InputError, EmbedderError, ConfigError, FileExistsError) as exc:
         fail(str(exc), code=2)
     if not quiet:
         print_summary(result.manifest, result.out)
