@@ -155,22 +155,27 @@ def embedding_column(vectors: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
 
 
-def actor_pool(resources: dict) -> dict:
-    """``map_batches`` resources: one actor per GPU when there are GPUs, else one 1-thread actor per CPU."""
+def actor_pool(resources: dict) -> tuple[int, dict]:
+    """Actor-pool size and per-actor resources: one actor per GPU when there are GPUs, else one per CPU.
+
+    A CPU actor gets one CPU, so Ray gives it one torch thread (``OMP_NUM_THREADS=1``).
+    """
     gpus = int(resources.get("GPU", 0))
     if gpus:
-        return {"concurrency": gpus, "num_gpus": 1}
-    return {"concurrency": max(1, int(resources.get("CPU", 1))), "num_cpus": 1}
+        return gpus, {"num_gpus": 1}
+    return max(1, int(resources.get("CPU", 1))), {"num_cpus": 1}
 
 
 def score_on_ray(ray, raw_refs: list, config: CurateConfig, categoriser):
-    """The scored dataset: each raw block (one reader batch) mapped whole by the actor pool, order kept."""
-    pool = actor_pool(ray.cluster_resources())
+    """The scored blocks: each raw block (one reader batch) mapped whole by the actor pool, in input order."""
+    size, per_actor = actor_pool(ray.cluster_resources())
     scored = ray.data.from_arrow_refs(raw_refs).map_batches(
-        BatchScorer, batch_size=None, batch_format="pyarrow",
-        fn_constructor_args=(config, categoriser, "num_gpus" in pool), **pool)
+        BatchScorer, batch_size=None, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=size),
+        fn_constructor_args=(config, categoriser, "num_gpus" in per_actor), **per_actor)
     scored.context.execution_options.preserve_order = True
     scored.context.enable_progress_bars = not config.quiet
+    if config.quiet:
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     return scored.iter_batches(batch_size=None, batch_format="pyarrow")
 
 

@@ -114,5 +114,5 @@ def test_unknown_engine_is_a_usage_error(raw_inputs, tmp_path):
 def test_one_actor_per_gpu_else_one_per_cpu():
     from curation.engine_ray import actor_pool
 
-    assert actor_pool({"CPU": 32.0, "GPU": 4.0}) == {"concurrency": 4, "num_gpus": 1}
-    assert actor_pool({"CPU": 8.0}) == {"concurrency": 8, "num_cpus": 1}
+    assert actor_pool({"CPU": 32.0, "GPU": 4.0}) == (4, {"num_gpus": 1})
+    assert actor_pool({"CPU": 8.0}) == (8, {"num_cpus": 1})

@@ -44,10 +44,10 @@ def curate_command(
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
     engine: str = typer.Option("local", metavar="[local|ray]", help="Where to score the rows: local (this process) or ray (a Ray "
-                               "actor pool, GPU actors when the cluster has GPUs; pip install 'equi[ray]'). "
+                               "actor pool, GPU actors when the cluster has GPUs; pip install 'equi\\[ray]'). "
                                "Same mix either way."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join with --engine ray "
-                                              "[default: $RAY_ADDRESS, else a local Ray instance]."),
+                                              "\\[default: $RAY_ADDRESS, else a local Ray instance]."),
 ) -> None:
     """Categorise raw safety data (EHD/IHD/MHD/OTHER/BENIGN) and build a balanced FDC mixture.
 
