@@ -156,6 +156,38 @@ def score_rows(rows: list[RawRow], embeddings: np.ndarray, categoriser) -> pl.Da
     return score_spans(frame)
 
 
+def stage_batch(rows: list[RawRow], embed: Callable[[list[str]], np.ndarray], categoriser,
+                eval_fraction: float) -> tuple[pl.DataFrame, np.ndarray]:
+    """One batch's staged rows (:func:`score_batch` plus ``split``) and its float16 prompt embeddings."""
+    return stage_rows(rows, embed(prompt_texts(rows)), categoriser, eval_fraction)
+
+
+def stage_rows(rows: list[RawRow], embeddings: np.ndarray, categoriser,
+               eval_fraction: float) -> tuple[pl.DataFrame, np.ndarray]:
+    """:func:`stage_batch` once the prompt embeddings are known."""
+    from curation.mixer import eval_split
+
+    frame = score_rows(rows, embeddings, categoriser)
+    frame = frame.with_columns(pl.Series("split", eval_split(frame["id"].to_list(), eval_fraction)))
+    return frame, embeddings.astype(np.float16)
+
+
+def batch_meta(frame: pl.DataFrame, start: int) -> pl.DataFrame:
+    """The slim metadata the mixer needs for one staged batch whose first row is pool row ``start``."""
+    from curation.mixer import prompt_key
+
+    return frame.select(pl.int_range(start, start + frame.height, dtype=pl.Int64).alias("idx"),
+                        prompt_key(pl.col("prompt")).alias("prompt_key"), "kind", "group", "response_cost")
+
+
+def take_rows(batch: list[RawRow | Reject], rejects) -> list[RawRow]:
+    """The usable rows of a reader batch; its rejects are written, one JSON line each, to ``rejects``."""
+    for item in batch:
+        if isinstance(item, Reject):
+            rejects.write(item.to_json() + "\n")
+    return [item for item in batch if isinstance(item, RawRow)]
+
+
 # --------------------------------------------------------------------------------------------------
 # I/O objects
 # --------------------------------------------------------------------------------------------------
@@ -163,16 +195,22 @@ def score_rows(rows: list[RawRow], embeddings: np.ndarray, categoriser) -> pl.Da
 class ShardWriter:
     """Writes Arrow batches into numbered Parquet shards of at most ``rows_per_shard`` rows.
 
-    Shards get their final ``{prefix}-{i:05d}-of-{n:05d}`` names in :meth:`close`, once n is known.
+    Rows are buffered into row groups of exactly ``row_group_rows`` (the last of a shard may be shorter), so
+    a shard's bytes depend only on its rows, not on how they were handed in: a resumed run, the Ray engine
+    and a plain run write the same files. Shards get their final ``{prefix}-{i:05d}-of-{n:05d}`` names in
+    :meth:`close`, once n is known.
     """
 
-    def __init__(self, folder: Path, prefix: str, schema: pa.Schema, rows_per_shard: int):
+    def __init__(self, folder: Path, prefix: str, schema: pa.Schema, rows_per_shard: int,
+                 row_group_rows: int = 8192):
         self.folder, self.prefix, self.schema, self.rows_per_shard = folder, prefix, schema, rows_per_shard
+        self.row_group_rows = row_group_rows
         folder.mkdir(parents=True, exist_ok=True)
         self.paths: list[Path] = []
         self.rows: list[int] = []
         self.groups: list[str | None] = []
         self._writer: pq.ParquetWriter | None = None
+        self._pending: list[pa.Table] = []
 
     def _open(self, group: str | None) -> None:
         path = self.folder / f".{self.prefix}-{len(self.paths):05d}.partial"
@@ -181,24 +219,39 @@ class ShardWriter:
         self.rows.append(0)
         self.groups.append(group)
 
-    def write(self, table: pa.Table, group: str | None = None, new_shard: bool = False) -> None:
-        offset = 0
-        if new_shard and self._writer is not None:
+    def _flush(self, everything: bool) -> None:
+        pending = pa.concat_tables(self._pending) if self._pending else None
+        self._pending = []
+        while pending is not None and pending.num_rows and (everything or pending.num_rows >= self.row_group_rows):
+            take = min(self.row_group_rows, pending.num_rows)
+            self._writer.write_table(pending.slice(0, take), row_group_size=take)
+            pending = pending.slice(take)
+        if pending is not None and pending.num_rows:
+            self._pending = [pending]
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self._flush(everything=True)
             self._writer.close()
             self._writer = None
+
+    def write(self, table: pa.Table, group: str | None = None, new_shard: bool = False) -> None:
+        offset = 0
+        if new_shard:
+            self._close_shard()
         while offset < table.num_rows:
             if self._writer is None or self.rows[-1] >= self.rows_per_shard:
-                if self._writer is not None:
-                    self._writer.close()
+                self._close_shard()
                 self._open(group)
             take = min(self.rows_per_shard - self.rows[-1], table.num_rows - offset)
-            self._writer.write_table(table.slice(offset, take))
+            self._pending.append(table.slice(offset, take))
             self.rows[-1] += take
             offset += take
+            if sum(t.num_rows for t in self._pending) >= self.row_group_rows:
+                self._flush(everything=False)
 
     def close(self) -> list[tuple[Path, int, str | None]]:
-        if self._writer is not None:
-            self._writer.close()
+        self._close_shard()
         final = []
         for i, (path, rows, group) in enumerate(zip(self.paths, self.rows, self.groups)):
             target = self.folder / shard_name(self.prefix, i, len(self.paths))
@@ -232,10 +285,16 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
     from curation.mixer import select_mixture
 
     embedder, categoriser = load_models(config, embedder, categoriser)
-    fingerprint = run_fingerprint(config, embedder) if config.resume else None
+    # A Ray run is not resumed: its actors score the whole input again.
+    fingerprint = run_fingerprint(config, embedder) if config.resume and config.engine == "local" else None
     with resumable_directory(config.out, fingerprint, overwrite=config.overwrite) as run:
         work = run.path
-        scored = read_and_score(config, work, embedder, categoriser, resume=run.resumed)
+        if config.engine == "ray":
+            from curation.engine_ray import read_and_score_ray
+
+            scored = read_and_score_ray(config, work, embedder, categoriser)
+        else:
+            scored = read_and_score(config, work, embedder, categoriser, resume=run.resumed)
         k = min(config.clusters or choose_k(scored.n_rows), max(scored.n_rows, 1))
         clusters = fit_assign_clusters(scored.embeddings, k, config.seed)
         for leftover in (POOL_DIR, DATA_DIR):  # from an interrupted run that got past pass 1
@@ -306,7 +365,7 @@ def load_models(config: CurateConfig, embedder=None, categoriser=None):
 
 
 #: Config fields that do not change what a run writes.
-_NOT_OUTPUT_DEFINING = ("out", "overwrite", "quiet", "resume")
+_NOT_OUTPUT_DEFINING = ("out", "overwrite", "quiet", "resume", "engine", "ray_address")
 
 
 def _config_hash(config: CurateConfig) -> str:
@@ -342,6 +401,18 @@ class ScoredInput:
     n_rejected: int
     stats: ReadStats
     resumed_batches: int = 0
+
+    @classmethod
+    def assemble(cls, stage_dir: Path, stage_files: list, embeddings: list[np.ndarray], meta_parts: list[pl.DataFrame],
+                 n_rejected: int, stats: ReadStats, dim: int) -> "ScoredInput":
+        """The first pass's result from its per-batch parts, in input order; refuses an empty input."""
+        if sum(stats.lines_by_file.values()) == 0:
+            raise InputError("the input is empty: no lines to curate (nothing was written)")
+        meta = (pl.concat(meta_parts) if meta_parts else
+                pl.DataFrame(schema={"idx": pl.Int64, "prompt_key": pl.UInt64, "kind": pl.String, "group": pl.String,
+                                     "response_cost": pl.Float32}))
+        matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, dim), dtype=np.float16)
+        return cls(stage_dir, stage_files, matrix, meta, meta.height, n_rejected, stats)
 
     def remove_stage(self) -> None:
         shutil.rmtree(self.stage_dir)
@@ -379,10 +450,8 @@ def read_and_score(config: CurateConfig, work: Path, embedder, categoriser, resu
             return _Batch(batch, rows, path, done, embedding)
 
         for item in _one_ahead(batches, start):
-            for reject in item.batch:
-                if isinstance(reject, Reject):
-                    rejects.write(reject.to_json() + "\n")
-                    n_rejected += 1
+            take_rows(item.batch, rejects)
+            n_rejected += len(item.batch) - len(item.rows)
             if item.rows:
                 if item.done:
                     (frame, vecs), resumed = item.done, resumed + 1
@@ -390,27 +459,15 @@ def read_and_score(config: CurateConfig, work: Path, embedder, categoriser, resu
                     frame, vecs = _score_and_stage(item, config, categoriser)
                 stage_files.append((item.path, frame.height, None))
                 embeddings.append(vecs)
-                meta_parts.append(_meta(frame, n_rows))
+                meta_parts.append(batch_meta(frame, n_rows))
                 n_rows += frame.height
             bar.update(len(item.batch))
-    if sum(stats.lines_by_file.values()) == 0:
-        raise InputError("the input is empty: no lines to curate (nothing was written)")
-    meta = (pl.concat(meta_parts) if meta_parts else
-            pl.DataFrame(schema={"idx": pl.Int64, "prompt_key": pl.UInt64, "kind": pl.String, "group": pl.String,
-                                 "response_cost": pl.Float32}))
-    matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, embedder.dim), dtype=np.float16)
-    return ScoredInput(stage_dir, stage_files, matrix, meta, n_rows, n_rejected, stats, resumed)
+    scored = ScoredInput.assemble(stage_dir, stage_files, embeddings, meta_parts, n_rejected, stats, embedder.dim)
+    scored.resumed_batches = resumed
+    return scored
 
 
 _META_COLUMNS = ("prompt", "kind", "group", "response_cost")
-
-
-def _meta(frame: pl.DataFrame, offset: int) -> pl.DataFrame:
-    """The slim per-row metadata the mixer needs; ``idx`` is the row's position in the pool."""
-    from curation.mixer import prompt_key
-
-    return frame.select(pl.int_range(offset, offset + frame.height, dtype=pl.Int64).alias("idx"),
-                        prompt_key(pl.col("prompt")).alias("prompt_key"), "kind", "group", "response_cost")
 
 
 @dataclass
@@ -441,12 +498,8 @@ def _one_ahead(items: Iterable, start: Callable) -> Iterator:
 
 
 def _score_and_stage(item: _Batch, config: CurateConfig, categoriser) -> tuple[pl.DataFrame, np.ndarray]:
-    from curation.mixer import eval_split
-
-    vecs = item.embedding.result()
-    frame = score_rows(item.rows, vecs, categoriser)
-    frame = frame.with_columns(pl.Series("split", eval_split(frame["id"].to_list(), config.eval_fraction)))
-    vecs, path = vecs.astype(np.float16), item.path
+    frame, vecs = stage_rows(item.rows, item.embedding.result(), categoriser, config.eval_fraction)
+    path = item.path
     _write_atomic(path.with_suffix(".npy"), lambda tmp: _save_npy(tmp, vecs))
     _write_atomic(path, lambda tmp: pq.write_table(to_table(frame, _STAGE_SCHEMA), tmp, compression="zstd"))
     return frame.select(_META_COLUMNS), vecs

@@ -17,6 +17,7 @@ from equi.schema import SAFETY_GROUPS
 
 DEFAULT_RATIOS: dict[str, float] = {"EHD": 10.0, "IHD": 3.0, "MHD": 1.0}
 INPUT_FORMATS = ("auto", "pair", "conversation", "hh", "single", "prompt")
+ENGINES = ("local", "ray")
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,11 @@ class CurateConfig:
         clusters: number of embedding clusters; ``None`` = chosen from the data size.
         dup_threshold: cosine similarity above which two prompts count as near-duplicates.
         batch_size: rows per processing batch (bounded memory).
+    Running:
+        engine: ``local`` scores in this process; ``ray`` scores the batches on a Ray cluster's actor pool
+            (``pip install 'equi[ray]'``) and gives the same mix. Not part of the config hash.
+        ray_address: the Ray cluster to join (``ray.init(address=...)``); ``None`` = ``$RAY_ADDRESS`` or a
+            local Ray instance. Not part of the config hash.
     Mixing (FDC):
         size: target number of safety pairs in the mixture; ``None`` = all that the ratios allow.
         ratios: group ratios of the safety part, default EHD:IHD:MHD = 10:3:1 (Equilibrate RLHF).
@@ -98,6 +104,8 @@ class CurateConfig:
     shard_rows: int = 50_000
     license: str = "other"
     quiet: bool = False
+    engine: str = "local"
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -125,6 +133,10 @@ class CurateConfig:
             raise ConfigError("--eval-fraction must be in [0, 1)")
         if self.shard_rows < 1:
             raise ConfigError("--shard-rows must be at least 1")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown --engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.ray_address and self.engine != "ray":
+            raise ConfigError("--ray-address needs --engine ray")
         if Path(self.out).exists() and not self.overwrite:
             raise ConfigError(f"{self.out} exists; pass --overwrite to replace it")
 

@@ -139,3 +139,24 @@ def test_a_killed_cli_run_resumes_byte_identically(raw, uninterrupted, tmp_path,
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resumed: " in again.stdout + again.stderr
     assert _shards(out) == _shards(uninterrupted)
+
+
+@pytest.mark.parametrize("chunks", [[700], [1, 699], [300, 300, 100], [64] * 10 + [60]])
+def test_shard_bytes_depend_on_the_rows_not_on_how_they_were_written(tmp_path, chunks):
+    import pyarrow as pa
+
+    from curation.pipeline import ShardWriter
+
+    schema = pa.schema([("i", pa.int64()), ("text", pa.string())])
+    table = pa.table({"i": list(range(700)), "text": [f"row {i}" for i in range(700)]}, schema=schema)
+
+    def write(folder: Path, sizes: list[int]) -> dict[str, str]:
+        writer, offset = ShardWriter(folder, "pool", schema, rows_per_shard=250, row_group_rows=100), 0
+        for size in sizes:
+            writer.write(table.slice(offset, size))
+            offset += size
+        shards = writer.close()
+        assert [rows for _, rows, _ in shards] == [250, 250, 200]
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p, _, _ in shards}
+
+    assert write(tmp_path / "a", chunks) == write(tmp_path / "b", [700])

@@ -12,5 +12,8 @@ console = Console(stderr=True, highlight=False)
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print ``error: message`` and exit with ``code`` (1 failure, 2 usage/bad input, 3 verification)."""
-    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    from rich.markup import escape
+
+    # The message is plain text: "pip install 'equi[ray]'" must not be read as rich markup.
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=code)

@@ -15,6 +15,8 @@ EXAMPLE = """
 Example:
 
   equi curate hh.jsonl.gz xstest.jsonl --out mix/ --size 2000 --ratios EHD=10,IHD=3,MHD=1
+
+  RAY_ADDRESS=auto equi curate big/*.jsonl.gz --out mix/ --engine ray
 """
 
 
@@ -46,6 +48,11 @@ def curate_command(
                                 "command (kept in .OUT.partial beside --out); the result is byte-identical to "
                                 "an uninterrupted run. --no-resume starts afresh."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
+    engine: str = typer.Option("local", metavar="[local|ray]", help="Where to score the rows: local (this process) or ray (a Ray "
+                               "actor pool, GPU actors when the cluster has GPUs; pip install 'equi\\[ray]'). "
+                               "Same mix either way."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join with --engine ray "
+                                              "\\[default: $RAY_ADDRESS, else a local Ray instance]."),
 ) -> None:
     """Categorise raw safety data (EHD/IHD/MHD/OTHER/BENIGN) and build a balanced FDC mixture.
 
@@ -59,7 +66,7 @@ def curate_command(
             categoriser=str(categoriser) if categoriser else None, embedding_cache=cache, clusters=clusters,
             dup_threshold=dup_threshold, batch_size=batch_size, size=size, ratios=parse_ratios(ratios),
             benign_share=benign_share, eval_fraction=eval_fraction, seed=seed, overwrite=overwrite, resume=resume,
-            shard_rows=shard_rows, license=license, quiet=quiet,
+            shard_rows=shard_rows, license=license, quiet=quiet, engine=engine, ray_address=ray_address,
         )
     except ConfigError as exc:
         fail(str(exc), code=2)
@@ -75,7 +82,7 @@ def curate_command(
     try:
         with _sigterm_as_interrupt():
             result = curate(config)
-    except (InputError, EmbedderError, FileExistsError) as exc:
+    except (InputError, EmbedderError, ConfigError, FileExistsError) as exc:
         fail(str(exc), code=2)
     except Interrupted as exc:
         kept = "; run the same command again to resume" if config.resume and "-" not in config.inputs else ""
