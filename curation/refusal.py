@@ -111,20 +111,35 @@ def refusal_features(texts: Sequence[str | None]) -> np.ndarray:
     import polars as pl
 
     strings = _as_strings(texts)
-    n = len(strings)
-    if n == 0:
+    if not strings:
         return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
-    text = pl.Series("t", strings, dtype=pl.String).str.strip_chars()
-    head = text.str.slice(0, HEAD_CHARS)
-    rest = text.str.slice(HEAD_CHARS)
-    columns: list[np.ndarray] = []
-    for part in (head, rest):
-        for pattern in _REFUSAL_PATTERNS.values():
-            columns.append(np.log1p(part.str.count_matches(pattern).fill_null(0).to_numpy().astype(np.float32)))
-    chars = text.str.len_chars().to_numpy().astype(np.float32)
-    lines = text.str.count_matches("\n").to_numpy().astype(np.float32)
+    text, ascii_text = pl.col("t"), pl.col("a")
+    counts = [
+        part.str.count_matches(_stand_in_pattern(pattern)).fill_null(0).alias(f"{name}_{k}")
+        for name, part in (("head", pl.col("head")), ("rest", pl.col("rest")))
+        for k, pattern in enumerate(_REFUSAL_PATTERNS.values())
+    ]
     core = "|".join(_REFUSAL_PATTERNS[k].removeprefix(_I) for k in _REFUSAL_CORE)
-    first = text.str.find(_I + "(?:" + core + ")").to_numpy()
+    first = ascii_text.str.find(_I + "(?:" + core + ")")
+    # str.find gives a byte offset; on the stand-in it is the character offset, so measure those characters' bytes.
+    first_byte = (
+        pl.when(first.is_null()).then(None)
+        .when(pl.col("kept")).then(first)
+        .otherwise(text.str.slice(0, first).str.len_bytes())
+    )
+    frame = (
+        pl.DataFrame({"t": strings}, schema={"t": pl.String})
+        .select(text.str.strip_chars())
+        .with_columns(_ascii_stand_in(text).alias("a"), text.str.contains(_KEEP_UNICODE).alias("kept"))
+        .with_columns(ascii_text.str.slice(0, HEAD_CHARS).alias("head"), ascii_text.str.slice(HEAD_CHARS).alias("rest"))
+        # One select: polars runs every pattern (on the opening and on the rest) in parallel.
+        .select(*counts, text.str.len_chars().alias("chars"), text.str.count_matches("\n").alias("lines"),
+                first_byte.alias("first"))
+    )
+    columns = [np.log1p(frame[:, k].to_numpy().astype(np.float32)) for k in range(len(counts))]
+    chars = frame["chars"].to_numpy().astype(np.float32)
+    lines = frame["lines"].to_numpy().astype(np.float32)
+    first = frame["first"].to_numpy()
     first = np.where(np.isnan(first.astype(np.float64)), -1, first).astype(np.float64)
     refusal_pos = np.where(first >= 0, first / np.maximum(chars, 1.0), 1.0).astype(np.float32)
     has_refusal = first >= 0
@@ -136,6 +151,31 @@ def refusal_features(texts: Sequence[str | None]) -> np.ndarray:
         (has_refusal & (chars < 300)).astype(np.float32),
     ]
     return np.stack(columns, axis=1).astype(np.float32)
+
+
+# Rust's regex gives up its fast DFA for a Unicode \b over non-ASCII text (about 40× slower, and many responses hold
+# a curly apostrophe). The patterns therefore read a stand-in with every character ASCII, one character for one,
+# that no pattern can tell from the original: ’ → ' (the patterns only ever name them together, ['’]), • → \x02
+# (the bullet class names both; a real \x02 first becomes \x01), other word characters → _, other whitespace → \x0b,
+# anything else → \x01 (none of _, \x01, \x0b is a pattern literal). Texts with a non-ASCII digit or a character
+# that case-folds onto an ASCII letter (ſ, K) keep their original characters (only \x02 → \x01).
+_KEEP_UNICODE = r"[[\d&&[^0-9]]\x{17F}\x{212A}]"
+
+
+def _ascii_stand_in(text):
+    import polars as pl
+
+    plain = text.str.replace_all("\x02", "\x01", literal=True)
+    stand_in = (
+        plain.str.replace_all("’", "'", literal=True).str.replace_all("•", "\x02", literal=True)
+        .str.replace_all(r"[\w&&[^\x00-\x7F]]", "_").str.replace_all(r"[\s&&[^\x00-\x7F]]", "\x0b")
+        .str.replace_all(r"[^\x00-\x7F]", "\x01")
+    )
+    return pl.when(text.str.contains(_KEEP_UNICODE)).then(plain).otherwise(stand_in)
+
+
+def _stand_in_pattern(pattern: str) -> str:
+    return pattern.replace("•", "•\x02")
 
 
 #: The opening the hashed n-gram part reads; refusal wording sits there ("I'm sorry, but...", "Sure! Here...").
