@@ -396,7 +396,12 @@ def refusal_proba(
             )
     if not strings:
         return np.zeros((0, len(CLASSES)), dtype=np.float32)
-    proba = head.predict_proba(strings, embeddings if head.embedding_dim else None)
+    if head.embedding_dim:
+        proba = head.predict_proba(strings, embeddings)
+    else:  # the text head reads nothing but the text: score each distinct text once (rows are independent)
+        first: dict[str, int] = {}
+        inverse = np.fromiter((first.setdefault(s, len(first)) for s in strings), dtype=np.int64, count=len(strings))
+        proba = head.predict_proba(list(first))[inverse]
     # "No answer" is not a refusal to score: the contract wants 0.0, and a blank opening has no n-grams to read.
     empty = np.array([not s.strip() for s in strings])
     proba[empty] = np.array([1.0, 0.0, 0.0], dtype=np.float32)

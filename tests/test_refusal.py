@@ -183,3 +183,11 @@ def test_refusal_features_equal_the_per_pattern_reference_on_real_texts(response
     diff = np.argwhere(got != want)
     assert not len(diff), [(response_texts[i][:80], FEATURE_NAMES[j], got[i, j], want[i, j]) for i, j in diff[:5]]
     assert (want[:, : len(FEATURE_NAMES) - 5] > 0).any(axis=0).all()  # every pattern fires somewhere
+
+
+def test_repeated_texts_score_as_when_alone(response_texts):
+    texts = response_texts[:300]
+    doubled = texts + texts[::-1] + texts[:50]
+    alone = refusal.refusal_proba(texts)
+    assert np.array_equal(refusal.refusal_proba(doubled), np.vstack([alone, alone[::-1], alone[:50]]))
+    assert np.array_equal(np.vstack([refusal.refusal_proba([t]) for t in texts[:40]]), alone[:40])
