@@ -185,6 +185,34 @@ def test_refusal_features_equal_the_per_pattern_reference_on_real_texts(response
     assert (want[:, : len(FEATURE_NAMES) - 5] > 0).any(axis=0).all()  # every pattern fires somewhere
 
 
+def test_ngram_features_equal_sklearns_hashing_vectorizer_on_real_texts(response_texts):
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    from curation.refusal import NGRAM_BUCKETS, NGRAM_CHARS, _ngram_features
+
+    strings = ["" if t is None else t for t in response_texts]
+    want = HashingVectorizer(n_features=NGRAM_BUCKETS, ngram_range=(1, 3), alternate_sign=False, norm="l2",
+                             lowercase=True).transform([s.strip()[:NGRAM_CHARS] for s in strings])
+    got = _ngram_features(strings)
+    assert got.shape == want.shape and got.dtype == want.dtype and got.has_sorted_indices
+    assert np.array_equal(got.indptr, want.indptr) and np.array_equal(got.indices, want.indices)
+    assert np.array_equal(got.data, want.data)
+    assert _ngram_features(["", "  "]).nnz == 0 and _ngram_features(["a b"]).nnz == 0
+
+
+def test_vectorised_murmurhash_equals_sklearns():
+    from sklearn.utils import murmurhash3_32
+
+    from curation.refusal import _murmurhash3_32
+
+    words = ["", "a", "ab", "abc", "abcd", "abcde", "i can't help", "caf\u00e9 \u4e0d\U0001f60a", "x" * 301]
+    words += [str(k) * (k % 13) for k in range(200)]
+    encoded = [w.encode("utf-8") for w in words]
+    offsets = np.cumsum([0] + [len(b) for b in encoded])
+    got = _murmurhash3_32(np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets)
+    assert got.tolist() == [murmurhash3_32(w, seed=0) for w in words]
+
+
 def test_repeated_texts_score_as_when_alone(response_texts):
     texts = response_texts[:300]
     doubled = texts + texts[::-1] + texts[:50]
