@@ -112,11 +112,13 @@ def _compiled() -> tuple[list[re.Pattern], list[re.Pattern], re.Pattern]:
 
 # The lexicon runs as polars (Rust regex) expressions over the whole batch, in parallel. The patterns are written
 # for Python's ``re`` (the reference, kept below for the rows Rust could read differently): they use no
-# look-around or backreference, and on most characters the two engines agree on ``\w``/``\b``, case folding,
-# whitespace (``strip``/``split``) and ``isupper``. A text holding a character on which they disagree (combining
-# marks, superscript digits, ``\x1c``-``\x1f``, the Kelvin sign, lone surrogates, ...) goes through ``re``.
+# look-around or backreference, and on most characters the two engines agree on ``\w``/``\b``, ``\d``, case
+# folding, whitespace (``strip``/``split``) and ``isupper``. A text holding a character on which they disagree
+# (combining marks, superscript digits, ``\x1c``-``\x1f``, the Kelvin sign, lone surrogates, ...) goes through
+# ``re``. (:mod:`curation.segments` uses the same check for its concreteness pattern.)
 _RUST_AGREES: dict[str, bool] = {}
 _PY_WORD = re.compile(r"\w")
+_PY_DIGIT = re.compile(r"\d")
 _ASCII_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -132,12 +134,13 @@ def _learn_chars(chars: Iterable[str]) -> None:
     c = pl.col("c")
     rust = pl.DataFrame({"c": new}, schema={"c": pl.String}).select(
         c.str.contains(r"^\w$"), c.str.contains(r"^\s$").alias("s"), c.str.contains(r"^\p{Uppercase}$").alias("u"),
-        (c.str.strip_chars().str.len_chars() == 0).alias("strip"), c.str.contains(r"(?i)^[a-z]$").alias("fold"),
+        (c.str.strip_chars().str.len_chars() == 0).alias("strip"), c.str.contains(r"^\d$").alias("d"),
+        c.str.contains(r"(?i)^[a-z]$").alias("fold"),
     ).rows()
-    for char, (word, space, upper, stripped, fold) in zip(new, rust):
+    for char, (word, space, upper, stripped, digit, fold) in zip(new, rust):
         py_fold = any(re.fullmatch(letter, char, re.I) for letter in _ASCII_LETTERS)
-        same = (word, space, upper, stripped) == (bool(_PY_WORD.match(char)), char.isspace(), char.isupper(),
-                                                   char.isspace())
+        same = (word, space, upper, stripped, digit) == (bool(_PY_WORD.match(char)), char.isspace(), char.isupper(),
+                                                          char.isspace(), bool(_PY_DIGIT.match(char)))
         # A non-ASCII character either engine folds onto an ASCII letter (K, ſ, İ) is left to ``re``.
         _RUST_AGREES[char] = same and (char.isascii() or not (fold or py_fold))
 
