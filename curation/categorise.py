@@ -110,22 +110,133 @@ def _compiled() -> tuple[list[re.Pattern], list[re.Pattern], re.Pattern]:
     return explicit, intent, re.compile(SEVERE_TERMS, re.I)
 
 
+# The lexicon runs as polars (Rust regex) expressions over the whole batch, in parallel. The patterns are written
+# for Python's ``re`` (the reference, kept below for the rows Rust could read differently): they use no
+# look-around or backreference, and on most characters the two engines agree on ``\w``/``\b``, ``\d``, case
+# folding, whitespace (``strip``/``split``) and ``isupper``. A text holding a character on which they disagree
+# (combining marks, superscript digits, ``\x1c``-``\x1f``, the Kelvin sign, lone surrogates, ...) goes through
+# ``re``. (:mod:`curation.segments` uses the same check for its concreteness pattern.)
+_RUST_AGREES: dict[str, bool] = {}
+_PY_WORD = re.compile(r"\w")
+_PY_DIGIT = re.compile(r"\d")
+_ASCII_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _learn_chars(chars: Iterable[str]) -> None:
+    """Record, for each new character, whether Rust's regex and Python treat it alike for the lexicon."""
+    new = [c for c in chars if c not in _RUST_AGREES]
+    surrogates = [c for c in new if 0xD800 <= ord(c) <= 0xDFFF]  # polars cannot hold them
+    for c in surrogates:
+        _RUST_AGREES[c] = False
+    new = [c for c in new if not 0xD800 <= ord(c) <= 0xDFFF]
+    if not new:
+        return
+    c = pl.col("c")
+    rust = pl.DataFrame({"c": new}, schema={"c": pl.String}).select(
+        c.str.contains(r"^\w$"), c.str.contains(r"^\s$").alias("s"), c.str.contains(r"^\p{Uppercase}$").alias("u"),
+        (c.str.strip_chars().str.len_chars() == 0).alias("strip"), c.str.contains(r"^\d$").alias("d"),
+        c.str.contains(r"(?i)^[a-z]$").alias("fold"),
+    ).rows()
+    for char, (word, space, upper, stripped, digit, fold) in zip(new, rust):
+        py_fold = any(re.fullmatch(letter, char, re.I) for letter in _ASCII_LETTERS)
+        same = (word, space, upper, stripped, digit) == (bool(_PY_WORD.match(char)), char.isspace(), char.isupper(),
+                                                          char.isspace(), bool(_PY_DIGIT.match(char)))
+        # A non-ASCII character either engine folds onto an ASCII letter (K, ſ, İ) is left to ``re``.
+        _RUST_AGREES[char] = same and (char.isascii() or not (fold or py_fold))
+
+
+def _char_class(chars: Iterable[str]) -> str:
+    return "[" + "".join(f"\\x{{{ord(c):X}}}" for c in sorted(chars)) + "]"
+
+
+def _rust_readable(strings: list[str]) -> tuple[pl.Series, np.ndarray]:
+    """The strings as a polars Series, and a boolean per string: every character is one on which Rust's regex
+    and Python agree (see above). Strings polars cannot hold (lone surrogates) are blanked and marked False."""
+    if not _RUST_AGREES:
+        _learn_chars(chr(i) for i in range(128))
+    try:
+        series = pl.Series("t", strings, dtype=pl.String)
+        ok = np.ones(len(strings), dtype=bool)
+    except UnicodeEncodeError:
+        ok = np.array([not any(0xD800 <= ord(c) <= 0xDFFF for c in s) for s in strings], dtype=bool)
+        series = pl.Series("t", [s if k else "" for s, k in zip(strings, ok)], dtype=pl.String)
+    present = set(series.str.replace_all(r"[\x00-\x7F]+", "").str.join("").item())
+    present |= set(map(chr, range(128)))
+    _learn_chars(present)
+    bad = [c for c in present if not _RUST_AGREES[c]]
+    if bad:
+        ok &= ~series.str.contains(_char_class(bad)).fill_null(False).to_numpy()
+    return series, ok
+
+
+def _lexicon_row(text: str | None) -> list[float]:
+    """The reference: one text through Python's ``re`` and ``str`` methods."""
+    explicit, intent, _ = _compiled()
+    t = (text or "").strip()
+    row = [len(r.findall(t)) for r in explicit] + [len(r.findall(t)) for r in intent]
+    row += [t.endswith("?"), "!" in t, sum(c.isupper() for c in t) / max(1, len(t)), min(len(t.split()), 60) / 60]
+    return row
+
+
+def _ascii_stand_in(text: pl.Expr) -> pl.Expr:
+    r"""Each non-ASCII character → ``_`` if a word character, else ``\x01``.
+
+    The patterns' literals are ASCII letters, digits, spaces and punctuation other than ``_``, and (for readable
+    texts) no non-ASCII character folds onto an ASCII letter, so this changes no match; it keeps Rust's fast
+    DFA, which gives up on Unicode word boundaries over non-ASCII input (about 40× slower).
+    """
+    return text.str.replace_all(r"[\w&&[^\x00-\x7F]]", "_").str.replace_all(r"[^\x00-\x7F]", "\x01")
+
+
+@functools.lru_cache(maxsize=1)
+def _lexicon_exprs() -> list[pl.Expr]:
+    t, a = pl.col("t"), pl.col("a")
+    # Over ASCII stand-ins, ASCII-only \b, \w and case folding ((?-u)) mean the same and compile smaller.
+    patterns = [r"(?i-u)\b(?:" + p + r")\b" for p in EXPLICIT_TERMS.values()]
+    patterns += ["(?i-u)" + p for p in INTENT_CUES.values()]
+    exprs = [a.str.count_matches(p).cast(pl.Float64).alias(f"x{k}") for k, p in enumerate(patterns)]
+    exprs += [
+        t.str.ends_with("?").cast(pl.Float64).alias("question"),
+        t.str.contains("!", literal=True).cast(pl.Float64).alias("exclamation"),
+        # Python: sum(c.isupper()) / max(1, len(t)) and min(len(t.split()), 60) / 60, in double precision
+        (t.str.count_matches(r"\p{Uppercase}").cast(pl.Float64) / pl.max_horizontal(t.str.len_chars(), 1))
+        .alias("upper"),
+        (pl.min_horizontal(t.str.count_matches(r"\S+"), 60).cast(pl.Float64) / 60).alias("length"),
+    ]
+    return exprs
+
+
 def lexicon_features(texts: Sequence[str | None]) -> np.ndarray:
     """Raw lexicon counts, one row per text, columns :data:`LEXICON_FEATURES` (float32)."""
-    explicit, intent, _ = _compiled()
-    out = np.zeros((len(texts), len(LEXICON_FEATURES)), dtype=np.float32)
-    for i, text in enumerate(texts):
-        t = (text or "").strip()
-        row = [len(r.findall(t)) for r in explicit] + [len(r.findall(t)) for r in intent]
-        row += [t.endswith("?"), "!" in t, sum(c.isupper() for c in t) / max(1, len(t)), min(len(t.split()), 60) / 60]
-        out[i] = row
+    strings = [text or "" for text in texts]
+    out = np.zeros((len(strings), len(LEXICON_FEATURES)), dtype=np.float32)
+    if not strings:
+        return out
+    series, fast = _rust_readable(strings)
+    index = np.flatnonzero(fast)
+    if len(index):
+        frame = series.to_frame() if len(index) == len(strings) else series.filter(pl.Series(fast)).to_frame()
+        frame = frame.select(pl.col("t").str.strip_chars()).with_columns(_ascii_stand_in(pl.col("t")).alias("a"))
+        out[index] = frame.select(_lexicon_exprs()).to_numpy()
+    for i in np.flatnonzero(~fast):
+        out[i] = _lexicon_row(strings[i])
     return out
 
 
 def severe_term_hits(texts: Sequence[str | None]) -> np.ndarray:
     """Boolean per text: mentions death, serious physical harm, sexual abuse, terrorism or self-harm."""
+    strings = [text or "" for text in texts]
+    out = np.zeros(len(strings), dtype=bool)
+    if not strings:
+        return out
+    series, fast = _rust_readable(strings)
+    if fast.any():
+        hits = series.to_frame().select(_ascii_stand_in(pl.col("t")).str.contains("(?i-u)" + SEVERE_TERMS))
+        out[fast] = hits.to_series().to_numpy()[fast]
     _, _, severe = _compiled()
-    return np.array([bool(severe.search(t or "")) for t in texts], dtype=bool)
+    for i in np.flatnonzero(~fast):
+        out[i] = bool(severe.search(strings[i]))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

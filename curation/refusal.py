@@ -25,6 +25,7 @@ holds embeddings for its rows and passes them, and callers without them (eval, t
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -111,20 +112,35 @@ def refusal_features(texts: Sequence[str | None]) -> np.ndarray:
     import polars as pl
 
     strings = _as_strings(texts)
-    n = len(strings)
-    if n == 0:
+    if not strings:
         return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
-    text = pl.Series("t", strings, dtype=pl.String).str.strip_chars()
-    head = text.str.slice(0, HEAD_CHARS)
-    rest = text.str.slice(HEAD_CHARS)
-    columns: list[np.ndarray] = []
-    for part in (head, rest):
-        for pattern in _REFUSAL_PATTERNS.values():
-            columns.append(np.log1p(part.str.count_matches(pattern).fill_null(0).to_numpy().astype(np.float32)))
-    chars = text.str.len_chars().to_numpy().astype(np.float32)
-    lines = text.str.count_matches("\n").to_numpy().astype(np.float32)
+    text, ascii_text = pl.col("t"), pl.col("a")
+    counts = [
+        part.str.count_matches(_stand_in_pattern(pattern)).fill_null(0).alias(f"{name}_{k}")
+        for name, part in (("head", pl.col("head")), ("rest", pl.col("rest")))
+        for k, pattern in enumerate(_REFUSAL_PATTERNS.values())
+    ]
     core = "|".join(_REFUSAL_PATTERNS[k].removeprefix(_I) for k in _REFUSAL_CORE)
-    first = text.str.find(_I + "(?:" + core + ")").to_numpy()
+    first = ascii_text.str.find(_I + "(?:" + core + ")")
+    # str.find gives a byte offset; on the stand-in it is the character offset, so measure those characters' bytes.
+    first_byte = (
+        pl.when(first.is_null()).then(None)
+        .when(pl.col("kept")).then(first)
+        .otherwise(text.str.slice(0, first).str.len_bytes())
+    )
+    frame = (
+        pl.DataFrame({"t": strings}, schema={"t": pl.String})
+        .select(text.str.strip_chars())
+        .with_columns(_ascii_stand_in(text).alias("a"), text.str.contains(_KEEP_UNICODE).alias("kept"))
+        .with_columns(ascii_text.str.slice(0, HEAD_CHARS).alias("head"), ascii_text.str.slice(HEAD_CHARS).alias("rest"))
+        # One select: polars runs every pattern (on the opening and on the rest) in parallel.
+        .select(*counts, text.str.len_chars().alias("chars"), text.str.count_matches("\n").alias("lines"),
+                first_byte.alias("first"))
+    )
+    columns = [np.log1p(frame[:, k].to_numpy().astype(np.float32)) for k in range(len(counts))]
+    chars = frame["chars"].to_numpy().astype(np.float32)
+    lines = frame["lines"].to_numpy().astype(np.float32)
+    first = frame["first"].to_numpy()
     first = np.where(np.isnan(first.astype(np.float64)), -1, first).astype(np.float64)
     refusal_pos = np.where(first >= 0, first / np.maximum(chars, 1.0), 1.0).astype(np.float32)
     has_refusal = first >= 0
@@ -136,6 +152,31 @@ def refusal_features(texts: Sequence[str | None]) -> np.ndarray:
         (has_refusal & (chars < 300)).astype(np.float32),
     ]
     return np.stack(columns, axis=1).astype(np.float32)
+
+
+# Rust's regex gives up its fast DFA for a Unicode \b over non-ASCII text (about 40× slower, and many responses hold
+# a curly apostrophe). The patterns therefore read a stand-in with every character ASCII, one character for one,
+# that no pattern can tell from the original: ’ → ' (the patterns only ever name them together, ['’]), • → \x02
+# (the bullet class names both; a real \x02 first becomes \x01), other word characters → _, other whitespace → \x0b,
+# anything else → \x01 (none of _, \x01, \x0b is a pattern literal). Texts with a non-ASCII digit or a character
+# that case-folds onto an ASCII letter (ſ, K) keep their original characters (only \x02 → \x01).
+_KEEP_UNICODE = r"[[\d&&[^0-9]]\x{17F}\x{212A}]"
+
+
+def _ascii_stand_in(text):
+    import polars as pl
+
+    plain = text.str.replace_all("\x02", "\x01", literal=True)
+    stand_in = (
+        plain.str.replace_all("’", "'", literal=True).str.replace_all("•", "\x02", literal=True)
+        .str.replace_all(r"[\w&&[^\x00-\x7F]]", "_").str.replace_all(r"[\s&&[^\x00-\x7F]]", "\x0b")
+        .str.replace_all(r"[^\x00-\x7F]", "\x01")
+    )
+    return pl.when(text.str.contains(_KEEP_UNICODE)).then(plain).otherwise(stand_in)
+
+
+def _stand_in_pattern(pattern: str) -> str:
+    return pattern.replace("•", "•\x02")
 
 
 #: The opening the hashed n-gram part reads; refusal wording sits there ("I'm sorry, but...", "Sure! Here...").
@@ -150,13 +191,82 @@ EMBED_HEAD_C = 10.0
 
 
 def _ngram_features(strings: list[str]):
-    """Hashed word 1–3-grams of each response's opening, L2-normalised (scipy CSR). Stateless: no vocabulary."""
-    from sklearn.feature_extraction.text import HashingVectorizer
+    """Hashed word 1–3-grams of each response's opening, L2-normalised (scipy CSR). Stateless: no vocabulary.
 
-    vectorizer = HashingVectorizer(
-        n_features=NGRAM_BUCKETS, ngram_range=(1, 3), alternate_sign=False, norm="l2", lowercase=True
-    )
-    return vectorizer.transform([s.strip()[:NGRAM_CHARS] for s in strings])
+    Bit for bit ``HashingVectorizer(n_features=NGRAM_BUCKETS, ngram_range=(1, 3), alternate_sign=False,
+    norm="l2", lowercase=True).transform(...)`` (the shipped heads were fit on it): the same tokens and n-grams,
+    hashed with the same MurmurHash3 (seed 0) by :func:`_murmurhash3_32` over the whole batch at once instead
+    of one Python generator step per n-gram.
+    """
+    import pyarrow as pa
+    from scipy import sparse
+    from sklearn.preprocessing import normalize
+
+    tokenize = _TOKEN.findall
+    grams: list[str] = []
+    lengths = np.zeros(len(strings), dtype=np.int64)
+    for row, s in enumerate(strings):
+        tokens = tokenize(s.strip()[:NGRAM_CHARS].lower())
+        before = len(grams)
+        grams += tokens
+        grams += map(" ".join, zip(tokens, tokens[1:]))
+        grams += map(" ".join, zip(tokens, tokens[1:], tokens[2:]))
+        lengths[row] = len(grams) - before
+    array = pa.array(grams, type=pa.large_string())
+    _, offsets, data = array.buffers()
+    offsets = np.frombuffer(offsets, dtype=np.int64)[array.offset : array.offset + len(grams) + 1]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)
+    h = _murmurhash3_32(data, offsets).astype(np.int64)
+    # sklearn's FeatureHasher: abs(h) % n_features, with its own rule for h = -2**31 (abs would overflow).
+    columns = np.where(h == -(2**31), (2**31 - 1 - (NGRAM_BUCKETS - 1)) % NGRAM_BUCKETS, np.abs(h) % NGRAM_BUCKETS)
+    rows = np.repeat(np.arange(len(strings)), lengths)
+    x = sparse.csr_matrix((np.ones(len(grams)), (rows, columns)), shape=(len(strings), NGRAM_BUCKETS),
+                          dtype=np.float64)
+    x.sum_duplicates()
+    return normalize(x, norm="l2", copy=False)
+
+
+_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # HashingVectorizer's default token_pattern
+
+
+def _murmurhash3_32(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Signed MurmurHash3_x86_32 (seed 0) of each byte string ``data[offsets[i]:offsets[i + 1]]``, vectorised."""
+    lengths = np.diff(offsets)
+    n = len(lengths)
+    data = np.concatenate([data, np.zeros(4, dtype=np.uint8)]).astype(np.uint32)
+    c1, c2 = np.uint32(0xCC9E2D51), np.uint32(0x1B873593)
+
+    def rotl(x, r):
+        return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+    def word(pos, size):  # little-endian, the first ``size`` (1-4) bytes
+        k = data[pos].copy()
+        for b in range(1, size):
+            k |= data[pos + b] << np.uint32(8 * b)
+        return k
+
+    h = np.zeros(n, dtype=np.uint32)
+    blocks = lengths // 4
+    starts = offsets[:-1]
+    with np.errstate(over="ignore"):
+        for j in range(int(blocks.max()) if n else 0):
+            live = np.flatnonzero(blocks > j)
+            k = rotl(word(starts[live] + 4 * j, 4) * c1, 15) * c2
+            h[live] = rotl(h[live] ^ k, 13) * np.uint32(5) + np.uint32(0xE6546B64)
+        tail = lengths % 4
+        k = np.zeros(n, dtype=np.uint32)
+        for size in (1, 2, 3):
+            live = np.flatnonzero(tail == size)
+            k[live] = word(starts[live] + 4 * blocks[live], size)
+        live = np.flatnonzero(tail > 0)
+        h[live] ^= rotl(k[live] * c1, 15) * c2
+        h ^= lengths.astype(np.uint32)
+        h ^= h >> np.uint32(16)
+        h *= np.uint32(0x85EBCA6B)
+        h ^= h >> np.uint32(13)
+        h *= np.uint32(0xC2B2AE35)
+        h ^= h >> np.uint32(16)
+    return h.view(np.int32)
 
 
 @dataclass(frozen=True)
@@ -356,7 +466,12 @@ def refusal_proba(
             )
     if not strings:
         return np.zeros((0, len(CLASSES)), dtype=np.float32)
-    proba = head.predict_proba(strings, embeddings if head.embedding_dim else None)
+    if head.embedding_dim:
+        proba = head.predict_proba(strings, embeddings)
+    else:  # the text head reads nothing but the text: score each distinct text once (rows are independent)
+        first: dict[str, int] = {}
+        inverse = np.fromiter((first.setdefault(s, len(first)) for s in strings), dtype=np.int64, count=len(strings))
+        proba = head.predict_proba(list(first))[inverse]
     # "No answer" is not a refusal to score: the contract wants 0.0, and a blank opening has no n-grams to read.
     empty = np.array([not s.strip() for s in strings])
     proba[empty] = np.array([1.0, 0.0, 0.0], dtype=np.float32)

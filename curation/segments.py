@@ -25,6 +25,7 @@ import re
 from typing import Sequence
 
 import numpy as np
+import polars as pl
 
 DEFAULT_HIGH = 0.35
 DEFAULT_LOW = 0.05
@@ -109,7 +110,17 @@ def split_segments(text: str) -> list[tuple[int, int]]:
 
 def _concreteness(segment_texts: list[str]) -> np.ndarray:
     """0–1: how actionable a segment is (counts of step/list/code/how-to cues, saturating)."""
-    counts = np.array([len(_CONCRETE.findall(s)) for s in segment_texts], dtype=np.float32)
+    from curation.categorise import _rust_readable
+
+    counts = np.zeros(len(segment_texts), dtype=np.float32)
+    if segment_texts:
+        # The pattern is Python re; polars (Rust regex) counts it identically wherever the two engines agree on
+        # every character (\b, \w, \s, \d, case folding); the other texts go through re.
+        series, fast = _rust_readable(segment_texts)
+        if fast.any():
+            counts[fast] = series.filter(pl.Series(fast)).str.count_matches(_CONCRETE.pattern).to_numpy()
+        for i in np.flatnonzero(~fast):
+            counts[i] = len(_CONCRETE.findall(segment_texts[i]))
     lengths = np.array([len(s) for s in segment_texts], dtype=np.float32)
     # Long segments carry more content; a two-word fragment is never very concrete.
     return np.clip(0.35 * counts + np.minimum(lengths / 400.0, 0.3), 0.0, 1.0)
@@ -197,13 +208,16 @@ def spans_for_rows(
         raise ValueError(f"{len(prompt_harm)} prompt_harm values but {len(responses)} responses")
     _check_thresholds(high, low)
     per_row: list[list[tuple[int, int]] | None] = []
+    split_once: dict[str, list[tuple[int, int]]] = {}
     texts: list[str] = []
     harms: list[float] = []
     for harm, response in zip(prompt_harm, responses):
         if response is None:
             per_row.append(None)
             continue
-        segments = split_segments(response)
+        segments = split_once.get(response)
+        if segments is None:
+            segments = split_once[response] = split_segments(response)
         per_row.append(segments)
         texts += [response[s:e] for s, e in segments]
         harms += [float(harm)] * len(segments)

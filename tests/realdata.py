@@ -45,3 +45,27 @@ def write_jsonl(path: Path, rows: list) -> Path:
         for row in rows:
             fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
     return path
+
+
+def real_texts(shared: Path) -> list[str]:
+    """Every prompt and answer text of the real datasets, in a fixed order (for implementation-equivalence tests).
+
+    HH-RLHF transcripts (prompt, chosen, rejected), XSTest and refusal-direction completions, the relabelled
+    BeaverTails prompts and the Alpaca/harmful instruction splits: curly quotes, accents, emoji, code and lists.
+    """
+    texts: list[str] = []
+    with gzip.open(shared / "hh_rlhf_harmless_base" / "test.jsonl.gz", "rt", encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            texts += [row["chosen"], row["rejected"]]
+    for path in sorted((shared / "xstest_completions_dev" / "model_completions").glob("*.csv")):
+        with open(path, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                texts += [row["prompt"], row["completion"]]
+    for path in sorted((shared / "refusal_direction_completions").glob("*/*_evaluations.json")):
+        texts += [row["response"] for row in json.loads(path.read_text(encoding="utf-8"))["completions"]]
+    with open(shared / "equilibrate_relabel_dev" / "beavertails_relabelled_dev.jsonl", encoding="utf-8") as fh:
+        texts += [json.loads(line)["prompt"] for line in fh if line.strip()]
+    for path in sorted((shared / "refusal_direction_splits").glob("*.json")):
+        texts += [row["instruction"] for row in json.loads(path.read_text(encoding="utf-8"))]
+    return [t for t in texts if isinstance(t, str)]

@@ -14,6 +14,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from curation.categorise import (  # noqa: E402
+    LEXICON_FEATURES,
     Categoriser,
     CategoriserError,
     FitConfig,
@@ -25,8 +26,10 @@ from curation.categorise import (  # noqa: E402
     group_from_label,
     lexicon_features,
     macro_f1,
+    severe_term_hits,
 )
 from equi.schema import GROUPS, SEVERITIES  # noqa: E402
+from tests.realdata import real_texts  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RELABEL = SHARED / "equilibrate_relabel_dev" / "beavertails_relabelled_dev.jsonl"
@@ -270,3 +273,85 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, content, message):
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+# ---- the vectorised lexicon (polars / Rust regex) against the plain Python `re` loop it replaced ----------------
+
+def _reference_lexicon(texts):
+    """The original implementation: Python's re and str methods, one text at a time."""
+    import re
+
+    from curation.categorise import EXPLICIT_TERMS, INTENT_CUES
+
+    explicit = [re.compile(r"\b(?:" + p + r")\b", re.I) for p in EXPLICIT_TERMS.values()]
+    intent = [re.compile(p, re.I) for p in INTENT_CUES.values()]
+    out = np.zeros((len(texts), len(LEXICON_FEATURES)), dtype=np.float32)
+    for i, text in enumerate(texts):
+        t = (text or "").strip()
+        row = [len(r.findall(t)) for r in explicit] + [len(r.findall(t)) for r in intent]
+        row += [t.endswith("?"), "!" in t, sum(c.isupper() for c in t) / max(1, len(t)), min(len(t.split()), 60) / 60]
+        out[i] = row
+    return out
+
+
+def _reference_severe(texts):
+    import re
+
+    from curation.categorise import SEVERE_TERMS
+
+    severe = re.compile(SEVERE_TERMS, re.I)
+    return np.array([bool(severe.search(t or "")) for t in texts], dtype=bool)
+
+
+# Characters on which Rust's regex and Python's re/str differ (combining marks, superscripts, \x1c-\x1f, the
+# Kelvin sign and long s that fold onto ASCII letters, dotted I, a lone surrogate) or that the fast path rewrites
+# (curly quotes, NBSP, accents, CJK, emoji, uppercase non-ASCII): spliced into real texts so both paths are used.
+_TRICKY = ["\u0301", "\u00b2", "\u00bd", "\x1c", "\x1f", "\u212a", "\u017f", "\u0130", "\u0131", "\ud800", "\u2019",
+           "\u00a0", "\u00e9", "\u00c9", "\u4e0d", "\U0001f60a", "\u2003", "\u203f", "\u0660", "\u01c5", "\u2160"]
+
+
+def _tricky_variants(texts):
+    out = []
+    for k, text in enumerate(texts):
+        c = _TRICKY[k % len(_TRICKY)]
+        cut = (7 * k) % (len(text) + 1)
+        out += [text[:cut] + c + text[cut:], c + text + c, text.replace("k", "\u212a").replace("s", "\u017f"),
+                text.replace(" ", c), text.upper()]
+    return out
+
+
+@pytest.fixture(scope="module")
+def lexicon_texts(shared_data):
+    texts = real_texts(shared_data)
+    rng = np.random.default_rng(0)
+    sample = [texts[i] for i in rng.choice(len(texts), 6000, replace=False)]
+    return sample + _tricky_variants(sample[:600]) + [None, "", "   ", "?", "KILL!", "I.\u212a.kill \u212aill"]
+
+
+def test_lexicon_features_equal_the_python_re_reference_on_real_texts(lexicon_texts):
+    got = lexicon_features(lexicon_texts)
+    want = _reference_lexicon(lexicon_texts)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    diff = np.argwhere(got != want)
+    assert not len(diff), [(lexicon_texts[i][:80], LEXICON_FEATURES[j], got[i, j], want[i, j]) for i, j in diff[:5]]
+    assert (want[:, : len(LEXICON_FEATURES) - 4] > 0).any(axis=0).all()  # every pattern fires somewhere
+
+
+def test_ascii_stand_ins_never_match_a_pattern_literal():
+    from curation.categorise import EXPLICIT_TERMS, INTENT_CUES, SEVERE_TERMS
+
+    for pattern in [*EXPLICIT_TERMS.values(), *INTENT_CUES.values(), SEVERE_TERMS]:
+        assert pattern.isascii() and "_" not in pattern and "\x01" not in pattern and "\\x" not in pattern
+
+
+def test_severe_term_hits_equal_the_python_re_reference_on_real_texts(lexicon_texts):
+    got = severe_term_hits(lexicon_texts)
+    want = _reference_severe(lexicon_texts)
+    assert got.dtype == want.dtype and (got == want).all()
+    assert 0 < want.sum() < len(want)
+
+
+def test_lexicon_batch_order_does_not_matter(lexicon_texts):
+    texts = lexicon_texts[:2000]
+    order = np.random.default_rng(1).permutation(len(texts))
+    assert np.array_equal(lexicon_features([texts[i] for i in order]), lexicon_features(texts)[order])

@@ -15,12 +15,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from curation import refusal  # noqa: E402
 from curation.refusal import (  # noqa: E402
     CLASSES,
+    FEATURE_NAMES,
     RefusalHeads,
     classify_responses,
     fit_refusal_head,
+    refusal_features,
     refusal_scores,
     xstest_labelled,
 )
+from tests.realdata import real_texts  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 XSTEST = DATA / "xstest_completions_dev"
@@ -122,3 +125,97 @@ def test_text_head_scores_twenty_thousand_responses_quickly():
     elapsed = time.perf_counter() - start
     assert scores.shape == (20_000,)
     assert elapsed < 20, f"{elapsed:.1f}s"
+
+
+# ---- the one-select heuristic features against the per-pattern polars implementation they replaced --------------
+
+def _reference_features(texts):
+    """The original: one polars count per pattern and part, over the original characters."""
+    import polars as pl
+
+    from curation.refusal import _I, _REFUSAL_CORE, _REFUSAL_PATTERNS, HEAD_CHARS
+
+    strings = ["" if t is None else str(t) for t in texts]
+    text = pl.Series("t", strings, dtype=pl.String).str.strip_chars()
+    columns = []
+    for part in (text.str.slice(0, HEAD_CHARS), text.str.slice(HEAD_CHARS)):
+        for pattern in _REFUSAL_PATTERNS.values():
+            columns.append(np.log1p(part.str.count_matches(pattern).fill_null(0).to_numpy().astype(np.float32)))
+    chars = text.str.len_chars().to_numpy().astype(np.float32)
+    lines = text.str.count_matches("\n").to_numpy().astype(np.float32)
+    core = "|".join(_REFUSAL_PATTERNS[k].removeprefix(_I) for k in _REFUSAL_CORE)
+    first = text.str.find(_I + "(?:" + core + ")").to_numpy()
+    first = np.where(np.isnan(first.astype(np.float64)), -1, first).astype(np.float64)
+    refusal_pos = np.where(first >= 0, first / np.maximum(chars, 1.0), 1.0).astype(np.float32)
+    columns += [np.log1p(chars), np.log1p(lines), (chars == 0).astype(np.float32), refusal_pos,
+                ((first >= 0) & (chars < 300)).astype(np.float32)]
+    return np.stack(columns, axis=1).astype(np.float32)
+
+
+# Characters the stand-in rewrites or must keep: curly apostrophe, bullet, \x02, NBSP and other spaces, accents,
+# CJK, emoji, non-ASCII digits, long s and Kelvin sign (fold onto s/k), combining marks.
+_TRICKY = ["\u2019", "\u2022", "\x02", "\x01", "\u00a0", "\u2003", "\u00e9", "\u00c9", "\u4e0d", "\U0001f60a",
+           "\u0660", "\u0966", "\u017f", "\u212a", "\u0301", "_", "\x0b", "\u2028", "\u0085"]
+
+
+def _tricky_variants(texts):
+    out = []
+    for k, text in enumerate(texts):
+        c = _TRICKY[k % len(_TRICKY)]
+        cut = (13 * k) % (len(text) + 1)
+        out += [text[:cut] + c + text[cut:], c + text, text.replace(" ", c), text.replace("'", "\u2019"),
+                text.replace("\n- ", "\n\u2022 ").replace("\n", "\n\x02 "), text.replace("s", "\u017f"),
+                text.replace("k", "\u212a") + "\u0660"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def response_texts(shared_data):
+    texts = real_texts(shared_data)
+    sample = [texts[i] for i in np.random.default_rng(0).choice(len(texts), 8000, replace=False)]
+    return sample + _tricky_variants(sample[:1000]) + [None, "", "  ", "\u2022 a\n\u2022 b", "I\u2019m sorry"]
+
+
+def test_refusal_features_equal_the_per_pattern_reference_on_real_texts(response_texts):
+    got = refusal_features(response_texts)
+    want = _reference_features(response_texts)
+    assert got.dtype == want.dtype and got.shape == want.shape == (len(response_texts), len(FEATURE_NAMES))
+    diff = np.argwhere(got != want)
+    assert not len(diff), [(response_texts[i][:80], FEATURE_NAMES[j], got[i, j], want[i, j]) for i, j in diff[:5]]
+    assert (want[:, : len(FEATURE_NAMES) - 5] > 0).any(axis=0).all()  # every pattern fires somewhere
+
+
+def test_ngram_features_equal_sklearns_hashing_vectorizer_on_real_texts(response_texts):
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    from curation.refusal import NGRAM_BUCKETS, NGRAM_CHARS, _ngram_features
+
+    strings = ["" if t is None else t for t in response_texts]
+    want = HashingVectorizer(n_features=NGRAM_BUCKETS, ngram_range=(1, 3), alternate_sign=False, norm="l2",
+                             lowercase=True).transform([s.strip()[:NGRAM_CHARS] for s in strings])
+    got = _ngram_features(strings)
+    assert got.shape == want.shape and got.dtype == want.dtype and got.has_sorted_indices
+    assert np.array_equal(got.indptr, want.indptr) and np.array_equal(got.indices, want.indices)
+    assert np.array_equal(got.data, want.data)
+    assert _ngram_features(["", "  "]).nnz == 0 and _ngram_features(["a b"]).nnz == 0
+
+
+def test_vectorised_murmurhash_equals_sklearns():
+    from sklearn.utils import murmurhash3_32
+
+    from curation.refusal import _murmurhash3_32
+
+    words = ["", "a", "ab", "abc", "abcd", "abcde", "i can't help", "caf\u00e9 \u4e0d\U0001f60a", "x" * 301]
+    words += [str(k) * (k % 13) for k in range(200)]
+    encoded = [w.encode("utf-8") for w in words]
+    offsets = np.cumsum([0] + [len(b) for b in encoded])
+    got = _murmurhash3_32(np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets)
+    assert got.tolist() == [murmurhash3_32(w, seed=0) for w in words]
+
+
+def test_repeated_texts_score_as_when_alone(response_texts):
+    texts = response_texts[:300]
+    doubled = texts + texts[::-1] + texts[:50]
+    alone = refusal.refusal_proba(texts)
+    assert np.array_equal(refusal.refusal_proba(doubled), np.vstack([alone, alone[::-1], alone[:50]]))
+    assert np.array_equal(np.vstack([refusal.refusal_proba([t]) for t in texts[:40]]), alone[:40])

@@ -146,3 +146,28 @@ def test_refusing_a_benign_prompt_is_marked_bad():
     assert spans and spans[0]["sign"] == -1
     # the same refusal on a harmful prompt is the part worth learning
     assert response_spans(0.95, row["completion"])[0]["sign"] == 1
+
+
+# ---- the batch concreteness count (polars) against the Python re loop it replaced ------------------------------
+
+def test_concreteness_equals_the_python_re_reference_on_real_segments(shared_data):
+    import numpy as np
+
+    from curation.segments import _CONCRETE, _concreteness
+    from tests.realdata import real_texts
+
+    texts = real_texts(shared_data)
+    picks = np.random.default_rng(0).choice(len(texts), 3000, replace=False)
+    segments = [texts[i][s:e] for i in picks for s, e in split_segments(texts[i])]
+    # characters the engines read differently (Kelvin sign, long s, Arabic-Indic and superscript digits, \x1c,
+    # combining accent) or that are pattern literals (bullet, curly apostrophe): spliced in so both paths run
+    tricky = ["\u212a", "\u017f", "\u0661", "\u00b2", "\x1c", "\u0301", "\u2022", "\u2019", "\u00a0", "\u4e0d"]
+    segments += [tricky[k % len(tricky)] + s.replace("s", tricky[(k + 1) % len(tricky)]) for k, s in
+                 enumerate(segments[:3000])]
+    segments += ["\u2022 step 1", "Here\u2019s how", "\u0663. mix", "STEP 3 then", "\U0001d7d1. first", ""]
+    counts = np.array([len(_CONCRETE.findall(s)) for s in segments], dtype=np.float32)
+    lengths = np.array([len(s) for s in segments], dtype=np.float32)
+    want = np.clip(0.35 * counts + np.minimum(lengths / 400.0, 0.3), 0.0, 1.0)
+    got = _concreteness(segments)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert (counts > 0).mean() > 0.05 and len(set(counts.tolist())) > 3
