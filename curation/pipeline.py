@@ -75,17 +75,23 @@ def _kind(shape: str) -> str:
 
 
 def score_refusals(frame: pl.DataFrame) -> pl.DataFrame:
-    """``*_refusal``: probability that each response refuses (null where there is no response)."""
+    """``*_refusal``: probability that each response refuses (null where there is no response).
+
+    One call over the three response columns, so a text repeated across them is scored once.
+    """
     from curation.refusal import refusal_scores
 
-    out = {}
-    for column in ("chosen", "rejected", "response"):
-        texts = frame[column]
-        present = texts.is_not_null().to_numpy()
-        scores = np.full(frame.height, np.nan, dtype=np.float32)
-        if present.any():
-            scores[present] = refusal_scores(texts.filter(texts.is_not_null()).to_list())
-        out[f"{column}_refusal"] = pl.Series(scores).fill_nan(None).cast(pl.Float32)
+    columns = ("chosen", "rejected", "response")
+    present = {c: frame[c].is_not_null().to_numpy() for c in columns}
+    texts = [t for c in columns for t in frame[c].drop_nulls().to_list()]
+    scores = refusal_scores(texts) if texts else np.zeros(0, dtype=np.float32)
+    out, offset = {}, 0
+    for column in columns:
+        column_scores = np.full(frame.height, np.nan, dtype=np.float32)
+        n = int(present[column].sum())
+        column_scores[present[column]] = scores[offset:offset + n]
+        offset += n
+        out[f"{column}_refusal"] = pl.Series(column_scores).fill_nan(None).cast(pl.Float32)
     return frame.with_columns(**out)
 
 
@@ -109,13 +115,14 @@ def score_costs(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def score_spans(frame: pl.DataFrame) -> pl.DataFrame:
-    """AMA key segments for chosen and rejected answers."""
+    """AMA key segments for chosen and rejected answers (one call over both)."""
     from curation.segments import spans_for_rows
 
     harm = frame["harm_score"].to_list()
+    spans = spans_for_rows(harm + harm, frame["chosen"].to_list() + frame["rejected"].to_list())
     return frame.with_columns(
-        pl.Series("chosen_spans", spans_for_rows(harm, frame["chosen"].to_list()), dtype=_SPAN_DTYPE),
-        pl.Series("rejected_spans", spans_for_rows(harm, frame["rejected"].to_list()), dtype=_SPAN_DTYPE),
+        pl.Series("chosen_spans", spans[:frame.height], dtype=_SPAN_DTYPE),
+        pl.Series("rejected_spans", spans[frame.height:], dtype=_SPAN_DTYPE),
     )
 
 
