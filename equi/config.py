@@ -93,7 +93,7 @@ class CurateConfig:
     embedding_cache: bool = True
     clusters: int | None = None
     dup_threshold: float = 0.95
-    batch_size: int = 512
+    batch_size: int = 4096
     size: int | None = None
     ratios: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RATIOS))
     benign_share: float = 0.2

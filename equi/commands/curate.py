@@ -39,7 +39,9 @@ def curate_command(
     input_format: str = typer.Option("auto", "--format", help="Force one input shape: auto, pair, conversation, "
                                      "hh, single, prompt."),
     seed: int = typer.Option(0, help="Seed for every random choice."),
-    batch_size: int = typer.Option(512, help="Rows per processing batch (bounds memory)."),
+    batch_size: int = typer.Option(4096, help="Input lines per processing batch: bounds memory, and is the unit "
+                                   "an interrupted run resumes from. The encoder sorts each batch by length, so "
+                                   "larger batches pad less."),
     shard_rows: int = typer.Option(50_000, help="Rows per Parquet shard."),
     license: str = typer.Option("other", help="Licence id for the data card (the sources' licences apply)."),
     strict: bool = typer.Option(False, help="Stop at the first bad line (file:line: reason) instead of rejecting it."),
