@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -141,7 +142,8 @@ def text_for_embedding(prompt: str) -> str:
 _SPAN_DTYPE = pl.List(pl.Struct({"start": pl.Int32, "end": pl.Int32, "sign": pl.Int8}))
 
 
-def score_batch(rows: list[RawRow], embed: Callable[[list[str]], np.ndarray], categoriser) -> tuple[pl.DataFrame, np.ndarray]:
+def score_batch(rows: list[RawRow], embed: Callable[[list[str]], np.ndarray],
+                categoriser) -> tuple[pl.DataFrame, np.ndarray]:
     """All per-row columns of the contract except ``cluster`` and ``split``, plus the prompt embeddings."""
     embeddings = embed(prompt_texts(rows))
     return score_rows(rows, embeddings, categoriser), embeddings
@@ -372,7 +374,7 @@ def load_models(config: CurateConfig, embedder=None, categoriser=None):
 
 
 #: Config fields that do not change what a run writes.
-_NOT_OUTPUT_DEFINING = ("out", "overwrite", "quiet", "resume", "engine", "ray_address")
+_NOT_OUTPUT_DEFINING = ("out", "overwrite", "quiet", "resume", "engine", "ray_address", "workers")
 
 
 def _config_hash(config: CurateConfig) -> str:
@@ -445,7 +447,19 @@ def read_and_score(config: CurateConfig, work: Path, embedder, categoriser, resu
     n_rows = n_rejected = resumed = 0
     batches = enumerate(_batched(read_rows(config.inputs, config.input_format, config.strict, stats),
                                  config.batch_size))
+    pending: deque[tuple[Path, Future, np.ndarray]] = deque()  # staged (or staging) batches, in input order
+
+    def collect() -> None:
+        nonlocal n_rows
+        path, staging, vecs = pending.popleft()
+        meta = staging.result()
+        stage_files.append((path, meta.height, None))
+        embeddings.append(vecs)
+        meta_parts.append(batch_meta(meta, n_rows))
+        n_rows += meta.height
+
     with open(work / REJECTS, "w", encoding="utf-8") as rejects, ThreadPoolExecutor(1) as encoder, \
+            _Stager(config.workers, categoriser, config.eval_fraction) as stager, \
             tqdm(desc="curate: read+score", unit=" lines", disable=config.quiet, file=sys.stderr) as bar:
 
         def start(item: tuple[int, list]) -> _Batch:
@@ -461,14 +475,16 @@ def read_and_score(config: CurateConfig, work: Path, embedder, categoriser, resu
             n_rejected += len(item.batch) - len(item.rows)
             if item.rows:
                 if item.done:
-                    (frame, vecs), resumed = item.done, resumed + 1
+                    resumed += 1
+                    pending.append((item.path, _finished(item.done[0]), item.done[1]))
                 else:
-                    frame, vecs = _score_and_stage(item, config, categoriser)
-                stage_files.append((item.path, frame.height, None))
-                embeddings.append(vecs)
-                meta_parts.append(batch_meta(frame, n_rows))
-                n_rows += frame.height
+                    vecs = item.embedding.result()
+                    pending.append((item.path, stager.submit(item.rows, vecs, item.path), vecs.astype(np.float16)))
+            while len(pending) > stager.in_flight:
+                collect()
             bar.update(len(item.batch))
+        while pending:
+            collect()
     scored = ScoredInput.assemble(stage_dir, stage_files, embeddings, meta_parts, n_rejected, stats, embedder.dim)
     scored.resumed_batches = resumed
     return scored
@@ -504,12 +520,66 @@ def _one_ahead(items: Iterable, start: Callable) -> Iterator:
         yield previous
 
 
-def _score_and_stage(item: _Batch, config: CurateConfig, categoriser) -> tuple[pl.DataFrame, np.ndarray]:
-    frame, vecs = stage_rows(item.rows, item.embedding.result(), categoriser, config.eval_fraction)
-    path = item.path
+def stage_to_disk(rows: list[RawRow], vecs: np.ndarray, path: Path, categoriser, eval_fraction: float) -> pl.DataFrame:
+    """Score one batch and stage it at ``path`` (embeddings first, the Parquet file last, each renamed into
+    place); returns the metadata columns a resumed run reads back."""
+    frame, vecs = stage_rows(rows, vecs, categoriser, eval_fraction)
     _write_atomic(path.with_suffix(".npy"), lambda tmp: _save_npy(tmp, vecs))
     _write_atomic(path, lambda tmp: pq.write_table(to_table(frame, _STAGE_SCHEMA), tmp, compression="zstd"))
-    return frame.select(_META_COLUMNS), vecs
+    return frame.select(_META_COLUMNS)
+
+
+class _Stager:
+    """Runs :func:`stage_to_disk` in this process (``workers`` ≤ 1) or in a pool of worker processes.
+
+    Workers pay where the heuristics, not the encoder, are the bottleneck (the static embedder): they score
+    batch n+1 while this process reads and embeds batch n+2. Results are collected in input order, so the
+    output does not depend on the number of workers. Workers are spawned, not forked (polars and torch
+    threads do not survive a fork), and ignore Ctrl-C: this process stops them.
+    """
+
+    def __init__(self, workers: int, categoriser, eval_fraction: float):
+        self.categoriser, self.eval_fraction = categoriser, eval_fraction
+        self.in_flight = workers if workers > 1 else 0
+        self.pool = None
+        if workers > 1:
+            import multiprocessing
+
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_init_worker, initargs=(categoriser,))
+
+    def submit(self, rows: list[RawRow], vecs: np.ndarray, path: Path) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(_stage_in_worker, rows, vecs, path, self.eval_fraction)
+        return _finished(stage_to_disk(rows, vecs, path, self.categoriser, self.eval_fraction))
+
+    def __enter__(self) -> "_Stager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
+
+
+_WORKER_CATEGORISER = None
+
+
+def _init_worker(categoriser) -> None:
+    import signal
+
+    global _WORKER_CATEGORISER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER_CATEGORISER = categoriser
+
+
+def _stage_in_worker(rows: list[RawRow], vecs: np.ndarray, path: Path, eval_fraction: float) -> pl.DataFrame:
+    return stage_to_disk(rows, vecs, path, _WORKER_CATEGORISER, eval_fraction)
+
+
+def _finished(value) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def _staged_batch(path: Path, expected_rows: int) -> tuple[pl.DataFrame, np.ndarray] | None:

@@ -64,6 +64,9 @@ class CurateConfig:
         clusters: number of embedding clusters; ``None`` = chosen from the data size.
         dup_threshold: cosine similarity above which two prompts count as near-duplicates.
         batch_size: rows per processing batch (bounded memory).
+        workers: processes that score batches (heuristics, AMA spans) beside the encoder; 1 = in this
+            process. More pays when the heuristics, not the encoder, are the bottleneck (``--embedder
+            static``); the output is the same for any number.
     Running:
         engine: ``local`` scores in this process; ``ray`` scores the batches on a Ray cluster's actor pool
             (``pip install 'equi[ray]'``) and gives the same mix. Not part of the config hash.
@@ -94,6 +97,7 @@ class CurateConfig:
     clusters: int | None = None
     dup_threshold: float = 0.95
     batch_size: int = 4096
+    workers: int = 1
     size: int | None = None
     ratios: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RATIOS))
     benign_share: float = 0.2
@@ -120,6 +124,8 @@ class CurateConfig:
             raise ConfigError("--dup-threshold must be in (0, 1]")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
+        if self.workers < 1:
+            raise ConfigError("--workers must be at least 1")
         if self.size is not None and self.size < 0:
             raise ConfigError("--size must not be negative")
         if set(self.ratios) - set(SAFETY_GROUPS):

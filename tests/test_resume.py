@@ -160,3 +160,11 @@ def test_shard_bytes_depend_on_the_rows_not_on_how_they_were_written(tmp_path, c
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p, _, _ in shards}
 
     assert write(tmp_path / "a", chunks) == write(tmp_path / "b", [700])
+
+
+def test_worker_processes_write_the_same_mix(raw, uninterrupted, tmp_path):
+    from curation.pipeline import curate
+
+    out = tmp_path / "mix"
+    curate(_config(raw, out, workers=2))
+    assert _shards(out) == _shards(uninterrupted)

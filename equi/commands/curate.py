@@ -42,6 +42,8 @@ def curate_command(
     batch_size: int = typer.Option(4096, help="Input lines per processing batch: bounds memory, and is the unit "
                                    "an interrupted run resumes from. The encoder sorts each batch by length, so "
                                    "larger batches pad less."),
+    workers: int = typer.Option(1, help="Processes scoring batches beside the encoder (1 = this one). 2 pays with "
+                                "--embedder static, where the heuristics are the bottleneck; same output."),
     shard_rows: int = typer.Option(50_000, help="Rows per Parquet shard."),
     license: str = typer.Option("other", help="Licence id for the data card (the sources' licences apply)."),
     strict: bool = typer.Option(False, help="Stop at the first bad line (file:line: reason) instead of rejecting it."),
@@ -50,7 +52,8 @@ def curate_command(
                                 "command (kept in .OUT.partial beside --out); the result is byte-identical to "
                                 "an uninterrupted run. --no-resume starts afresh."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
-    engine: str = typer.Option("local", metavar="[local|ray]", help="Where to score the rows: local (this process) or ray (a Ray "
+    engine: str = typer.Option("local", metavar="[local|ray]",
+                               help="Where to score the rows: local (this process) or ray (a Ray "
                                "actor pool, GPU actors when the cluster has GPUs; pip install 'equi\\[ray]'). "
                                "Same mix either way."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join with --engine ray "
@@ -66,7 +69,8 @@ def curate_command(
         config = CurateConfig(
             inputs=inputs, out=str(out), input_format=input_format, strict=strict, embedder=embedder,
             categoriser=str(categoriser) if categoriser else None, embedding_cache=cache, clusters=clusters,
-            dup_threshold=dup_threshold, batch_size=batch_size, size=size, ratios=parse_ratios(ratios),
+            dup_threshold=dup_threshold, batch_size=batch_size, workers=workers, size=size,
+            ratios=parse_ratios(ratios),
             benign_share=benign_share, eval_fraction=eval_fraction, seed=seed, overwrite=overwrite, resume=resume,
             shard_rows=shard_rows, license=license, quiet=quiet, engine=engine, ray_address=ray_address,
         )
