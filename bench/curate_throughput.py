@@ -4,7 +4,7 @@ Real rows (HH-RLHF harmless-base pairs, XSTest completions, AdvBench behaviours 
 resampled with replacement to --rows lines. Resampling repeats rows, so exact duplicates make most of a large
 input: the pool and every pass scale with --rows, but the mixture stays small (duplicates are dropped).
 
-    python bench/curate_throughput.py [--rows 20000] [--embedder NAME|static]
+    python bench/curate_throughput.py [--rows 20000] [--embedder NAME|static] [--workers N]
 
 With ``--embedder static`` (``pip install -e ".[fast]"``) a categoriser for the static embeddings is first fit on
 the Equilibrate relabelled BeaverTails prompts (``shared/data/equilibrate_relabel_dev``) and cached in
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -74,26 +73,39 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--embedder", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1, help="equi curate --workers")
     parser.add_argument("--cache", action="store_true",
                         help="let the pipeline use its embedding cache (resampled rows repeat, so it embeds fewer "
                              "texts than the raw encoder; off by default for a like-for-like ratio)")
+    parser.add_argument("--build-only", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build_only:
+        build_input(args.rows, args.seed, args.build_only)
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.jsonl"
-        build_input(args.rows, args.seed, raw)
+        # Built in a child: a process forked from a parent that held the input starts with the parent's
+        # RSS, which would then count as the pipeline's peak.
+        subprocess.run([sys.executable, __file__, "--build-only", str(raw), "--rows", str(args.rows),
+                        "--seed", str(args.seed)], check=True)
         # The pipeline runs in a child process so its peak RSS is its own.
         cmd = [sys.executable, "-m", "equi.cli", "curate", str(raw), "--out", str(Path(tmp) / "mix"), "--quiet"]
         if args.embedder:
             cmd += ["--embedder", args.embedder]
+        cmd += ["--workers", str(args.workers)]
         if args.embedder == "static":
             cmd += ["--categoriser", str(static_categoriser())]
         if not args.cache:
             cmd += ["--no-cache"]
         start = time.perf_counter()
-        subprocess.run(cmd, check=True)
+        child = subprocess.Popen(cmd)
+        _, status, usage = os.wait4(child.pid, 0)
         elapsed = time.perf_counter() - start
-        peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"equi curate failed: {cmd}")
+        # That process's peak (or, with --workers, its largest worker's, if larger).
+        peak_mib = usage.ru_maxrss / 1024
         raw_rate = encoder_rows_per_s(raw, args.embedder)
     rate = args.rows / elapsed
     print(f"rows                 {args.rows}")
@@ -101,7 +113,7 @@ def main() -> None:
     print(f"raw encoder          {raw_rate:,.0f} rows/s on the same prompts")
     print(f"pipeline / encoder   {rate / raw_rate:.2f}x")
     print(f"peak RSS             {peak_mib:,.0f} MiB")
-    print(f"| {args.embedder or 'all-MiniLM-L6-v2'} | {args.rows:,} | {rate:,.0f} rows/s | {raw_rate:,.0f} rows/s "
+    print(f"| {args.embedder or 'all-MiniLM-L6-v2'} | {args.workers} | {args.rows:,} | {rate:,.0f} rows/s | {raw_rate:,.0f} rows/s "
           f"| {rate / raw_rate:.2f}x | {peak_mib / 1024:.2f} GiB |")
 
 
