@@ -117,14 +117,11 @@ def score_costs(frame: pl.DataFrame) -> pl.DataFrame:
 
 def score_spans(frame: pl.DataFrame) -> pl.DataFrame:
     """AMA key segments for chosen and rejected answers (one call over both)."""
-    from curation.segments import spans_for_rows
+    from curation.segments import span_column
 
     harm = frame["harm_score"].to_list()
-    spans = spans_for_rows(harm + harm, frame["chosen"].to_list() + frame["rejected"].to_list())
-    return frame.with_columns(
-        pl.Series("chosen_spans", spans[:frame.height], dtype=_SPAN_DTYPE),
-        pl.Series("rejected_spans", spans[frame.height:], dtype=_SPAN_DTYPE),
-    )
+    spans = span_column("spans", harm + harm, frame["chosen"].to_list() + frame["rejected"].to_list())
+    return frame.with_columns(spans[:frame.height].alias("chosen_spans"), spans[frame.height:].alias("rejected_spans"))
 
 
 def text_for_embedding(prompt: str) -> str:
@@ -137,9 +134,6 @@ def text_for_embedding(prompt: str) -> str:
         return prompt
     turns = [t for t in prompt.split("\n\n") if t.startswith("Human:")]
     return " ".join(t[len("Human:"):].strip() for t in turns) or prompt
-
-
-_SPAN_DTYPE = pl.List(pl.Struct({"start": pl.Int32, "end": pl.Int32, "sign": pl.Int8}))
 
 
 def score_batch(rows: list[RawRow], embed: Callable[[list[str]], np.ndarray],
@@ -647,7 +641,7 @@ _STAGE_SCHEMA = pa.schema([f for f in POOL_SCHEMA if f.name != "cluster"]
 def build_mixture_rows(stage_files: list, selected: pl.DataFrame, eval_fraction: float) -> pl.DataFrame:
     """Full mixture rows for the selection: native pairs copied, single responses joined into pairs."""
     from curation.mixer import eval_split
-    from curation.segments import spans_for_rows
+    from curation.segments import span_column
 
     if selected.height == 0:
         return pl.DataFrame(schema=pl.from_arrow(MIX_SCHEMA.empty_table()).schema)
@@ -671,9 +665,8 @@ def build_mixture_rows(stage_files: list, selected: pl.DataFrame, eval_fraction:
         )
         prompt_harm = single["harm_score"].to_list()
         single = single.with_columns(
-            pl.Series("chosen_spans", spans_for_rows(prompt_harm, single["chosen"].to_list()), dtype=_SPAN_DTYPE),
-            pl.Series("rejected_spans", spans_for_rows(prompt_harm, single["rejected"].to_list()),
-                      dtype=_SPAN_DTYPE),
+            span_column("chosen_spans", prompt_harm, single["chosen"].to_list()),
+            span_column("rejected_spans", prompt_harm, single["rejected"].to_list()),
             pl.Series("id", [content_id(p, c, r, None) for p, c, r in
                              zip(single["prompt"], single["chosen"], single["rejected"])]),
             response=pl.lit(None, pl.String), response_refusal=pl.lit(None, pl.Float32),

@@ -178,16 +178,11 @@ def spans_from_scores(
     scored: Sequence[tuple[int, int, float]], high: float = DEFAULT_HIGH, low: float = DEFAULT_LOW
 ) -> list[dict]:
     """Turn scored segments into merged ±1 spans ``{"start", "end", "sign"}`` (neutral stretches get none)."""
-    states = hysteresis_states([s for _, _, s in scored], high, low)
-    spans: list[dict] = []
-    previous_state = 0
-    for (start, end, _), state in zip(scored, states):
-        if state != 0 and state == previous_state and spans:
-            spans[-1]["end"] = end  # same run: merge, covering the whitespace between segments
-        elif state != 0:
-            spans.append({"start": int(start), "end": int(end), "sign": int(state)})
-        previous_state = state
-    return spans
+    return _as_dicts(_merged_spans([(s, e) for s, e, _ in scored], [v for _, _, v in scored], high, low))
+
+
+def _as_dicts(spans: list[tuple[int, int, int]]) -> list[dict]:
+    return [{"start": s, "end": e, "sign": sign} for s, e, sign in spans]
 
 
 def response_spans(
@@ -204,6 +199,45 @@ def spans_for_rows(
     low: float = DEFAULT_LOW,
 ) -> list[list[dict] | None]:
     """:func:`response_spans` over a batch, with one refusal-detector call for all segments; None → None."""
+    return [None if spans is None else _as_dicts(spans) for spans in _row_spans(prompt_harm, responses, high, low)]
+
+
+#: The contract's span column type (``chosen_spans``, ``rejected_spans``).
+SPAN_DTYPE = pl.List(pl.Struct({"start": pl.Int32, "end": pl.Int32, "sign": pl.Int8}))
+
+
+def span_column(
+    name: str,
+    prompt_harm: Sequence[float],
+    responses: Sequence[str | None],
+    high: float = DEFAULT_HIGH,
+    low: float = DEFAULT_LOW,
+) -> pl.Series:
+    """:func:`spans_for_rows` as a polars column of :data:`SPAN_DTYPE` (null where the response is None).
+
+    Built from flat Arrow arrays: polars' conversion of a list of lists of dicts costs more than scoring them.
+    """
+    import pyarrow as pa
+
+    offsets, valid, flat = [0], [], []
+    for spans in _row_spans(prompt_harm, responses, high, low):
+        valid.append(spans is not None)
+        flat += spans or ()
+        offsets.append(len(flat))
+    columns = np.array(flat, dtype=np.int32).reshape(-1, 3)
+    values = pa.StructArray.from_arrays(
+        [pa.array(columns[:, 0]), pa.array(columns[:, 1]), pa.array(columns[:, 2].astype(np.int8))],
+        names=["start", "end", "sign"],
+    )
+    mask = pa.array(~np.array(valid, dtype=bool)) if not all(valid) else None
+    array = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values, mask=mask)
+    return pl.Series(name, pl.from_arrow(array), dtype=SPAN_DTYPE)
+
+
+def _row_spans(
+    prompt_harm: Sequence[float], responses: Sequence[str | None], high: float, low: float
+) -> list[list[tuple[int, int, int]] | None]:
+    """Per response, its merged ``(start, end, sign)`` spans (None for None), scoring every segment in one call."""
     if len(prompt_harm) != len(responses):
         raise ValueError(f"{len(prompt_harm)} prompt_harm values but {len(responses)} responses")
     _check_thresholds(high, low)
@@ -221,8 +255,8 @@ def spans_for_rows(
         per_row.append(segments)
         texts += [response[s:e] for s, e in segments]
         harms += [float(harm)] * len(segments)
-    scores = _score_segments(np.asarray(harms, dtype=np.float32), texts)
-    out: list[list[dict] | None] = []
+    scores = _score_segments(np.asarray(harms, dtype=np.float32), texts).tolist()
+    out: list[list[tuple[int, int, int]] | None] = []
     cursor = 0
     for segments in per_row:
         if segments is None:
@@ -230,5 +264,19 @@ def spans_for_rows(
             continue
         row_scores = scores[cursor : cursor + len(segments)]
         cursor += len(segments)
-        out.append(spans_from_scores([(s, e, float(v)) for (s, e), v in zip(segments, row_scores)], high, low))
+        out.append(_merged_spans(segments, row_scores, high, low))
     return out
+
+
+def _merged_spans(segments: Sequence[tuple[int, int]], scores: Sequence[float], high: float,
+                  low: float) -> list[tuple[int, int, int]]:
+    """Consecutive segments in the same hysteresis state merged into one ``(start, end, sign)`` span."""
+    spans: list[tuple[int, int, int]] = []
+    previous = 0
+    for (start, end), state in zip(segments, hysteresis_states(scores, high, low)):
+        if state != 0 and state == previous and spans:
+            spans[-1] = (spans[-1][0], end, state)  # same run: merge, covering the whitespace between segments
+        elif state != 0:
+            spans.append((int(start), int(end), state))
+        previous = state
+    return spans

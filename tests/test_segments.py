@@ -15,7 +15,9 @@ from curation.refusal import xstest_labelled  # noqa: E402
 from curation.segments import (  # noqa: E402
     hysteresis_states,
     response_spans,
+    SPAN_DTYPE,
     segment_scores,
+    span_column,
     spans_for_rows,
     spans_from_scores,
     split_segments,
@@ -107,6 +109,14 @@ def test_batch_matches_single_rows_and_spans_are_valid(texts, harm):
     for text, spans in zip(texts, batch):
         _assert_valid_spans(spans, len(text))
         assert spans == response_spans(harm, text)
+
+
+@given(st.lists(st.one_of(st.none(), synthetic_text), max_size=8), st.floats(min_value=0, max_value=1))
+@settings(max_examples=40, deadline=None)
+def test_span_column_holds_the_same_spans_as_the_dicts(texts, harm):
+    column = span_column("spans", [harm] * len(texts), texts)
+    assert column.dtype == SPAN_DTYPE and column.name == "spans" and column.len() == len(texts)
+    assert column.to_list() == spans_for_rows([harm] * len(texts), texts)
 
 
 def test_scores_lie_in_range_and_empty_response_has_no_segments():
