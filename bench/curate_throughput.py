@@ -100,8 +100,10 @@ def main() -> None:
             cmd += ["--no-cache"]
         start = time.perf_counter()
         child = subprocess.Popen(cmd)
+        tree = TreeRss(child.pid)
         _, status, usage = os.wait4(child.pid, 0)
         elapsed = time.perf_counter() - start
+        tree.stop()
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"equi curate failed: {cmd}")
         # That process's peak (or, with --workers, its largest worker's, if larger).
@@ -112,9 +114,49 @@ def main() -> None:
     print(f"end-to-end           {rate:,.0f} rows/s ({elapsed:.1f} s, including model load)")
     print(f"raw encoder          {raw_rate:,.0f} rows/s on the same prompts")
     print(f"pipeline / encoder   {rate / raw_rate:.2f}x")
-    print(f"peak RSS             {peak_mib:,.0f} MiB")
+    print(f"peak RSS             {peak_mib:,.0f} MiB (the largest process)")
+    print(f"peak RSS, all        {tree.peak_mib:,.0f} MiB (curate and its workers together, sampled every 0.1 s)")
     print(f"| {args.embedder or 'all-MiniLM-L6-v2'} | {args.workers} | {args.rows:,} | {rate:,.0f} rows/s | {raw_rate:,.0f} rows/s "
-          f"| {rate / raw_rate:.2f}x | {peak_mib / 1024:.2f} GiB |")
+          f"| {rate / raw_rate:.2f}x | {peak_mib / 1024:.2f} GiB | {tree.peak_mib / 1024:.2f} GiB |")
+
+
+class TreeRss:
+    """The peak of the summed resident memory of a process and its descendants, sampled from /proc (Linux)."""
+
+    def __init__(self, pid: int, every: float = 0.1):
+        import threading
+
+        self.pid, self.every, self.peak_mib = pid, every, 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        page_mib = os.sysconf("SC_PAGE_SIZE") / 2**20
+        while not self._done.wait(self.every):
+            parents: dict[int, int] = {}
+            for entry in Path("/proc").iterdir():
+                try:
+                    if entry.name.isdigit():  # the ppid is the field after the parenthesised command name
+                        parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+            tree, grew = {self.pid}, True
+            while grew:
+                more = {p for p, parent in parents.items() if parent in tree} - tree
+                tree |= more
+                grew = bool(more)
+            total = 0
+            for p in tree:
+                try:
+                    total += int(Path(f"/proc/{p}/statm").read_text().split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+            self.peak_mib = max(self.peak_mib, total * page_mib)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ class EmbeddingCache:
         name = hashlib.sha256(f"{identity}|{dim}".encode()).hexdigest()[:16]
         self.path = folder / f"{name}.sqlite"
         self.dim = dim
-        # The pipeline encodes in a worker thread (one at a time), not the thread that opened the cache.
-        self._db = sqlite3.connect(self.path, check_same_thread=False)
+        # The pipeline encodes in a worker thread (one at a time), not the thread that opened the cache; with
+        # --workers several processes share the file, so a writer waits for another's lock instead of failing.
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=120)
         self._db.execute("CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, vec BLOB NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (identity TEXT)")
 

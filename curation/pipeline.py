@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 from collections import deque
+from contextlib import closing
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,8 @@ from equi.manifest import equi_version, resumable_directory, sha256_file, shard_
 from equi.schema import (CARD, DATA_DIR, GROUPS, MANIFEST, MIX_SCHEMA, POOL_DIR, POOL_SCHEMA, REJECTS,
                          SCHEMA_VERSION, shard_name)
 
-from curation.readers import InputError, RawRow, ReadStats, Reject, content_id, read_rows
+from curation.readers import (InputError, RawRow, ReadStats, Reject, content_id, parse_lines, read_lines,
+                              read_rows)
 
 
 @dataclass
@@ -287,6 +289,7 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
     from curation.cluster import choose_k, fit_assign_clusters
     from curation.mixer import select_mixture
 
+    given_embedder = embedder
     embedder, categoriser = load_models(config, embedder, categoriser)
     # A Ray run is not resumed: its actors score the whole input again.
     fingerprint = run_fingerprint(config, embedder) if config.resume and config.engine == "local" else None
@@ -297,7 +300,8 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
 
             scored = read_and_score_ray(config, work, embedder, categoriser)
         else:
-            scored = read_and_score(config, work, embedder, categoriser, resume=run.resumed)
+            scored = read_and_score(config, work, embedder, categoriser, resume=run.resumed,
+                                    given_embedder=given_embedder)
         k = min(config.clusters or choose_k(scored.n_rows), max(scored.n_rows, 1))
         clusters = fit_assign_clusters(scored.embeddings, k, config.seed)
         for leftover in (POOL_DIR, DATA_DIR):  # from an interrupted run that got past pass 1
@@ -421,7 +425,8 @@ class ScoredInput:
         shutil.rmtree(self.stage_dir)
 
 
-def read_and_score(config: CurateConfig, work: Path, embedder, categoriser, resume: bool = False) -> ScoredInput:
+def read_and_score(config: CurateConfig, work: Path, embedder, categoriser, resume: bool = False,
+                   given_embedder=None) -> ScoredInput:
     """Pass 1: stream the inputs in batches; rejects go to ``rejects.jsonl``, scored rows to staged Parquet.
 
     Each batch of ``batch_size`` input lines is staged as its own pair of files (rows as Parquet, prompt
@@ -429,6 +434,10 @@ def read_and_score(config: CurateConfig, work: Path, embedder, categoriser, resu
     the batch done. With ``resume``, done batches are read back instead of scored again: reading the input
     is cheap next to scoring it, so every line is read again (rejects and counts come out the same) and
     the batch boundaries, hence every later step, are exactly those of an uninterrupted run.
+
+    With ``config.workers`` > 1 whole batches (parse, embed, score, stage) run in worker processes; this
+    process only reads lines and collects the results in input order, so the output is the same. Each worker
+    loads ``config.embedder`` itself, or is sent ``given_embedder`` (one the caller passed to :func:`curate`).
     """
     from tqdm.auto import tqdm
 
@@ -439,46 +448,24 @@ def read_and_score(config: CurateConfig, work: Path, embedder, categoriser, resu
     embeddings: list[np.ndarray] = []
     meta_parts: list[pl.DataFrame] = []
     n_rows = n_rejected = resumed = 0
-    batches = enumerate(_batched(read_rows(config.inputs, config.input_format, config.strict, stats),
-                                 config.batch_size))
-    pending: deque[tuple[Path, Future, np.ndarray]] = deque()  # staged (or staging) batches, in input order
-
-    def collect() -> None:
-        nonlocal n_rows
-        path, staging, vecs = pending.popleft()
-        meta = staging.result()
-        stage_files.append((path, meta.height, None))
-        embeddings.append(vecs)
-        meta_parts.append(batch_meta(meta, n_rows))
-        n_rows += meta.height
-
-    with open(work / REJECTS, "w", encoding="utf-8") as rejects, ThreadPoolExecutor(1) as encoder, \
-            _Stager(config.workers, categoriser, config.eval_fraction) as stager, \
+    if config.workers > 1:
+        batches = _score_in_workers(config, stage_dir, stats, given_embedder, categoriser, resume)
+    else:
+        batches = _score_here(config, stage_dir, stats, embedder, categoriser, resume)
+    # closing: an error or Ctrl-C here stops the workers before the run's directory is cleaned up.
+    with closing(batches), open(work / REJECTS, "w", encoding="utf-8") as rejects, \
             tqdm(desc="curate: read+score", unit=" lines", disable=config.quiet, file=sys.stderr) as bar:
-
-        def start(item: tuple[int, list]) -> _Batch:
-            number, batch = item
-            rows = [x for x in batch if isinstance(x, RawRow)]
-            path = stage_dir / f"batch-{number:06d}.parquet"
-            done = _staged_batch(path, len(rows)) if resume and rows else None
-            embedding = None if done or not rows else encoder.submit(embedder.encode, prompt_texts(rows))
-            return _Batch(batch, rows, path, done, embedding)
-
-        for item in _one_ahead(batches, start):
-            take_rows(item.batch, rejects)
-            n_rejected += len(item.batch) - len(item.rows)
-            if item.rows:
-                if item.done:
-                    resumed += 1
-                    pending.append((item.path, _finished(item.done[0]), item.done[1]))
-                else:
-                    vecs = item.embedding.result()
-                    pending.append((item.path, stager.submit(item.rows, vecs, item.path), vecs.astype(np.float16)))
-            while len(pending) > stager.in_flight:
-                collect()
-            bar.update(len(item.batch))
-        while pending:
-            collect()
+        for batch in batches:
+            for reject in batch.rejects:
+                rejects.write(reject.to_json() + "\n")
+            n_rejected += len(batch.rejects)
+            if batch.meta is not None:
+                stage_files.append((batch.path, batch.meta.height, None))
+                embeddings.append(batch.vecs)
+                meta_parts.append(batch_meta(batch.meta, n_rows))
+                n_rows += batch.meta.height
+                resumed += batch.resumed
+            bar.update(batch.lines)
     scored = ScoredInput.assemble(stage_dir, stage_files, embeddings, meta_parts, n_rejected, stats, embedder.dim)
     scored.resumed_batches = resumed
     return scored
@@ -488,14 +475,42 @@ _META_COLUMNS = ("prompt", "kind", "group", "response_cost")
 
 
 @dataclass
-class _Batch:
-    """One batch of reader items on its way through pass 1."""
+class _Staged:
+    """One batch of input lines after pass 1."""
 
-    batch: list  # RawRow and Reject items, in input order
-    rows: list[RawRow]
+    lines: int  # input lines it holds
+    rejects: list[Reject]
     path: Path  # its staged Parquet file
-    done: tuple[pl.DataFrame, np.ndarray] | None  # read back from an interrupted run
-    embedding: Future | None  # the prompt embeddings, being computed
+    meta: pl.DataFrame | None = None  # the staged rows' metadata (_META_COLUMNS); None when it has no usable row
+    vecs: np.ndarray | None = None  # float16 prompt embeddings
+    resumed: bool = False  # read back from an interrupted run
+
+
+def _score_here(config: CurateConfig, stage_dir: Path, stats: ReadStats, embedder, categoriser,
+                resume: bool) -> Iterator[_Staged]:
+    """Pass 1 in this process: the encoder embeds batch n+1 in a thread while the heuristics score batch n."""
+    batches = enumerate(_batched(read_rows(config.inputs, config.input_format, config.strict, stats),
+                                 config.batch_size))
+    with ThreadPoolExecutor(1) as encoder:
+
+        def start(item: tuple[int, list]) -> tuple[_Staged, list[RawRow], Future | None]:
+            number, batch = item
+            rows = [x for x in batch if isinstance(x, RawRow)]
+            staged = _Staged(len(batch), [x for x in batch if isinstance(x, Reject)],
+                             stage_dir / f"batch-{number:06d}.parquet")
+            done = _staged_batch(staged.path, len(rows)) if resume and rows else None
+            if done:
+                staged.meta, staged.vecs = done
+                staged.resumed = True
+            embedding = encoder.submit(embedder.encode, prompt_texts(rows)) if rows and not done else None
+            return staged, rows, embedding
+
+        for staged, rows, embedding in _one_ahead(batches, start):
+            if embedding is not None:
+                vecs = embedding.result()
+                staged.meta = stage_to_disk(rows, vecs, staged.path, categoriser, config.eval_fraction)
+                staged.vecs = vecs.astype(np.float16)
+            yield staged
 
 
 def _one_ahead(items: Iterable, start: Callable) -> Iterator:
@@ -523,57 +538,76 @@ def stage_to_disk(rows: list[RawRow], vecs: np.ndarray, path: Path, categoriser,
     return frame.select(_META_COLUMNS)
 
 
-class _Stager:
-    """Runs :func:`stage_to_disk` in this process (``workers`` ≤ 1) or in a pool of worker processes.
+def _score_in_workers(config: CurateConfig, stage_dir: Path, stats: ReadStats, given_embedder, categoriser,
+                      resume: bool) -> Iterator[_Staged]:
+    """Pass 1 in ``config.workers`` processes, each with its own encoder (one torch thread per core it gets).
 
-    Workers pay where the heuristics, not the encoder, are the bottleneck (the static embedder): they score
-    batch n+1 while this process reads and embeds batch n+2. Results are collected in input order, so the
-    output does not depend on the number of workers. Workers are spawned, not forked (polars and torch
-    threads do not survive a fork), and ignore Ctrl-C: this process stops them.
+    This process reads raw lines and hands each batch out whole: workers parse, embed, score and stage it.
+    Results come back in input order, so the output does not depend on the number of workers. Workers are
+    spawned, not forked (polars and torch threads do not survive a fork), and ignore Ctrl-C: this process
+    stops them.
     """
+    import multiprocessing
 
-    def __init__(self, workers: int, categoriser, eval_fraction: float):
-        self.categoriser, self.eval_fraction = categoriser, eval_fraction
-        self.in_flight = workers if workers > 1 else 0
-        self.pool = None
-        if workers > 1:
-            import multiprocessing
-
-            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_init_worker, initargs=(categoriser,))
-
-    def submit(self, rows: list[RawRow], vecs: np.ndarray, path: Path) -> Future:
-        if self.pool is not None:
-            return self.pool.submit(_stage_in_worker, rows, vecs, path, self.eval_fraction)
-        return _finished(stage_to_disk(rows, vecs, path, self.categoriser, self.eval_fraction))
-
-    def __enter__(self) -> "_Stager":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
+    batches = enumerate(_batched(read_lines(config.inputs, config.strict, stats), config.batch_size))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // config.workers)
+    pending: deque[Future] = deque()
+    with ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                             initargs=(config, given_embedder, categoriser, threads)) as pool:
+        try:
+            for number, lines in batches:
+                pending.append(pool.submit(_stage_lines, lines, stage_dir / f"batch-{number:06d}.parquet", resume))
+                while len(pending) > 2 * config.workers:  # keep every worker busy while this one collects
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
-_WORKER_CATEGORISER = None
+_WORKER: dict = {}
 
 
-def _init_worker(categoriser) -> None:
+def _init_worker(config: CurateConfig, embedder, categoriser, threads: int) -> None:
     import signal
+    import threading
 
-    global _WORKER_CATEGORISER
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _WORKER_CATEGORISER = categoriser
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    _WORKER["embedder"], _WORKER["categoriser"] = load_models(config, embedder, categoriser)
+    if "torch" in sys.modules:  # a transformer encoder: one thread per core this worker gets (the static one has no torch)
+        sys.modules["torch"].set_num_threads(threads)
+    _WORKER["config"] = config
 
 
-def _stage_in_worker(rows: list[RawRow], vecs: np.ndarray, path: Path, eval_fraction: float) -> pl.DataFrame:
-    return stage_to_disk(rows, vecs, path, _WORKER_CATEGORISER, eval_fraction)
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent was killed (``kill -9``, out of memory) exits instead of waiting forever on its queue
+    (and holding the parent's stdout open)."""
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
-def _finished(value) -> Future:
-    future: Future = Future()
-    future.set_result(value)
-    return future
+def _stage_lines(lines: list, path: Path, resume: bool) -> _Staged:
+    """A worker's whole batch: parse the lines, then read back the staged batch or embed, score and stage it."""
+    config = _WORKER["config"]
+    items = list(parse_lines(lines, config.input_format, config.strict))
+    rows = [x for x in items if isinstance(x, RawRow)]
+    staged = _Staged(len(lines), [x for x in items if isinstance(x, Reject)], path)
+    if rows:
+        done = _staged_batch(path, len(rows)) if resume else None
+        if done:
+            staged.meta, staged.vecs = done
+            staged.resumed = True
+        else:
+            vecs = _WORKER["embedder"].encode(prompt_texts(rows))
+            staged.meta = stage_to_disk(rows, vecs, path, _WORKER["categoriser"], config.eval_fraction)
+            staged.vecs = vecs.astype(np.float16)
+    return staged
 
 
 def _staged_batch(path: Path, expected_rows: int) -> tuple[pl.DataFrame, np.ndarray] | None:
@@ -596,7 +630,8 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    # The pid keeps two writers apart (a worker orphaned by a killed run may still finish its batch).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
     os.replace(tmp, path)
 

@@ -15,7 +15,7 @@ import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
@@ -232,6 +232,15 @@ def _open_lines(path: str) -> Iterator[bytes]:
             yield from fh
 
 
+@dataclass(frozen=True)
+class RawLine:
+    """One input line as read, not yet parsed (what a worker process is handed)."""
+
+    file: str
+    line: int
+    raw: bytes
+
+
 def read_rows(paths: list[str], shape: str = "auto", strict: bool = False,
               stats: ReadStats | None = None) -> Iterator[RawRow | Reject]:
     """Yield a :class:`RawRow` or a :class:`Reject` for every line of every input.
@@ -239,6 +248,11 @@ def read_rows(paths: list[str], shape: str = "auto", strict: bool = False,
     With ``strict`` the first bad line raises :class:`InputError` (``file:line: reason``).
     ``stats.lines_by_file`` counts the lines seen per file (a truncated gzip counts its broken tail as one).
     """
+    return parse_lines(read_lines(paths, strict, stats), shape, strict)
+
+
+def read_lines(paths: list[str], strict: bool = False, stats: ReadStats | None = None) -> Iterator[RawLine | Reject]:
+    """:func:`read_rows` without the parsing: every line as a :class:`RawLine` (a corrupt gzip tail as a Reject)."""
     stats = stats if stats is not None else ReadStats()
     for path in paths:
         name = "<stdin>" if path == "-" else path
@@ -260,10 +274,21 @@ def read_rows(paths: list[str], shape: str = "auto", strict: bool = False,
                 break
             line_no += 1
             stats.lines_by_file[name] = line_no
-            item = _parse_line(raw, name, line_no, shape)
+            yield RawLine(name, line_no, raw)
+
+
+def parse_lines(lines: Iterable[RawLine | Reject], shape: str = "auto",
+                strict: bool = False) -> Iterator[RawRow | Reject]:
+    """Each :class:`RawLine` parsed into a :class:`RawRow` or a :class:`Reject`; Rejects pass through.
+
+    With ``strict`` the first line that cannot be used raises :class:`InputError` (``file:line: reason``).
+    """
+    for item in lines:
+        if isinstance(item, RawLine):
+            item = _parse_line(item.raw, item.file, item.line, shape)
             if strict and isinstance(item, Reject):
-                raise InputError(f"{name}:{line_no}: {item.reason}")
-            yield item
+                raise InputError(f"{item.file}:{item.line}: {item.reason}")
+        yield item
 
 
 def _parse_line(raw: bytes, name: str, line_no: int, shape: str) -> RawRow | Reject:

@@ -64,9 +64,10 @@ class CurateConfig:
         clusters: number of embedding clusters; ``None`` = chosen from the data size.
         dup_threshold: cosine similarity above which two prompts count as near-duplicates.
         batch_size: rows per processing batch (bounded memory).
-        workers: processes that score batches (heuristics, AMA spans) beside the encoder; 1 = in this
-            process. More pays when the heuristics, not the encoder, are the bottleneck (``--embedder
-            static``); the output is the same for any number.
+        workers: processes that each take whole batches (parse, embed, score, stage) with their own encoder
+            and one torch thread per core they get; 1 = everything in this process (the encoder in a thread
+            beside the heuristics). 2 on 2 cores is faster for both embedders; the output is the same for
+            any number.
     Running:
         engine: ``local`` scores in this process; ``ray`` scores the batches on a Ray cluster's actor pool
             (``pip install 'equi[ray]'``) and gives the same mix. Not part of the config hash.

@@ -192,6 +192,7 @@ def test_prompt_only_input_writes_the_pool_and_an_empty_mixture(shared_data, tmp
     (["{prompts}", "--embedder", "no-such-embedder-xyz"], "cannot load embedder"),
     (["{prompts}", "--ratios", "EHD=1,XYZ=2"], "bad ratio"),
     (["{bad}", "--strict"], "bad.jsonl:2: invalid JSON"),
+    (["{bad}", "--strict", "--workers", "2"], "bad.jsonl:2: invalid JSON"),  # raised in a worker process
 ])
 def test_bad_invocations_are_one_line_errors_with_exit_2(raw_inputs, tmp_path, args, message):
     (tmp_path / "empty.jsonl").write_text("")

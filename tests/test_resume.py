@@ -115,12 +115,13 @@ def test_a_second_run_on_the_same_out_is_refused_while_one_is_running(raw, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
-def test_a_killed_cli_run_resumes_byte_identically(raw, uninterrupted, tmp_path, sig):
+@pytest.mark.parametrize("sig,workers", [(signal.SIGINT, 1), (signal.SIGKILL, 1), (signal.SIGKILL, 2)],
+                         ids=["ctrl-c", "kill-9", "kill-9-workers"])
+def test_a_killed_cli_run_resumes_byte_identically(raw, uninterrupted, tmp_path, sig, workers):
     """The real thing: the CLI in a child process, stopped by a signal once a few batches are staged."""
     out = tmp_path / "mix"
     cmd = [sys.executable, "-m", "equi.cli", "curate", *raw, "--out", str(out), "--quiet", "--no-cache",
-           "--batch-size", str(BATCH), "--seed", "5"]
+           "--batch-size", str(BATCH), "--seed", "5", "--workers", str(workers)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stage = tmp_path / ".mix.partial" / ".stage"
@@ -167,4 +168,17 @@ def test_worker_processes_write_the_same_mix(raw, uninterrupted, tmp_path):
 
     out = tmp_path / "mix"
     curate(_config(raw, out, workers=2))
+    assert _shards(out) == _shards(uninterrupted)
+
+
+def test_worker_processes_resume_what_an_interrupted_run_staged(raw, uninterrupted, tmp_path, monkeypatch):
+    from curation.pipeline import curate
+
+    out = tmp_path / "mix"
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 2)
+        with pytest.raises(Interrupted):
+            curate(_config(raw, out))
+    result = curate(_config(raw, out, workers=2))  # workers read the staged batches back
+    assert result.resumed_batches == 2
     assert _shards(out) == _shards(uninterrupted)
