@@ -108,16 +108,20 @@ def main() -> None:
             raise SystemExit(f"equi curate failed: {cmd}")
         # That process's peak (or, with --workers, its largest worker's, if larger).
         peak_mib = usage.ru_maxrss / 1024
+        # CPU time of the process and its workers: steadier than wall time on a machine shared with others.
+        cpu_s = usage.ru_utime + usage.ru_stime
         raw_rate = encoder_rows_per_s(raw, args.embedder)
     rate = args.rows / elapsed
     print(f"rows                 {args.rows}")
     print(f"end-to-end           {rate:,.0f} rows/s ({elapsed:.1f} s, including model load)")
     print(f"raw encoder          {raw_rate:,.0f} rows/s on the same prompts")
     print(f"pipeline / encoder   {rate / raw_rate:.2f}x")
+    print(f"CPU time             {cpu_s:.1f} s ({1000 * cpu_s / args.rows:.2f} s per 1,000 rows, workers included)")
     print(f"peak RSS             {peak_mib:,.0f} MiB (the largest process)")
     print(f"peak RSS, all        {tree.peak_mib:,.0f} MiB (curate and its workers together, sampled every 0.1 s)")
     print(f"| {args.embedder or 'all-MiniLM-L6-v2'} | {args.workers} | {args.rows:,} | {rate:,.0f} rows/s | {raw_rate:,.0f} rows/s "
-          f"| {rate / raw_rate:.2f}x | {peak_mib / 1024:.2f} GiB | {tree.peak_mib / 1024:.2f} GiB |")
+          f"| {rate / raw_rate:.2f}x | {1000 * cpu_s / args.rows:.2f} s | {peak_mib / 1024:.2f} GiB "
+          f"| {tree.peak_mib / 1024:.2f} GiB |")
 
 
 class TreeRss:

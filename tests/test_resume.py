@@ -134,6 +134,9 @@ def test_a_killed_cli_run_resumes_byte_identically(raw, uninterrupted, tmp_path,
     if sig == signal.SIGINT:
         assert child.returncode == 130, output
         assert "run the same command again to resume" in output
+    else:  # --quiet: no progress or model-loading bars, from this process or its workers (after a kill -9,
+        # multiprocessing's resource tracker may still warn about the workers' semaphores)
+        assert "it/s]" not in output and "Loading weights" not in output, output
     assert not out.exists()
 
     again = subprocess.run([a for a in cmd if a != "--quiet"], env=env, capture_output=True, text=True)

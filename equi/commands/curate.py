@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -81,6 +83,8 @@ def curate_command(
         if path != "-" and not Path(path).is_file():
             fail(f"{path}: no such file", code=2)
 
+    if quiet:
+        _no_loading_bars()
     from curation.embed import EmbedderError
     from curation.pipeline import curate
     from curation.readers import InputError
@@ -98,6 +102,13 @@ def curate_command(
         print_summary(result.manifest, result.out)
         if result.resumed_batches:
             console.print(f"resumed: {result.resumed_batches} batches came from the interrupted run")
+
+
+def _no_loading_bars() -> None:
+    """No "Loading weights" bars from transformers, here or in --workers processes (they read the variable)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 @contextlib.contextmanager
