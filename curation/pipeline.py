@@ -485,6 +485,19 @@ class _Staged:
     vecs: np.ndarray | None = None  # float16 prompt embeddings
     resumed: bool = False  # read back from an interrupted run
 
+    def read_back(self, n_rows: int) -> bool:
+        """Take the batch from an interrupted run's staged files, if that run finished it."""
+        done = _staged_batch(self.path, n_rows)
+        if done:
+            self.meta, self.vecs = done
+            self.resumed = True
+        return self.resumed
+
+    def stage(self, rows: list[RawRow], vecs: np.ndarray, categoriser, eval_fraction: float) -> None:
+        """Score the batch and stage it on disk (:func:`stage_to_disk`)."""
+        self.meta = stage_to_disk(rows, vecs, self.path, categoriser, eval_fraction)
+        self.vecs = vecs.astype(np.float16)
+
 
 def _score_here(config: CurateConfig, stage_dir: Path, stats: ReadStats, embedder, categoriser,
                 resume: bool) -> Iterator[_Staged]:
@@ -498,18 +511,13 @@ def _score_here(config: CurateConfig, stage_dir: Path, stats: ReadStats, embedde
             rows = [x for x in batch if isinstance(x, RawRow)]
             staged = _Staged(len(batch), [x for x in batch if isinstance(x, Reject)],
                              stage_dir / f"batch-{number:06d}.parquet")
-            done = _staged_batch(staged.path, len(rows)) if resume and rows else None
-            if done:
-                staged.meta, staged.vecs = done
-                staged.resumed = True
+            done = bool(rows) and resume and staged.read_back(len(rows))
             embedding = encoder.submit(embedder.encode, prompt_texts(rows)) if rows and not done else None
             return staged, rows, embedding
 
         for staged, rows, embedding in _one_ahead(batches, start):
             if embedding is not None:
-                vecs = embedding.result()
-                staged.meta = stage_to_disk(rows, vecs, staged.path, categoriser, config.eval_fraction)
-                staged.vecs = vecs.astype(np.float16)
+                staged.stage(rows, embedding.result(), categoriser, config.eval_fraction)
             yield staged
 
 
@@ -599,14 +607,9 @@ def _stage_lines(lines: list, path: Path, resume: bool) -> _Staged:
     rows = [x for x in items if isinstance(x, RawRow)]
     staged = _Staged(len(lines), [x for x in items if isinstance(x, Reject)], path)
     if rows:
-        done = _staged_batch(path, len(rows)) if resume else None
-        if done:
-            staged.meta, staged.vecs = done
-            staged.resumed = True
-        else:
-            vecs = _WORKER["embedder"].encode(prompt_texts(rows))
-            staged.meta = stage_to_disk(rows, vecs, path, _WORKER["categoriser"], config.eval_fraction)
-            staged.vecs = vecs.astype(np.float16)
+        if not (resume and staged.read_back(len(rows))):
+            staged.stage(rows, _WORKER["embedder"].encode(prompt_texts(rows)), _WORKER["categoriser"],
+                         config.eval_fraction)
     return staged
 
 
