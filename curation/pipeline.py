@@ -119,11 +119,10 @@ def score_costs(frame: pl.DataFrame) -> pl.DataFrame:
 
 def score_spans(frame: pl.DataFrame) -> pl.DataFrame:
     """AMA key segments for chosen and rejected answers (one call over both)."""
-    from curation.segments import span_column
+    from curation.segments import pair_span_columns
 
-    harm = frame["harm_score"].to_list()
-    spans = span_column("spans", harm + harm, frame["chosen"].to_list() + frame["rejected"].to_list())
-    return frame.with_columns(spans[:frame.height].alias("chosen_spans"), spans[frame.height:].alias("rejected_spans"))
+    return frame.with_columns(*pair_span_columns(frame["harm_score"].to_list(), frame["chosen"].to_list(),
+                                                 frame["rejected"].to_list()))
 
 
 def text_for_embedding(prompt: str) -> str:
@@ -679,7 +678,7 @@ _STAGE_SCHEMA = pa.schema([f for f in POOL_SCHEMA if f.name != "cluster"]
 def build_mixture_rows(stage_files: list, selected: pl.DataFrame, eval_fraction: float) -> pl.DataFrame:
     """Full mixture rows for the selection: native pairs copied, single responses joined into pairs."""
     from curation.mixer import eval_split
-    from curation.segments import span_column
+    from curation.segments import pair_span_columns
 
     if selected.height == 0:
         return pl.DataFrame(schema=pl.from_arrow(MIX_SCHEMA.empty_table()).schema)
@@ -703,8 +702,7 @@ def build_mixture_rows(stage_files: list, selected: pl.DataFrame, eval_fraction:
         )
         prompt_harm = single["harm_score"].to_list()
         single = single.with_columns(
-            span_column("chosen_spans", prompt_harm, single["chosen"].to_list()),
-            span_column("rejected_spans", prompt_harm, single["rejected"].to_list()),
+            *pair_span_columns(prompt_harm, single["chosen"].to_list(), single["rejected"].to_list()),
             pl.Series("id", [content_id(p, c, r, None) for p, c, r in
                              zip(single["prompt"], single["chosen"], single["rejected"])]),
             response=pl.lit(None, pl.String), response_refusal=pl.lit(None, pl.Float32),

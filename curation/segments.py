@@ -26,6 +26,9 @@ from typing import Sequence
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+
+from equi.schema import SPAN_TYPE
 
 DEFAULT_HIGH = 0.35
 DEFAULT_LOW = 0.05
@@ -202,8 +205,8 @@ def spans_for_rows(
     return [None if spans is None else _as_dicts(spans) for spans in _row_spans(prompt_harm, responses, high, low)]
 
 
-#: The contract's span column type (``chosen_spans``, ``rejected_spans``).
-SPAN_DTYPE = pl.List(pl.Struct({"start": pl.Int32, "end": pl.Int32, "sign": pl.Int8}))
+#: The contract's span column type (``chosen_spans``, ``rejected_spans``: :data:`equi.schema.SPAN_TYPE`) in polars.
+SPAN_DTYPE = pl.from_arrow(pa.array([], SPAN_TYPE)).dtype
 
 
 def span_column(
@@ -217,8 +220,6 @@ def span_column(
 
     Built from flat Arrow arrays: polars' conversion of a list of lists of dicts costs more than scoring them.
     """
-    import pyarrow as pa
-
     offsets, valid, flat = [0], [], []
     for spans in _row_spans(prompt_harm, responses, high, low):
         valid.append(spans is not None)
@@ -227,11 +228,19 @@ def span_column(
     columns = np.array(flat, dtype=np.int32).reshape(-1, 3)
     values = pa.StructArray.from_arrays(
         [pa.array(columns[:, 0]), pa.array(columns[:, 1]), pa.array(columns[:, 2].astype(np.int8))],
-        names=["start", "end", "sign"],
+        fields=list(SPAN_TYPE.value_type),
     )
     mask = pa.array(~np.array(valid, dtype=bool)) if not all(valid) else None
-    array = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values, mask=mask)
+    array = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values, type=SPAN_TYPE, mask=mask)
     return pl.Series(name, pl.from_arrow(array), dtype=SPAN_DTYPE)
+
+
+def pair_span_columns(prompt_harm: Sequence[float], chosen: Sequence[str | None],
+                      rejected: Sequence[str | None]) -> tuple[pl.Series, pl.Series]:
+    """``chosen_spans`` and ``rejected_spans`` of preference pairs, scored in one call over both answers."""
+    harm = list(prompt_harm)
+    spans = span_column("spans", harm + harm, list(chosen) + list(rejected))
+    return spans[:len(harm)].alias("chosen_spans"), spans[len(harm):].alias("rejected_spans")
 
 
 def _row_spans(
