@@ -66,8 +66,9 @@ class CurateConfig:
         batch_size: rows per processing batch (bounded memory).
         workers: processes that each take whole batches (parse, embed, score, stage) with their own encoder
             and one torch thread per core they get; 1 = everything in this process (the encoder in a thread
-            beside the heuristics). 2 on 2 cores is faster for both embedders; the output is the same for
-            any number.
+            beside the heuristics). The output is the same for any number. On 2 cores 2 pays with
+            ``--embedder static`` but not with MiniLM (two single-threaded encoders lose to one two-threaded one,
+            and each worker holds its own model); on more cores, use one per core.
     Running:
         engine: ``local`` scores in this process; ``ray`` scores the batches on a Ray cluster's actor pool
             (``pip install 'equi[ray]'``) and gives the same mix. Not part of the config hash.

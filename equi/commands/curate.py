@@ -45,8 +45,9 @@ def curate_command(
                                    "an interrupted run resumes from. The encoder sorts each batch by length, so "
                                    "larger batches pad less."),
     workers: int = typer.Option(1, help="Processes that each parse, embed and score whole batches with their own "
-                                "encoder (1 = all in this one). Set it to the number of cores: faster, same output; "
-                                "each worker holds its own copy of the encoder."),
+                                "encoder (1 = all in this one); same output for any number. Each worker holds its own "
+                                "encoder: on 2 cores 2 pays with --embedder static, not with MiniLM; on more cores "
+                                "use one per core."),
     shard_rows: int = typer.Option(50_000, help="Rows per Parquet shard."),
     license: str = typer.Option("other", help="Licence id for the data card (the sources' licences apply)."),
     strict: bool = typer.Option(False, help="Stop at the first bad line (file:line: reason) instead of rejecting it."),
