@@ -39,3 +39,21 @@ def test_readme_install_and_test_commands_are_what_ci_runs():
     install, test = blocks[0].strip(), blocks[1].strip()
     assert install.startswith("pip install torch==2.13.0")
     assert install in ci and test in ci
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[\w$~.:=,/+-]+", text)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_keeps_bracketed_text(command):
+    """Rich reads "[default: x]" in a help string as markup and drops it; every option's help must show whole."""
+    import typer.main
+
+    click_command = typer.main.get_command(app).commands[command]
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    shown = " ".join(_words(result.output.replace("│", " ")))
+    for param in click_command.params:
+        for bracketed in re.findall(r"\\?\[([^\]]*)\]", getattr(param, "help", None) or ""):
+            words = " ".join(_words(bracketed))
+            assert words in shown, f"equi {command} {param.opts[0]}: the help loses [{bracketed}]"

@@ -31,12 +31,12 @@ def curate_command(
     benign_share: float = typer.Option(0.2, help="Share of BENIGN (helpfulness) pairs in the mixture, 0-1."),
     eval_fraction: float = typer.Option(0.05, help="Share of the mixture held out as the eval split."),
     embedder: Optional[str] = typer.Option(None, help="sentence-transformers model name or path "
-                                           "[default: bundled all-MiniLM-L6-v2]."),
+                                           "\\[default: bundled all-MiniLM-L6-v2]."),
     categoriser: Optional[Path] = typer.Option(None, help="Categoriser params from `equi fit-categoriser` "
-                                               "[default: bundled]."),
+                                               "\\[default: bundled]."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse cached prompt embeddings "
                                "($EQUI_CACHE, default ~/.cache/equi); a re-run embeds only new texts."),
-    clusters: Optional[int] = typer.Option(None, help="Number of embedding clusters [default: ~sqrt(rows/2)]."),
+    clusters: Optional[int] = typer.Option(None, help="Number of embedding clusters \\[default: ~sqrt(rows/2)]."),
     dup_threshold: float = typer.Option(0.95, help="Cosine similarity above which prompts are near-duplicates."),
     input_format: str = typer.Option("auto", "--format", help="Force one input shape: auto, pair, conversation, "
                                      "hh, single, prompt."),

@@ -20,15 +20,15 @@ def guard_command(
     mix: Path = typer.Argument(..., help="Parent mix directory (from equi curate or equi guard); never modified."),
     out: Path = typer.Option(..., "--out", "-o", help="New mix directory to write (appears atomically)."),
     policy: Optional[str] = typer.Option(None, help="Causal LM (path or hub id) that writes candidates "
-                                         "[default: SmolLM2-135M-Instruct, as equi train]."),
+                                         "\\[default: SmolLM2-135M-Instruct, as equi train]."),
     guard_model: Optional[str] = typer.Option(None, help="Sequence-classification checkpoint used as the guard "
-                                              "[default: equi's refusal detector + harm scorers, no model]."),
+                                              "\\[default: equi's refusal detector + harm scorers, no model]."),
     rounds: int = typer.Option(5, help="At most this many guard → regenerate rounds (0: label only)."),
     candidates: int = typer.Option(2, "--candidates", "-k", help="Candidates per prompt and round (one per framing)."),
     refine_ehd: bool = typer.Option(False, "--refine-ehd", help="EHD prompts: answer with retrieved safety knowledge "
                                     "and self-reflection; keep only safe answers that are not bare refusals."),
     knowledge: Optional[Path] = typer.Option(None, help="Knowledge JSONL ({\"text\": ...} a line) for --refine-ehd "
-                                             "[default: the bundled demo set]."),
+                                             "\\[default: the bundled demo set]."),
     knowledge_k: int = typer.Option(2, help="Knowledge passages retrieved per EHD prompt."),
     max_new_tokens: int = typer.Option(128, help="Longest candidate answer, in tokens."),
     batch_size: int = typer.Option(8, help="Prompts per generation batch."),
