@@ -292,7 +292,8 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
     embedder, categoriser = load_models(config, embedder, categoriser)
     # A Ray run is not resumed: its actors score the whole input again.
     fingerprint = run_fingerprint(config, embedder) if config.resume and config.engine == "local" else None
-    with resumable_directory(config.out, fingerprint, overwrite=config.overwrite) as run:
+    inputs = list(config.inputs) + ([config.categoriser] if config.categoriser else [])
+    with resumable_directory(config.out, fingerprint, overwrite=config.overwrite, inputs=inputs) as run:
         work = run.path
         if config.engine == "ray":
             from curation.engine_ray import read_and_score_ray

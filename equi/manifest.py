@@ -14,9 +14,10 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
-from equi.schema import DATA_DIR, MANIFEST, MIX_SCHEMA, POOL_DIR, POOL_SCHEMA, SCHEMA_VERSION, check_schema
+from equi.schema import (DATA_DIR, MANIFEST, MIX_SCHEMA, POOL_DIR, POOL_SCHEMA, REJECTS, SCHEMA_VERSION,
+                          check_schema)
 
 
 def equi_version() -> str:
@@ -49,13 +50,13 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(target: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Build a directory beside ``target`` and rename it into place only when the block succeeds.
 
     An exception (or Ctrl-C) inside the block removes the half-built directory, so a crash never
-    leaves something at ``target`` that looks whole.
+    leaves something at ``target`` that looks whole. ``overwrite`` and ``inputs``: :func:`_check_target`.
     """
-    target = _check_target(target, overwrite)
+    target = _check_target(target, overwrite, inputs)
     work = target.with_name(f".{target.name}.partial-{os.getpid()}")
     if work.exists():
         shutil.rmtree(work)
@@ -85,8 +86,8 @@ class ResumableWork:
 
 
 @contextlib.contextmanager
-def resumable_directory(target: str | Path, fingerprint: dict | None, overwrite: bool = False
-                        ) -> Iterator[ResumableWork]:
+def resumable_directory(target: str | Path, fingerprint: dict | None, overwrite: bool = False,
+                        inputs: Iterable[str | Path] = ()) -> Iterator[ResumableWork]:
     """Like :func:`atomic_directory`, but an interrupted build is kept for the next run to finish.
 
     The work directory ``.{name}.partial`` beside ``target`` has a fixed name and holds
@@ -95,8 +96,9 @@ def resumable_directory(target: str | Path, fingerprint: dict | None, overwrite:
     ``fingerprint=None`` (e.g. stdin input) never resumes. Ctrl-C (``KeyboardInterrupt``) keeps the
     work and re-raises as :class:`Interrupted`; any other exception removes it (the input or the code
     was at fault, and a resume would repeat the fault); a hard kill leaves it as it was.
+    ``overwrite`` and ``inputs``: :func:`_check_target`.
     """
-    target = _check_target(target, overwrite)
+    target = _check_target(target, overwrite, inputs)
     work = target.with_name(f".{target.name}.partial")
     with _exclusive(target.with_name(f".{target.name}.lock"), target):
         stamp = work / RESUME_FILE
@@ -122,10 +124,30 @@ def resumable_directory(target: str | Path, fingerprint: dict | None, overwrite:
 RESUME_FILE = ".resume.json"
 
 
-def _check_target(target: str | Path, overwrite: bool) -> Path:
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+def _check_target(target: str | Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> Path:
+    """``target`` as an absolute path, once it is safe to build it and later rename it into place.
+
+    ``overwrite`` replaces only what equi wrote (a directory with a manifest), never the directory the
+    command runs in or one above it, and never a directory holding one of ``inputs``: ``--overwrite``
+    with a mistyped ``--out`` must not delete the user's files.
+    """
+    given = target
+    target = Path(os.path.abspath(target))
+    if not target.name:
+        raise FileExistsError(f"--out {given}: cannot write to the root directory; choose a new directory")
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{given} exists; pass --overwrite to replace it")
+        if not (target.is_dir() and (target / MANIFEST).is_file()):
+            raise FileExistsError(f"{given} is not an equi output (no {MANIFEST}); --overwrite replaces only what "
+                                  "equi wrote: choose a new --out, or remove it yourself")
+        here = Path.cwd().resolve()
+        if target.resolve() == here or target.resolve() in here.parents:
+            raise FileExistsError(f"--out {given} holds the current directory; choose another --out")
+        for path in inputs:
+            if str(path) != "-" and target.resolve() in Path(path).resolve().parents:
+                raise FileExistsError(f"the input {path} lies inside --out {given}, which this run would replace; "
+                                      "choose another --out")
     target.parent.mkdir(parents=True, exist_ok=True)
     return target
 

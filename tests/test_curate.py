@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -170,6 +171,34 @@ def test_existing_out_is_refused_without_overwrite(mix, raw_inputs):
     result = _invoke("curate", raw_inputs[2], "--out", mix, "--quiet")
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert json.loads((mix / "manifest.json").read_text())["accounting"]["input_lines"] > 80  # untouched
+
+
+def test_overwrite_replaces_only_what_equi_wrote(raw_inputs, tmp_path, monkeypatch):
+    """--overwrite with a mistyped --out must not delete the user's files (or the input itself)."""
+    prompts = Path(raw_inputs[2])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    inside = folder / "prompts.jsonl"
+    inside.write_bytes(prompts.read_bytes())
+    a_file = tmp_path / "a-file.txt"
+    a_file.write_text("keep me too")
+    cases = [(inside, folder, "not an equi output"), (prompts, a_file, "not an equi output")]
+    for source, out, message in cases:
+        result = _invoke("curate", source, "--out", out, "--overwrite", "--quiet")
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert (folder / "notes.txt").read_text() == "keep me" and inside.read_bytes() == prompts.read_bytes()
+    assert a_file.read_text() == "keep me too" and not list(tmp_path.glob(".*old*"))
+    # A mix that holds the input, and the directory the command runs in: refused too.
+    mix_dir = tmp_path / "old-mix"
+    mix_dir.mkdir()
+    (mix_dir / "manifest.json").write_text("{}")
+    (mix_dir / "raw.jsonl").write_bytes(prompts.read_bytes())
+    result = _invoke("curate", mix_dir / "raw.jsonl", "--out", mix_dir, "--overwrite", "--quiet")
+    assert result.exit_code == 2 and "lies inside --out" in result.output and (mix_dir / "raw.jsonl").is_file()
+    monkeypatch.chdir(mix_dir)
+    result = _invoke("curate", prompts, "--out", ".", "--overwrite", "--quiet")
+    assert result.exit_code == 2 and "current directory" in result.output and (mix_dir / "raw.jsonl").is_file()
 
 
 def test_prompt_only_input_writes_the_pool_and_an_empty_mixture(shared_data, tmp_path):
