@@ -133,8 +133,12 @@ def group_quotas(available: dict[str, int], ratios: dict[str, float], size: int 
         total_ratio = sum(active.values())
         # The largest scale the scarcest group allows: every group gets ratio * m rows.
         m = min(available[g] / r for g, r in active.items())
-        if all(float(r).is_integer() for r in active.values()):
+        if all(float(r).is_integer() for r in active.values()) and m >= 1:
             m = np.floor(m)  # whole multiples of integer ratios keep them exact (240:72:24, not 245:74:24)
+        elif m < 1:  # even one multiple of the ratios is too many: keep them as nearly as the rows allow
+            scarce = min(active, key=lambda g: available[g] / active[g])
+            warnings.append(f"only {available[scarce]} {scarce} pairs, fewer than its ratio {active[scarce]:g}: "
+                            "the safety groups follow the ratios only approximately")
         target = sum(r * m for r in active.values())
         target = int(np.floor(target + 1e-9))
         if size is not None:
@@ -150,7 +154,7 @@ def group_quotas(available: dict[str, int], ratios: dict[str, float], size: int 
             quotas[g] = min(quotas[g], available[g])
     safety_total = sum(quotas.values())
     wanted_benign = int(round(benign_share / (1 - benign_share) * safety_total)) if safety_total else 0
-    if safety_total == 0 and benign_share > 0:
+    if not active and benign_share > 0:  # no safety pairs at all: a helpfulness-only mixture
         wanted_benign = available.get("BENIGN", 0) if size is None else min(size, available.get("BENIGN", 0))
     quotas["BENIGN"] = min(wanted_benign, available.get("BENIGN", 0))
     if quotas["BENIGN"] < wanted_benign:

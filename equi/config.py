@@ -128,8 +128,8 @@ class CurateConfig:
             raise ConfigError("--batch-size must be at least 1")
         if self.workers < 1:
             raise ConfigError("--workers must be at least 1")
-        if self.size is not None and self.size < 0:
-            raise ConfigError("--size must not be negative")
+        if self.size is not None and self.size < 1:
+            raise ConfigError("--size must be at least 1 (leave it out for all the pairs the ratios allow)")
         if set(self.ratios) - set(SAFETY_GROUPS):
             raise ConfigError(f"ratios name unknown groups: {sorted(set(self.ratios) - set(SAFETY_GROUPS))}")
         if any(v < 0 for v in self.ratios.values()) or not any(v > 0 for v in self.ratios.values()):

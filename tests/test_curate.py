@@ -217,6 +217,8 @@ def test_prompt_only_input_writes_the_pool_and_an_empty_mixture(shared_data, tmp
 
 @pytest.mark.parametrize("args,message", [
     (["{missing}"], "no such file"),
+    (["{folder}"], "is a directory"),
+    (["{prompts}", "--size", "0"], "--size must be at least 1"),
     (["{empty}"], "input is empty"),
     (["{prompts}", "--embedder", "no-such-embedder-xyz"], "cannot load embedder"),
     (["{prompts}", "--ratios", "EHD=1,XYZ=2"], "bad ratio"),
@@ -227,7 +229,7 @@ def test_bad_invocations_are_one_line_errors_with_exit_2(raw_inputs, tmp_path, a
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "fine"}\n{oops\n')
     names = {"missing": tmp_path / "missing.jsonl", "empty": tmp_path / "empty.jsonl",
-             "prompts": raw_inputs[2], "bad": tmp_path / "bad.jsonl"}
+             "prompts": raw_inputs[2], "bad": tmp_path / "bad.jsonl", "folder": tmp_path}
     args = [a.format(**names) for a in args]
     out = tmp_path / "out"
     result = runner.invoke(app, ["curate", *args, "--out", str(out), "--quiet"])

@@ -34,9 +34,20 @@ def test_quotas_never_exceed_availability_or_size(available, r1, r2, r3, size):
     if size is not None:
         assert sum(quotas[g] for g in ("EHD", "IHD", "MHD")) <= size
     active = [g for g in ratios if available[g] > 0]
-    if size is None and active:  # everything the ratios allow, in exact whole multiples of the ratios
-        m = min(available[g] // ratios[g] for g in active)
+    m = min((available[g] // ratios[g] for g in active), default=0)
+    if size is None and m >= 1:  # everything the ratios allow, in exact whole multiples of the ratios
         assert {g: quotas[g] for g in active} == {g: ratios[g] * m for g in active}
+    if active and size != 0:  # safety rows exist: never an empty safety mixture
+        assert sum(quotas[g] for g in ("EHD", "IHD", "MHD")) >= 1
+
+
+def test_too_few_rows_for_one_multiple_of_the_ratios_still_give_safety_pairs_and_a_warning():
+    # 7 EHD rows cannot make even one 10:3:1 multiple; the mixture used to fall back to BENIGN rows alone.
+    quotas, warnings = mixer.group_quotas({"EHD": 7, "IHD": 23, "MHD": 16, "BENIGN": 4},
+                                          {"EHD": 10, "IHD": 3, "MHD": 1}, None, 0.2)
+    assert (quotas["EHD"], quotas["IHD"], quotas["MHD"]) == (6, 2, 1)
+    assert quotas["BENIGN"] == 2  # 0.2 of the mixture, not every BENIGN row
+    assert any("only 7 EHD pairs" in w for w in warnings)
 
 
 @settings(max_examples=60, deadline=None)

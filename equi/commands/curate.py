@@ -82,7 +82,8 @@ def curate_command(
         fail(str(exc), code=2)
     for path in config.inputs:
         if path != "-" and not Path(path).is_file():
-            fail(f"{path}: no such file", code=2)
+            fail(f"{path}: is a directory; pass the JSONL files in it" if Path(path).is_dir() else
+                 f"{path}: no such file", code=2)
 
     if quiet:
         _no_loading_bars()
