@@ -250,7 +250,23 @@ def verify_mix(mix_dir: str | Path, check_checksums: bool = True) -> list[str]:
             if path.resolve() not in listed:
                 problems.append(f"{path.relative_to(root).as_posix()}: shard not listed in the manifest")
     problems.extend(accounting_problems(manifest.get("accounting", {})))
+    problems.extend(rejects_problems(root, manifest.get("accounting", {})))
     return problems
+
+
+def rejects_problems(root: Path, acc: dict[str, Any]) -> list[str]:
+    """``rejects.jsonl`` holds one line per rejected input line, as many as the manifest counts."""
+    expected = acc.get("rejected") if isinstance(acc, dict) else None
+    if not isinstance(expected, int):
+        return []  # accounting_problems names an incomplete section
+    path = root / REJECTS
+    if not path.is_file():
+        return [f"{REJECTS}: missing (the manifest counts {expected} rejected lines)"]
+    with open(path, "rb") as handle:
+        lines = sum(1 for _ in handle)
+    if lines != expected:
+        return [f"{REJECTS}: {lines} lines, the manifest counts {expected} rejected lines"]
+    return []
 
 
 def accounting_problems(acc: dict[str, Any]) -> list[str]:

@@ -165,6 +165,18 @@ def test_verify_passes_then_catches_tampering(mix, tmp_path):
     manifest["accounting"]["rejected"] += 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert any("input_lines" in p for p in verify_mix(copy))
+    # rejects.jsonl must hold the rejected lines the manifest counts.
+    again = tmp_path / "mix-rejects"
+    shutil.copytree(mix, again)
+    rejects = (again / "rejects.jsonl").read_text().splitlines(keepends=True)
+    (again / "rejects.jsonl").write_text("".join(rejects[:-1]))
+    result = _invoke("verify", again)
+    assert result.exit_code == 3 and f"{len(rejects) - 1} lines" in result.output
+    (again / "rejects.jsonl").unlink()
+    assert any("rejects.jsonl: missing" in p for p in verify_mix(again))
+    # A folder that is no mix at all is bad input (exit 2), named once.
+    result = _invoke("verify", tmp_path)
+    assert result.exit_code == 2 and result.output.count(str(tmp_path)) == 1
 
 
 def test_existing_out_is_refused_without_overwrite(mix, raw_inputs):
@@ -204,9 +216,9 @@ def test_overwrite_replaces_only_what_equi_wrote(raw_inputs, tmp_path, monkeypat
 def test_prompt_only_input_writes_the_pool_and_an_empty_mixture(shared_data, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", xstest_prompts(shared_data)[:80])
     out = tmp_path / "prompts-mix"
-    result = _invoke("curate", prompts, "--out", out)
+    result = _invoke("curate", prompts, "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
-    assert "mixture is empty" in result.output
+    assert "mixture is empty" in result.output and "equi curate →" not in result.output  # warned even when quiet
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["accounting"]["pooled"] == 80 and manifest["accounting"]["mixed"] == 0
     assert verify_mix(out) == []

@@ -55,7 +55,8 @@ def curate_command(
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Pick up an interrupted run of the same "
                                 "command (kept in .OUT.partial beside --out); the result is byte-identical to "
                                 "an uninterrupted run. --no-resume starts afresh."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary; warnings and errors "
+                               "still print."),
     engine: str = typer.Option("local", metavar="[local|ray]",
                                help="Where to score the rows: local (this process) or ray (a Ray "
                                "actor pool, GPU actors when the cluster has GPUs; pip install 'equi\\[ray]'). "
@@ -104,6 +105,7 @@ def curate_command(
         print_summary(result.manifest, result.out)
         if result.resumed_batches:
             console.print(f"resumed: {result.resumed_batches} batches came from the interrupted run")
+    print_warnings(result.manifest)
 
 
 def _no_loading_bars() -> None:
@@ -143,8 +145,14 @@ def print_summary(manifest: dict, out: Path) -> None:
                   + (f" (see {out}/rejects.jsonl)" if acc["rejected"] else ""))
     reasons = ", ".join(f"{k} {v}" for k, v in acc["not_selected"].items()) or "none"
     console.print(f"pooled {acc['pooled']} = mixed {acc['mixed']} + not selected ({reasons})")
+
+
+def print_warnings(manifest: dict) -> None:
+    """The mix's warnings (also in manifest.json), on stderr even with --quiet: they say what the mix lacks."""
+    from rich.markup import escape
+
     for warning in manifest.get("warnings", []):
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -21,14 +21,18 @@ def verify_command(
 ) -> None:
     """Verify shard checksums and row counts, the contract's columns and types, and balanced accounting."""
     from equi.manifest import verify_mix
+    from equi.schema import MANIFEST
 
     if not mix.is_dir():
         fail(f"{mix}: no such mix directory", code=2)
+    if not (mix / MANIFEST).is_file():  # bad input (exit 2), not a mix that failed its checks (exit 3)
+        fail(f"{mix}: no {MANIFEST}, so not a mix written by equi curate or equi guard", code=2)
     problems = verify_mix(mix)
     if problems:
         for problem in problems[1:]:
             console.print(f"  also: {problem}")
-        fail(f"{mix}: {problems[0]}", code=3)
+        first = problems[0]
+        fail(first if first.startswith(str(mix)) else f"{mix}: {first}", code=3)
     if not quiet:
         console.print(f"{mix}: ok")
 
