@@ -105,6 +105,18 @@ def _render_turns(messages: list[dict]) -> str:
     return "\n\n".join(f"{names.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
 
 
+def _implicit_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """TRL's implicit-prompt pair (no ``prompt``): the messages ``chosen`` and ``rejected`` share from the start
+    are the prompt, the rest are the answers."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise ShapeError("no 'prompt' field, and 'chosen' and 'rejected' do not start with the same messages "
+                         "(TRL's implicit prompt)")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
 def _split_hh(transcript: str, key: str) -> tuple[str, str]:
     cut = transcript.rfind(HH_ASSISTANT)
     if cut < 0 or HH_HUMAN not in transcript[:cut + 1]:
@@ -146,10 +158,13 @@ def normalise(obj: Any, shape: str, source: str, line: int) -> RawRow:
         prompt, chosen, rejected = _text(obj, "prompt"), _text(obj, "chosen"), _text(obj, "rejected")
     elif shape == "conversation":
         raw_prompt = obj.get("prompt")
-        prompt_msgs = [{"role": "user", "content": raw_prompt}] if isinstance(raw_prompt, str) else \
-            _messages_text(raw_prompt, "prompt")
         chosen_msgs = _messages_text(obj.get("chosen"), "chosen")
         rejected_msgs = _messages_text(obj.get("rejected"), "rejected")
+        if raw_prompt is None:  # TRL's implicit prompt: the conversation both answers share
+            prompt_msgs, chosen_msgs, rejected_msgs = _implicit_prompt(chosen_msgs, rejected_msgs)
+        else:
+            prompt_msgs = [{"role": "user", "content": raw_prompt}] if isinstance(raw_prompt, str) else \
+                _messages_text(raw_prompt, "prompt")
         prompt = _render_turns(prompt_msgs)
         chosen, rejected = chosen_msgs[-1]["content"], rejected_msgs[-1]["content"]
         if chosen_msgs[-1]["role"] != "assistant" or rejected_msgs[-1]["role"] != "assistant":
@@ -303,7 +318,7 @@ def _parse_line(raw: bytes, name: str, line_no: int, shape: str) -> RawRow | Rej
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        return Reject(name, line_no, f"invalid JSON: {exc.msg} at column {exc.colno}", text)
+        return Reject(name, line_no, f"invalid JSON: {exc.msg} (column {exc.colno})", text)
     try:
         return normalise(obj, shape, name, line_no)
     except ShapeError as exc:

@@ -48,7 +48,23 @@ def test_all_shapes_are_detected(tmp_path):
     assert len({i.id for i in items}) == 5
 
 
+def test_trl_implicit_prompt_pairs_read_like_explicit_ones(tmp_path):
+    # Synthetic rows (shapes only): TRL's conversational pair without "prompt" shares the prompt turns.
+    user = [{"role": "user", "content": "p1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "p2"}]
+    answer = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    rows = [{"prompt": user, "chosen": answer("c"), "rejected": answer("r")},
+            {"chosen": user + answer("c"), "rejected": user + answer("r")}]
+    explicit, implicit = _read([write_jsonl(tmp_path / "s.jsonl", rows)])[0]
+    assert isinstance(implicit, RawRow), implicit
+    assert (implicit.prompt, implicit.chosen, implicit.rejected, implicit.id) == \
+        (explicit.prompt, explicit.chosen, explicit.rejected, explicit.id)
+
+
 BAD_LINES = [
+    (b'{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}], '
+     b'"rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}',
+     "do not start with the same messages"),
     (b"{not json", "invalid JSON"),
     (b"[1, 2]", "not an object"),
     (b'{"prompt": 5}', "must be a string"),
