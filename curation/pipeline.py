@@ -168,12 +168,17 @@ def stage_batch(rows: list[RawRow], embed: Callable[[list[str]], np.ndarray], ca
 
 def stage_rows(rows: list[RawRow], embeddings: np.ndarray, categoriser,
                eval_fraction: float) -> tuple[pl.DataFrame, np.ndarray]:
-    """:func:`stage_batch` once the prompt embeddings are known."""
+    """:func:`stage_batch` once the prompt embeddings are known.
+
+    Everything downstream sees the embeddings as stored, in float16: the categoriser included, so a run that
+    takes them from the embedding cache (float16) writes the same mix as one that encodes them afresh.
+    """
     from curation.mixer import eval_split
 
-    frame = score_rows(rows, embeddings, categoriser)
+    stored = np.asarray(embeddings).astype(np.float16)
+    frame = score_rows(rows, stored.astype(np.float32), categoriser)
     frame = frame.with_columns(pl.Series("split", eval_split(frame["id"].to_list(), eval_fraction)))
-    return frame, embeddings.astype(np.float16)
+    return frame, stored
 
 
 def batch_meta(frame: pl.DataFrame, start: int) -> pl.DataFrame:

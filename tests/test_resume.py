@@ -33,7 +33,8 @@ def raw(shared_data, tmp_path_factory):
 
 
 def _config(raw, out, **kw) -> CurateConfig:
-    return CurateConfig(inputs=raw, out=str(out), quiet=True, batch_size=BATCH, seed=5, embedding_cache=False, **kw)
+    return CurateConfig(**{"inputs": raw, "out": str(out), "quiet": True, "batch_size": BATCH, "seed": 5,
+                           "embedding_cache": False, **kw})
 
 
 def _shards(mix: Path) -> dict[str, str]:
@@ -50,6 +51,17 @@ def uninterrupted(raw, tmp_path_factory):
     result = curate(_config(raw, out))
     assert result.resumed_batches == 0
     return out
+
+
+def test_the_embedding_cache_does_not_change_the_mix(raw, uninterrupted, tmp_path, monkeypatch):
+    """A cold cache, a warm cache and no cache write the same bytes (the cache stores float16)."""
+    from curation.pipeline import curate
+
+    monkeypatch.setenv("EQUI_CACHE", str(tmp_path / "cache"))
+    for run in ("cold", "warm"):
+        curate(_config(raw, tmp_path / run, embedding_cache=True))
+        assert _shards(tmp_path / run) == _shards(uninterrupted), run
+    assert list((tmp_path / "cache" / "embeddings").glob("*.sqlite"))
 
 
 def _interrupt_after(monkeypatch, batches: int, error=KeyboardInterrupt):
