@@ -156,6 +156,14 @@ def test_eval_errors_are_one_line_with_exit_code_2(tiny_run, tmp_path, monkeypat
     assert len(no_data.output.strip().splitlines()) == 1
     bad_suite = runner.invoke(app, ["eval", str(tiny_run), "--suite", "nope"])
     assert bad_suite.exit_code == 2 and "unknown suite 'nope'" in bad_suite.output
+    # A run stopped before final/ (what `equi report` suggests evaluating) and a mistyped path say what they are.
+    unfinished = tmp_path / "unfinished-run"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text(json.dumps({"train_config": {"algo": "dpo"}}))  # as train writes it
+    result = runner.invoke(app, ["eval", str(unfinished)])
+    assert result.exit_code == 2 and "without a final/ model" in result.output and "--resume" in result.output
+    result = runner.invoke(app, ["eval", str(tmp_path / "no-such-run")])
+    assert result.exit_code == 2 and "taken as a hub id" in result.output
 
 
 def test_eval_help_has_an_example():

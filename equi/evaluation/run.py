@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,20 +67,32 @@ class EvalConfig:
             if (target / "final").is_dir():
                 self.run_dir = str(target)
                 self.model_path = str(target / "final")
-            elif target.is_dir() and (target / "config.json").is_file() and (target / "metrics.jsonl").exists():
-                raise ConfigError(f"{target} is a run without a final/ model (training not finished?)")
+            elif _is_run_dir(target):
+                raise ConfigError(f"{target} is a training run without a final/ model: training has not finished "
+                                  f"(`equi train --out {target} --resume` finishes it)")
             elif target.exists() and not (target / "config.json").is_file():
                 raise ConfigError(f"{target} is neither a run directory (with final/) nor a model directory")
             else:
                 self.model_path = str(self.target)
         if self.out is None:
             if self.run_dir is None:
-                raise ConfigError("--out DIR is required when TARGET is not a run directory")
+                taken_as = ("a model directory" if self.target and Path(self.target).exists() else
+                            "a hub id (there is no such directory here)" if self.target else "equi's default model")
+                raise ConfigError(f"--out DIR is required when TARGET is not a run directory "
+                                  f"({self.target or 'no TARGET'}: taken as {taken_as})")
             self.out = str(Path(self.run_dir) / EVAL_DIR)
         self.out = str(self.out)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is an ``equi train`` run directory (its config.json records a ``train_config``)."""
+    try:
+        return "train_config" in json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 @dataclass
