@@ -100,6 +100,9 @@ def test_resume_continues_from_the_last_checkpoint(material, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 4
     assert (out / "final" / "model.safetensors").is_file()
+    # A changed setting is named, not just "the settings differ".
+    result = invoke("--out", str(out), "--resume", "--max-steps", "9", "--quiet")
+    assert result.exit_code == 2 and "--max-steps 9 (run: 4)" in result.output, result.output
 
 
 def test_an_existing_run_is_not_overwritten(material, tmp_path):

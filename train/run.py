@@ -68,6 +68,16 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return Path(found) if run_dir.is_dir() and (found := get_last_checkpoint(str(run_dir))) else None
 
 
+def _what_differs(saved: dict, config: TrainConfig, mix_hash: str) -> str:
+    """The settings (``--max-steps 20 (run: 10)``) and/or the mix that keep ``--resume`` from continuing a run."""
+    before, now = saved.get("train_config") or {}, config.to_dict()
+    parts = [f"--{k.replace('_', '-')} {now.get(k)!r} (run: {before.get(k)!r})" for k in sorted(set(before) | set(now))
+             if k not in ("out", "resume", "quiet") and before.get(k) != now.get(k)]
+    if saved.get("mix_manifest_hash") != mix_hash:
+        parts.append("the mix (its manifest changed)")
+    return ", ".join(parts) or "the settings"
+
+
 def prepare_run_dir(config: TrainConfig, mix_hash: str) -> Path:
     """Create (or, with ``resume``, re-open) the run directory and write ``config.json``."""
     run_dir = Path(config.out)
@@ -77,7 +87,8 @@ def prepare_run_dir(config: TrainConfig, mix_hash: str) -> Path:
             raise ConfigError(f"--resume: {run_dir} is not a run directory (no {CONFIG_FILE})")
         saved = json.loads(config_path.read_text())
         if saved.get("config_hash") != config.hash() or saved.get("mix_manifest_hash") != mix_hash:
-            raise ConfigError(f"--resume: the settings or the mix differ from the run in {run_dir}; use a new --out")
+            raise ConfigError(f"--resume: {_what_differs(saved, config, mix_hash)} differ from the run in {run_dir}; "
+                              "resume with the run's settings, or use a new --out")
         return run_dir
     if config_path.is_file() or (run_dir.is_dir() and any(run_dir.iterdir())):
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
