@@ -79,6 +79,15 @@ def test_curve_series_come_from_run_directories(runs_dir):
     assert pending.summary is None and any("not evaluated" in p for p in pending.problems)
 
 
+def test_a_plain_train_run_is_placed_by_the_rows_its_summary_counts(runs_dir):
+    """`equi train` + `equi eval` without `equi scale` (the quickstart): summary.json gives the data size."""
+    run = _make_run(runs_dir, "ihd-trained", "IHD", None, (6, 1))
+    (run / "summary.json").write_text(json.dumps({"train_rows": 70, "n_safety": 60, "n_benign": 10}))
+    series = curve_series(collect_runs(runs_dir))
+    assert [(p.run, p.n_safety) for p in series["IHD"]] == [("base", 0), ("ihd-small", 12), ("ihd-trained", 60),
+                                                           ("ihd-big", 120)]
+
+
 def test_report_pngs_hold_the_expected_series_and_html_embeds_them(runs_dir, tmp_path):
     out = tmp_path / "report"
     result = build_report(ReportConfig(out=str(out), runs=str(runs_dir)))

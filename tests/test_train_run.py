@@ -84,6 +84,7 @@ def test_dpo_baseline_masks_nothing_and_ref_logps_are_cached_across_scales(mater
     assert second.exit_code == 0, second.output
     summary = json.loads((tmp_path / "dpo-8" / "summary.json").read_text())
     assert summary["train_rows"] == 8 and summary["ref_cache_hits"] == 8
+    assert summary["n_safety"] + summary["n_benign"] == 8 and summary["n_safety"] > 0  # where `equi report` plots it
 
 
 def test_resume_continues_from_the_last_checkpoint(material, tmp_path):

@@ -111,6 +111,7 @@ def run_dual(config: TrainConfig, manifest: dict[str, Any], run_dir: Path):
     final_dir = save_final(trainer, tokenizer, run_dir)
     summary = {
         "train_rows": len(train_split.dataset),
+        **train_split.group_sizes(),
         "rows_left_out": train_split.dropped,
         "cost_measured_on": "eval" if len(eval_split.dataset) else "train (no eval split)",
         "rounds": history,

@@ -68,6 +68,12 @@ class LoadedSplit:
     total_rows: int
     dropped: dict[str, int] = field(default_factory=dict)
 
+    def group_sizes(self) -> dict[str, int]:
+        """``n_safety`` (EHD, IHD, MHD, OTHER rows) and ``n_benign``: where ``equi report`` puts the run on its curves."""
+        groups = self.dataset["group"] if len(self.dataset) else []
+        n_benign = sum(1 for g in groups if g == "BENIGN")
+        return {"n_safety": len(groups) - n_benign, "n_benign": n_benign}
+
 
 def load_split(
     mix_dir: str | Path,

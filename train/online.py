@@ -275,6 +275,7 @@ def run_online(config, manifest: dict[str, Any], run_dir: Path):
     final_dir = save_final(trainer, tokenizer, run_dir)
     summary = {
         "train_prompts": len(prompts),
+        **split.group_sizes(),
         "mix_rows": split.total_rows,
         "rows_left_out": split.dropped,
         "steps": trainer.state.global_step,

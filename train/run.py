@@ -283,6 +283,7 @@ def run_dpo(config: TrainConfig, manifest: dict[str, Any], run_dir: Path) -> Run
     final_dir = save_final(trainer, tokenizer, run_dir)
     summary = {
         "train_rows": len(train_split.dataset),
+        **train_split.group_sizes(),
         "mix_rows": train_split.total_rows,
         "rows_left_out": train_split.dropped,
         "eval_rows": len(eval_split.dataset),

@@ -1,7 +1,8 @@
 """Reading run directories into records, and turning records into curve data. No plotting here.
 
-A run directory (``equi train`` / ``equi scale``) holds ``config.json``; ``equi scale`` adds
-``ladder.json`` (mix, scale, group, number of safety examples) and ``equi eval`` adds
+A run directory (``equi train`` / ``equi scale``) holds ``config.json`` and, once trained, ``summary.json`` (with
+the number of safety and benign rows it trained on); ``equi scale`` adds ``ladder.json`` (mix, scale, group, number
+of safety examples) and ``equi eval`` adds
 ``eval/metrics.json`` + ``eval/answers.parquet``. The report needs nothing else.
 """
 
@@ -79,13 +80,14 @@ def read_run(path: Path) -> RunRecord:
     record = RunRecord(name=path.name, path=path)
     config = _read_json(path / "config.json", record.problems) or {}
     ladder = _read_json(path / LADDER_FILE, record.problems) or {}
+    trained = _read_json(path / "summary.json", record.problems) or {}  # equi train: the rows it trained on
     train = config.get("train_config") or config.get("train") or config  # equi train nests TrainConfig
     record.algo = ladder.get("algo") or train.get("algo")
     record.baseline = bool(ladder.get("baseline", False))
     record.group = BASELINE if record.baseline else ladder.get("group") or group_label(train.get("groups"))
     record.scale = ladder.get("scale", train.get("scale"))
-    record.n_safety = ladder.get("n_safety", config.get("n_safety"))
-    record.n_benign = ladder.get("n_benign", config.get("n_benign"))
+    record.n_safety = ladder.get("n_safety", config.get("n_safety", trained.get("n_safety")))
+    record.n_benign = ladder.get("n_benign", config.get("n_benign", trained.get("n_benign")))
     metrics = _read_json(path / EVAL_DIR / METRICS_FILE, record.problems)
     if metrics is None:
         record.problems.append("not evaluated (no eval/metrics.json): run `equi eval " + str(path) + "`")
@@ -96,7 +98,8 @@ def read_run(path: Path) -> RunRecord:
         answers = path / EVAL_DIR / ANSWERS_FILE
         record.answers = answers if answers.is_file() else None
     if record.n_safety is None and not record.baseline:
-        record.problems.append("number of safety examples unknown (no ladder.json): not on the curves")
+        record.problems.append("number of safety examples unknown (no ladder.json, and no n_safety in "
+                               "summary.json: trained before equi recorded it, or not finished): not on the curves")
     return record
 
 
