@@ -29,7 +29,9 @@ def curate_command(
     size: Optional[int] = typer.Option(None, help="Target number of safety pairs; default: all the ratios allow."),
     ratios: str = typer.Option("EHD=10,IHD=3,MHD=1", help="Safety-group ratios of the mixture."),
     benign_share: float = typer.Option(0.2, help="Share of BENIGN (helpfulness) pairs in the mixture, 0-1."),
-    eval_fraction: float = typer.Option(0.05, help="Share of the mixture held out as the eval split."),
+    eval_fraction: float = typer.Option(0.05, help="Share of the mixture held out as the eval split, about: each "
+                                        "pair goes to eval by a hash of its id (stable across runs and scales), not "
+                                        "per group, so a small group may get no eval rows."),
     embedder: Optional[str] = typer.Option(None, help="sentence-transformers model name or path "
                                            "\\[default: bundled all-MiniLM-L6-v2]."),
     categoriser: Optional[Path] = typer.Option(None, help="Categoriser params from `equi fit-categoriser` "

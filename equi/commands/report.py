@@ -11,7 +11,7 @@ from equi.commands._console import console, fail
 
 HELP = """Draw data-scaling curves and mix charts; write report.html (self-contained) and summary.md.
 
-Reads only directories: run directories under --runs (config.json, ladder.json from equi scale, eval/metrics.json + eval/answers.parquet from equi eval) and a mix directory (--mix). Runs that are not evaluated, or whose data size is unknown, are listed with the reason instead of failing.
+Reads only directories: run directories under --runs (config.json, summary.json from equi train, ladder.json from equi scale, eval/metrics.json + eval/answers.parquet from equi eval) and a mix directory (--mix). Runs that are not evaluated, or whose data size is unknown, are listed with the reason instead of failing.
 
 Writes into --out: curve_safety.png, curve_over_refusal.png, curve_balanced.png (percent vs number of safety training pairs, one line per group; the untrained baseline at 0), tradeoff.png, mix_composition.png, mix_severity.png, mix_clusters.png, report.html, summary.md, report.json (the numbers behind every chart).
 
@@ -27,7 +27,7 @@ Example (the whole loop, raw data to curves):
 def register(app: typer.Typer) -> None:
     @app.command("report", help=HELP)
     def report_command(
-        runs: Optional[Path] = typer.Option(None, "--runs", help="Directory of run directories (or one run)."),
+        runs: Optional[Path] = typer.Option(None, "--runs", help="Directory of run directories (or one run) \\[default: ./runs when neither --runs nor --mix is given]."),
         mix: Optional[Path] = typer.Option(None, "--mix", help="Mix directory to chart."),
         out: Path = typer.Option(Path("report"), "--out", "-o", help="Report directory."),
         title: str = typer.Option("equi report: safety vs over-refusal", "--title", help="Page title."),
