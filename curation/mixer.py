@@ -90,7 +90,9 @@ def near_duplicates(embeddings: np.ndarray, clusters: np.ndarray, order: np.ndar
     """Boolean mask over ``order``: True where the row is a near-duplicate of an earlier kept row.
 
     Rows are compared only within their cluster (sub-quadratic overall); ``order`` decides which copy
-    is kept (the first). ``embeddings`` must be L2-normalised.
+    is kept (the first). ``embeddings`` must be L2-normalised. Rows go ``block`` at a time: first against
+    the rows already kept (``block`` columns at a time), then one by one within the block, so no similarity
+    matrix is larger than ``block`` × ``block`` however large a cluster is.
     """
     is_dup = np.zeros(len(order), dtype=bool)
     by_cluster: dict[int, list[int]] = {}
@@ -102,14 +104,17 @@ def near_duplicates(embeddings: np.ndarray, clusters: np.ndarray, order: np.ndar
         vecs = embeddings[order[positions]].astype(np.float32)
         kept = np.zeros(len(positions), dtype=bool)
         for start in range(0, len(positions), block):
-            stop = min(start + block, len(positions))
-            sims = vecs[start:stop] @ vecs[:stop].T
-            for i in range(start, stop):
-                earlier = sims[i - start, :i]
-                if earlier.size and (earlier[kept[:i]] >= threshold).any():
-                    is_dup[positions[i]] = True
+            rows = vecs[start:start + block]
+            kept_before = np.flatnonzero(kept[:start])
+            dup = np.zeros(len(rows), dtype=bool)
+            for first in range(0, len(kept_before), block):
+                dup |= (rows @ vecs[kept_before[first:first + block]].T >= threshold).any(axis=1)
+            within = rows @ rows.T
+            for i in range(len(rows)):
+                if dup[i] or (within[i, :i][kept[start:start + i]] >= threshold).any():
+                    is_dup[positions[start + i]] = True
                 else:
-                    kept[i] = True
+                    kept[start + i] = True
     return is_dup
 
 

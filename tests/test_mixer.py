@@ -84,6 +84,26 @@ def test_near_duplicates_keep_the_first_copy_only_within_clusters():
     assert dup_rev.sum() == 1 and dup_rev[np.where(np.arange(6)[::-1] == 1)[0][0]]
 
 
+def test_near_duplicates_in_blocks_match_comparing_every_earlier_kept_row():
+    """Blocks (against kept rows, then within the block) decide exactly as one row at a time against all."""
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(25, 8)).astype(np.float32)
+    vecs = base[rng.integers(0, 25, 300)] + rng.normal(scale=0.08, size=(300, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    clusters = rng.integers(0, 3, 300)
+    order = rng.permutation(300)
+    expected = np.zeros(300, dtype=bool)
+    kept: dict[int, list[np.ndarray]] = {}
+    for pos, row in enumerate(order):
+        earlier = kept.setdefault(int(clusters[row]), [])
+        expected[pos] = any(float(v @ vecs[row]) >= 0.95 for v in earlier)
+        if not expected[pos]:
+            earlier.append(vecs[row])
+    assert 0 < expected.sum() < 300
+    for block in (1, 7, 64, 2048):
+        assert mixer.near_duplicates(vecs, clusters, order, 0.95, block=block).tolist() == expected.tolist()
+
+
 def test_single_responses_pair_safest_with_least_safe():
     singles = pl.DataFrame({"idx": [0, 1, 2, 3, 4, 5], "prompt": ["A", "a ", "A", "B", "C", "C"],
                             "response_cost": [0.5, -1.0, 1.0, -1.0, 0.1, 0.2]})
