@@ -72,7 +72,8 @@ def read_and_score_ray(config: CurateConfig, work: Path, embedder, categoriser) 
         raw_refs, n_rejected = put_batches(ray, config, work, stats)
         scored = score_on_ray(ray, raw_refs, config, categoriser) if raw_refs else []
         stage_dir, stage_files, embeddings, meta_parts = collect(scored, work, embedder.dim)
-        return ScoredInput.assemble(stage_dir, stage_files, embeddings, meta_parts, n_rejected, stats, embedder.dim)
+        return ScoredInput.assemble(stage_dir, stage_files, _drain(embeddings), meta_parts, n_rejected, stats,
+                                    embedder.dim)
     finally:
         if started:
             ray.shutdown()
@@ -175,6 +176,13 @@ def score_on_ray(ray, raw_refs: list, config: CurateConfig, categoriser):
     if config.quiet:
         logging.getLogger("ray.data").setLevel(logging.ERROR)
     return scored.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def _drain(parts: list):
+    """The list's items in order, each dropped from it as it is handed out (copied, it can be freed)."""
+    parts.reverse()
+    while parts:
+        yield parts.pop()
 
 
 def collect(scored_blocks, work: Path, dim: int) -> tuple[Path, list, list[np.ndarray], list[pl.DataFrame]]:
