@@ -75,16 +75,21 @@ def test_ama_dpo_run_writes_a_complete_run_directory(material, tmp_path):
 
 def test_dpo_baseline_masks_nothing_and_ref_logps_are_cached_across_scales(material, tmp_path):
     root, mix, model = material
-    first = invoke(*common(mix, model, tmp_path / "dpo-all", "--algo", "dpo", "--max-steps", "1"))
+    first = invoke(*common(mix, model, tmp_path / "dpo-all", "--algo", "dpo", "--max-steps", "5"))  # 20 rows, 4/step
     assert first.exit_code == 0, first.output
     steps = [json.loads(l) for l in (tmp_path / "dpo-all" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["ama/masked_fraction"] == 0 for m in steps if "loss" in m)
     # A smaller rung of the scale ladder: its rows are a subset, so every reference log-prob comes from the cache.
-    second = invoke(*common(mix, model, tmp_path / "dpo-8", "--algo", "dpo", "--max-steps", "1", "--scale", "8"))
+    second = invoke(*common(mix, model, tmp_path / "dpo-8", "--algo", "dpo", "--max-steps", "2", "--scale", "8"))
     assert second.exit_code == 0, second.output
     summary = json.loads((tmp_path / "dpo-8" / "summary.json").read_text())
-    assert summary["train_rows"] == 8 and summary["ref_cache_hits"] == 8
+    assert summary["train_rows"] == 8 and summary["ref_cache_hits"] == 8 and summary["ref_log_probs"] == "precomputed"
     assert summary["n_safety"] + summary["n_benign"] == 8 and summary["n_safety"] > 0  # where `equi report` plots it
+    # A quick try that sees 4 of the 20 rows computes reference log-probs live instead of for every row first.
+    quick = invoke(*common(mix, model, tmp_path / "dpo-quick", "--algo", "dpo", "--max-steps", "1"))
+    assert quick.exit_code == 0, quick.output
+    summary = json.loads((tmp_path / "dpo-quick" / "summary.json").read_text())
+    assert summary["ref_log_probs"].startswith("live") and summary["ref_cache_hits"] == 0 and summary["steps"] == 1
 
 
 def test_resume_continues_from_the_last_checkpoint(material, tmp_path):

@@ -241,12 +241,13 @@ def build_dpo_trainer(
 
     from train.ama_dpo import AmaDPOTrainer
 
+    precompute = precompute_pays(config, len(train_dataset))
     args = DPOConfig(
         **trl_common_kwargs(config, run_dir),
         beta=config.beta,
         loss_type=[config.loss_type],
         max_length=config.max_length,
-        precompute_ref_log_probs=config.precompute_ref,
+        precompute_ref_log_probs=precompute,
         eval_strategy="no",
     )
     return quiet_trainer(AmaDPOTrainer(
@@ -260,8 +261,21 @@ def build_dpo_trainer(
         callbacks=callbacks,
         use_ama_masks=config.algo == "ama-dpo",
         group_weights=config.group_weights,
-        ref_cache_dir=cache_dir() / "ref_logps" if config.precompute_ref else None,
+        ref_cache_dir=cache_dir() / "ref_logps" if precompute else None,
     ), config.quiet)
+
+
+def precompute_pays(config: TrainConfig, train_rows: int) -> bool:
+    """Whether to precompute reference log-probs (and use the cross-run cache) rather than compute them live.
+
+    Precomputing costs one reference pass over every train row before the first step; a ``--max-steps`` run
+    that sees fewer rows than the split holds (a quick try on a large mix) pays less computing them live for
+    the rows it sees.
+    """
+    if not config.precompute_ref or config.max_steps is None:
+        return config.precompute_ref
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return config.max_steps * config.batch_size * config.grad_accum * world >= train_rows
 
 
 def run_dpo(config: TrainConfig, manifest: dict[str, Any], run_dir: Path) -> RunResult:
@@ -292,6 +306,7 @@ def run_dpo(config: TrainConfig, manifest: dict[str, Any], run_dir: Path) -> Run
         "train_loss": output.training_loss,
         "ama_unaligned_rows": trainer.ama_unaligned_rows,
         "rows_dropped_prompt_too_long": trainer.rows_dropped_too_long,
+        "ref_log_probs": "precomputed" if trainer.args.precompute_ref_log_probs else "live (--max-steps sees fewer rows)",
         "ref_cache_hits": trainer.ref_cache_hits.get("train", 0),
         **{k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
     }
