@@ -297,8 +297,7 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
     embedder, categoriser = load_models(config, embedder, categoriser)
     # A Ray run is not resumed: its actors score the whole input again.
     fingerprint = run_fingerprint(config, embedder) if config.resume and config.engine == "local" else None
-    inputs = list(config.inputs) + ([config.categoriser] if config.categoriser else [])
-    with resumable_directory(config.out, fingerprint, overwrite=config.overwrite, inputs=inputs) as run:
+    with resumable_directory(config.out, fingerprint, overwrite=config.overwrite, inputs=_read_paths(config)) as run:
         work = run.path
         if config.engine == "ray":
             from curation.engine_ray import read_and_score_ray
@@ -385,6 +384,11 @@ def _config_hash(config: CurateConfig) -> str:
     return config_hash({k: v for k, v in config.to_dict().items() if k not in _NOT_OUTPUT_DEFINING})
 
 
+def _read_paths(config: CurateConfig) -> list[str]:
+    """Every file the run reads: the inputs (``-`` for stdin) and a given categoriser."""
+    return list(config.inputs) + ([config.categoriser] if config.categoriser else [])
+
+
 def run_fingerprint(config: CurateConfig, embedder) -> dict | None:
     """What an interrupted run must share with this one to be resumed; ``None`` (never resume) for stdin.
 
@@ -392,7 +396,7 @@ def run_fingerprint(config: CurateConfig, embedder) -> dict | None:
     """
     if "-" in config.inputs:
         return None
-    files = [Path(p) for p in config.inputs] + ([Path(config.categoriser)] if config.categoriser else [])
+    files = [Path(p) for p in _read_paths(config)]
     return {
         "equi_version": equi_version(),
         "config_hash": _config_hash(config),

@@ -141,11 +141,11 @@ def _check_target(target: str | Path, overwrite: bool, inputs: Iterable[str | Pa
         if not (target.is_dir() and (target / MANIFEST).is_file()):
             raise FileExistsError(f"{given} is not an equi output (no {MANIFEST}); --overwrite replaces only what "
                                   "equi wrote: choose a new --out, or remove it yourself")
-        here = Path.cwd().resolve()
-        if target.resolve() == here or target.resolve() in here.parents:
+        real, here = target.resolve(), Path.cwd().resolve()
+        if real == here or real in here.parents:
             raise FileExistsError(f"--out {given} holds the current directory; choose another --out")
         for path in inputs:
-            if str(path) != "-" and target.resolve() in Path(path).resolve().parents:
+            if str(path) != "-" and real in Path(path).resolve().parents:
                 raise FileExistsError(f"the input {path} lies inside --out {given}, which this run would replace; "
                                       "choose another --out")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -179,10 +179,12 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def training_settings(self) -> dict[str, Any]:
+        """The settings that define what a run trains: all but where it goes and whether it resumes or talks."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("out", "resume", "quiet")}
+
     def hash(self) -> str:
-        # Where the run goes and whether it resumes do not change what it trains.
-        data = {k: v for k, v in self.to_dict().items() if k not in ("out", "resume", "quiet")}
-        return config_hash(data)
+        return config_hash(self.training_settings())
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -70,9 +70,11 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 
 def _what_differs(saved: dict, config: TrainConfig, mix_hash: str) -> str:
     """The settings (``--max-steps 20 (run: 10)``) and/or the mix that keep ``--resume`` from continuing a run."""
-    before, now = saved.get("train_config") or {}, config.to_dict()
+    now = config.training_settings()
+    not_training = set(config.to_dict()) - set(now)
+    before = {k: v for k, v in (saved.get("train_config") or {}).items() if k not in not_training}
     parts = [f"--{k.replace('_', '-')} {now.get(k)!r} (run: {before.get(k)!r})" for k in sorted(set(before) | set(now))
-             if k not in ("out", "resume", "quiet") and before.get(k) != now.get(k)]
+             if before.get(k) != now.get(k)]
     if saved.get("mix_manifest_hash") != mix_hash:
         parts.append("the mix (its manifest changed)")
     return ", ".join(parts) or "the settings"
@@ -192,7 +194,6 @@ def _checkpointing_arg() -> str:
 
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-
 
 
 def quiet_trainer(trainer, quiet: bool):
@@ -317,7 +318,9 @@ def run_dpo(config: TrainConfig, manifest: dict[str, Any], run_dir: Path) -> Run
         "train_loss": output.training_loss,
         "ama_unaligned_rows": trainer.ama_unaligned_rows,
         "rows_dropped_prompt_too_long": trainer.rows_dropped_too_long,
-        "ref_log_probs": "precomputed" if trainer.args.precompute_ref_log_probs else "live (--max-steps sees fewer rows)",
+        "ref_log_probs": ("precomputed" if trainer.args.precompute_ref_log_probs
+                          else "live (--max-steps sees fewer rows)" if config.precompute_ref
+                          else "live (precompute_ref off)"),
         "ref_cache_hits": trainer.ref_cache_hits.get("train", 0),
         **{k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
     }
