@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,8 @@ import pyarrow as pa
 from equi.config import ConfigError, CurateConfig
 from equi.schema import REJECTS
 
-from curation.pipeline import (_STAGE_SCHEMA, ScoredInput, ShardWriter, _batched, batch_meta, stage_batch,
-                               take_rows, to_table)
+from curation.pipeline import (_STAGE_SCHEMA, ScoredInput, ShardWriter, _batched, _save_npy, _write_atomic,
+                               batch_meta, stage_batch, take_rows, to_table)
 from curation.readers import RawRow, ReadStats, read_rows
 
 #: Per raw row, the number of rows of its reader batch: lets an actor check it got the whole batch.
@@ -72,7 +73,7 @@ def read_and_score_ray(config: CurateConfig, work: Path, embedder, categoriser) 
         raw_refs, n_rejected = put_batches(ray, config, work, stats)
         scored = score_on_ray(ray, raw_refs, config, categoriser) if raw_refs else []
         stage_dir, stage_files, embeddings, meta_parts = collect(scored, work, embedder.dim)
-        return ScoredInput.assemble(stage_dir, stage_files, _drain(embeddings), meta_parts, n_rejected, stats,
+        return ScoredInput.assemble(stage_dir, stage_files, embeddings, meta_parts, n_rejected, stats,
                                     embedder.dim)
     finally:
         if started:
@@ -178,22 +179,23 @@ def score_on_ray(ray, raw_refs: list, config: CurateConfig, categoriser):
     return scored.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
-def _drain(parts: list):
-    """The list's items in order, each dropped from it as it is handed out (copied, it can be freed)."""
-    parts.reverse()
-    while parts:
-        yield parts.pop()
+def collect(scored_blocks, work: Path, dim: int) -> tuple[Path, list, Iterator[np.ndarray], list[pl.DataFrame]]:
+    """Write the scored blocks, in order, into the staged Parquet and their embeddings into one ``.npy`` file
+    each (as the local engine stages them); keep only the slim metadata in memory.
 
-
-def collect(scored_blocks, work: Path, dim: int) -> tuple[Path, list, list[np.ndarray], list[pl.DataFrame]]:
-    """Write the scored blocks, in order, into the staged Parquet; keep their embeddings and metadata."""
+    Returns the embeddings as a generator that reads the files back one at a time, so filling the matrix
+    never holds it and every block's vectors at once.
+    """
     stage_dir = work / ".stage"
     stage = ShardWriter(stage_dir, "stage", _STAGE_SCHEMA, rows_per_shard=1 << 62)
-    embeddings, meta_parts, n_rows = [], [], 0
-    for block in scored_blocks:
+    vector_files, meta_parts, n_rows = [], [], 0
+    for number, block in enumerate(scored_blocks):
         table = block.select(_STAGE_SCHEMA.names).cast(_STAGE_SCHEMA)
         stage.write(table)
-        embeddings.append(block.column(EMBEDDING).combine_chunks().flatten().to_numpy().reshape(-1, dim))
+        vectors = block.column(EMBEDDING).combine_chunks().flatten().to_numpy().reshape(-1, dim)
+        vector_files.append(stage_dir / f"embeddings-{number:06d}.npy")
+        _write_atomic(vector_files[-1], lambda tmp: _save_npy(tmp, vectors))
         meta_parts.append(batch_meta(pl.from_arrow(table), n_rows))
         n_rows += table.num_rows
+    embeddings = (np.load(path, allow_pickle=False) for path in vector_files)
     return stage_dir, stage.close(), embeddings, meta_parts
