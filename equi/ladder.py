@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from equi.config import ConfigError
-from equi.schema import DATA_DIR, SAFETY_GROUPS
+from equi.schema import DATA_DIR, RUN_CONFIG, SAFETY_GROUPS
 
 LADDER_FILE = "ladder.json"
 BASELINE_RUN = "baseline"
@@ -182,7 +182,7 @@ def _train_config(config: ScaleConfig, rung: Rung):
                        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, beta=config.beta,
                        seed=config.seed, lora_r=config.lora_r, quiet=config.quiet,
                        # an interrupted rung (config.json but no final/) continues from its last checkpoint
-                       resume=(rung.run_dir / "config.json").is_file(), **config.train_options)
+                       resume=(rung.run_dir / RUN_CONFIG).is_file(), **config.train_options)
 
 
 def _eval_config(config: ScaleConfig, target: str | None, out: Path | None):

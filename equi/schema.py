@@ -12,7 +12,9 @@ URL or base64 string, kept as given; categorisation uses the text) and ``image_s
 
 from __future__ import annotations
 
+import json
 from enum import Enum
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -82,6 +84,20 @@ CARD = "README.md"
 REJECTS = "rejects.jsonl"
 DATA_DIR = "data"
 POOL_DIR = "pool"
+
+# An ``equi train`` run directory: RUN_CONFIG records, under TRAIN_CONFIG_KEY, the settings it was started with.
+RUN_CONFIG = "config.json"
+TRAIN_CONFIG_KEY = "train_config"
+
+
+def saved_train_config(run_dir: str | Path) -> dict | None:
+    """The settings an ``equi train`` run directory was started with; None when ``run_dir`` is not one."""
+    try:
+        record = json.loads((Path(run_dir) / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    saved = record.get(TRAIN_CONFIG_KEY) if isinstance(record, dict) else None
+    return saved if isinstance(saved, dict) else None
 
 
 def shard_name(prefix: str, index: int, total: int) -> str:

@@ -21,11 +21,12 @@ from typing import Any
 
 from equi.cache import cache_dir
 from equi.config import ConfigError
+from equi.schema import RUN_CONFIG, TRAIN_CONFIG_KEY
 from train.config import OFFLINE_ALGOS, ONLINE_ALGOS, SCORER_ALGOS, TrainConfig
 from train.mixdata import MixError, load_split, manifest_hash, verify_mix_or_raise
 from train.models import bf16_supported, load_causal_lm, load_tokenizer, lora_config, resolve_model
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = RUN_CONFIG
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 FINAL_DIR = "final"
@@ -72,7 +73,7 @@ def _what_differs(saved: dict, config: TrainConfig, mix_hash: str) -> str:
     """The settings (``--max-steps 20 (run: 10)``) and/or the mix that keep ``--resume`` from continuing a run."""
     now = config.training_settings()
     not_training = set(config.to_dict()) - set(now)
-    before = {k: v for k, v in (saved.get("train_config") or {}).items() if k not in not_training}
+    before = {k: v for k, v in (saved.get(TRAIN_CONFIG_KEY) or {}).items() if k not in not_training}
     parts = [f"--{k.replace('_', '-')} {now.get(k)!r} (run: {before.get(k)!r})" for k in sorted(set(before) | set(now))
              if before.get(k) != now.get(k)]
     if saved.get("mix_manifest_hash") != mix_hash:
@@ -100,7 +101,7 @@ def prepare_run_dir(config: TrainConfig, mix_hash: str) -> Path:
     import trl
 
     record = {
-        "train_config": config.to_dict(),
+        TRAIN_CONFIG_KEY: config.to_dict(),
         "config_hash": config.hash(),
         "mix": str(Path(config.mix).resolve()),
         "mix_manifest_hash": mix_hash,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -99,12 +98,12 @@ def train_command(
     """
     from equi.config import ConfigError
     from train.config import DEFAULT_SEVERITY_WEIGHTS, TrainConfig, parse_weights
-    from equi.schema import GROUPS, SEVERITIES
+    from equi.schema import GROUPS, SEVERITIES, saved_train_config
 
     values: dict[str, Any] = {}
-    if resume and out is not None and (out / "config.json").is_file():
+    if resume and out is not None and (saved := saved_train_config(out)) is not None:
         # Resuming re-uses the run's own settings; flags given now still win (and must agree, see prepare_run_dir).
-        values.update(json.loads((out / "config.json").read_text())["train_config"])
+        values.update(saved)
     if config_file is not None:
         values.update(_load_config_file(config_file))
     if scale is not None and limit is not None and scale != limit:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from equi.config import ConfigError
 from equi.evaluation.audit import EVAL_DIR, write_answers, write_metrics
 from equi.evaluation.generation import generate_answers, load_model
 from equi.evaluation.metrics import LABELS, compute_metrics
+from equi.schema import saved_train_config
 from equi.evaluation.suites import Suite, SuiteError, load_suites, parse_suite_names, resolve_data_dir
 
 
@@ -88,11 +88,8 @@ class EvalConfig:
 
 
 def _is_run_dir(path: Path) -> bool:
-    """Whether ``path`` is an ``equi train`` run directory (its config.json records a ``train_config``)."""
-    try:
-        return "train_config" in json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
-        return False
+    """Whether ``path`` is an ``equi train`` run directory."""
+    return saved_train_config(path) is not None
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from equi.evaluation.audit import ANSWERS_FILE, EVAL_DIR, METRICS_FILE
+from equi.schema import RUN_CONFIG
 
 LADDER_FILE = "ladder.json"
 METRICS = ("safety", "over_refusal", "balanced")
@@ -78,7 +79,7 @@ def group_label(groups: Any) -> str:
 def read_run(path: Path) -> RunRecord:
     """A record from one directory; never raises for missing or broken files, notes them instead."""
     record = RunRecord(name=path.name, path=path)
-    config = _read_json(path / "config.json", record.problems) or {}
+    config = _read_json(path / RUN_CONFIG, record.problems) or {}
     ladder = _read_json(path / LADDER_FILE, record.problems) or {}
     trained = _read_json(path / "summary.json", record.problems) or {}  # equi train: the rows it trained on
     train = config.get("train_config") or config.get("train") or config  # equi train nests TrainConfig
@@ -104,7 +105,7 @@ def read_run(path: Path) -> RunRecord:
 
 
 def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / name).is_file() for name in ("config.json", LADDER_FILE)) or (
+    return path.is_dir() and any((path / name).is_file() for name in (RUN_CONFIG, LADDER_FILE)) or (
         path / EVAL_DIR / METRICS_FILE).is_file()
 
 
