@@ -308,3 +308,20 @@ def test_a_categoriser_fit_for_another_embedder_is_refused_before_any_work(raw_i
     with pytest.raises(EmbedderError, match="fit-categoriser"):
         curate(CurateConfig(inputs=[str(raw_inputs[2])], out=str(out), quiet=True), embedder=EightDimensional())
     assert not out.exists()
+
+
+def test_quiet_loads_the_encoder_without_a_bar_and_restores_the_setting(capfd):
+    """--quiet and ``CurateConfig(quiet=True)`` alike: no "Loading weights" bar (the CLI used to do it alone)."""
+    from transformers.utils import logging as hf_logging
+
+    from curation.embed import get_embedder
+    from curation.pipeline import load_models
+    from equi.config import CurateConfig
+
+    shown = []
+    for quiet in (True, False):
+        get_embedder.cache_clear()  # a cached encoder would load nothing, bar or not
+        load_models(CurateConfig(inputs=["raw.jsonl"], out="mix", quiet=quiet, embedding_cache=False))
+        shown.append("Loading weights" in capfd.readouterr().err)
+        assert hf_logging.is_progress_bar_enabled()  # the caller's setting is back
+    assert shown == [False, True]

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -88,8 +86,6 @@ def curate_command(
             fail(f"{path}: is a directory; pass the JSONL files in it" if Path(path).is_dir() else
                  f"{path}: no such file", code=2)
 
-    if quiet:
-        _no_loading_bars()
     from curation.embed import EmbedderError
     from curation.pipeline import curate
     from curation.readers import InputError
@@ -108,13 +104,6 @@ def curate_command(
         if result.resumed_batches:
             console.print(f"resumed: {result.resumed_batches} batches came from the interrupted run")
     print_warnings(result.manifest)
-
-
-def _no_loading_bars() -> None:
-    """No "Loading weights" bars from transformers, here or in --workers processes (they read the variable)."""
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    if "transformers" in sys.modules:
-        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 @contextlib.contextmanager
