@@ -117,6 +117,7 @@ def main() -> None:
         peak_mib = usage.ru_maxrss / 1024
         # CPU time of the process and its workers: steadier than wall time on a machine shared with others.
         cpu_s = usage.ru_utime + usage.ru_stime
+        timings = json.loads((Path(tmp) / "mix" / "manifest.json").read_text())["timings_s"]
         raw_after = encoder_rows_per_s(raw, args.embedder, args.raw_rows)
     raw_rate = (raw_before + raw_after) / 2
     rate = args.rows / elapsed
@@ -127,6 +128,10 @@ def main() -> None:
           f"{raw_after:,.0f} after the pipeline)")
     print(f"pipeline / encoder   {rate / raw_rate:.2f}x (against the slower timing {rate / min(raw_before, raw_after):.2f}x, "
           f"the faster {rate / max(raw_before, raw_after):.2f}x)")
+    pass1 = args.rows / timings["read_and_score"]
+    print(f"pass 1 (read+score)  {pass1:,.0f} rows/s, {pass1 / raw_rate:.2f}x the raw encoder; the rest of the "
+          f"{elapsed:.0f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items() if k != "read_and_score")
+          + f", the rest (Python start-up, manifest) {elapsed - sum(timings.values()):.1f} s")
     print(f"CPU time             {cpu_s:.1f} s ({1000 * cpu_s / args.rows:.2f} s per 1,000 rows, workers included)")
     print(f"peak RSS             {peak_mib:,.0f} MiB (the largest process)")
     print(f"peak RSS, all        {tree.peak_mib:,.0f} MiB (curate and its workers together, sampled every 0.1 s)")

@@ -717,6 +717,7 @@ def write_guarded_mix(config: GuardConfig, parent: Path, parent_manifest: dict, 
 
         pool_entries = [s for s in parent_manifest["shards"] if s["split"] == "pool"]
         manifest = dict(parent_manifest)
+        manifest.pop("timings_s", None)  # the parent's curate run; this mix was not timed that way
         counts = dict(parent_manifest.get("counts", {}))
         counts["mixture"] = _count_by_split(mixture)
         guard_config = config.to_dict()

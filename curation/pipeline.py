@@ -293,8 +293,10 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
     from curation.cluster import choose_k, fit_assign_clusters
     from curation.mixer import select_mixture
 
+    clock = _Laps()
     given_embedder = embedder
     embedder, categoriser = load_models(config, embedder, categoriser)
+    clock.lap("load_models")
     # A Ray run is not resumed: its actors score the whole input again.
     fingerprint = run_fingerprint(config, embedder) if config.resume and config.engine == "local" else None
     with resumable_directory(config.out, fingerprint, overwrite=config.overwrite, inputs=_read_paths(config)) as run:
@@ -306,11 +308,14 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
         else:
             scored = read_and_score(config, work, embedder, categoriser, resume=run.resumed,
                                     given_embedder=given_embedder)
+        clock.lap("read_and_score")
         k = min(config.clusters or choose_k(scored.n_rows), max(scored.n_rows, 1))
         clusters = fit_assign_clusters(scored.embeddings, k, config.seed)
+        clock.lap("cluster")
         for leftover in (POOL_DIR, DATA_DIR):  # from an interrupted run that got past pass 1
             shutil.rmtree(work / leftover, ignore_errors=True)
         pool_files = write_pool(scored.stage_files, clusters, work / POOL_DIR, config)
+        clock.lap("write_pool")
         meta = scored.meta.with_columns(pl.Series("cluster", clusters, pl.Int32))
         selection = select_mixture(meta, scored.embeddings, ratios=config.ratios, size=config.size,
                                    benign_share=config.benign_share, dup_threshold=config.dup_threshold,
@@ -319,6 +324,7 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
         mixture = build_mixture_rows(scored.stage_files, selection.mixture, config.eval_fraction)
         data_files = write_mixture(work / DATA_DIR, mixture, config.shard_rows)
         scored.remove_stage()
+        clock.lap("mix")
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "equi_version": equi_version(),
@@ -345,6 +351,8 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
             },
             "warnings": selection.warnings + ([] if mixture.height else
                                               ["the mixture is empty: no usable preference pairs in the input"]),
+            # Wall-clock seconds per phase (manifest and card writing excluded); read_and_score includes encoding.
+            "timings_s": clock.laps,
         }
         write_json_atomic(work / MANIFEST, manifest)
         (work / CARD).write_text(_render_card(manifest), encoding="utf-8")
@@ -493,6 +501,22 @@ def read_and_score(config: CurateConfig, work: Path, embedder, categoriser, resu
     scored = ScoredInput.assemble(stage_dir, stage_files, embeddings, meta_parts, n_rejected, stats, embedder.dim)
     scored.resumed_batches = resumed
     return scored
+
+
+class _Laps:
+    """Wall-clock seconds of consecutive phases, rounded to 0.1 s."""
+
+    def __init__(self):
+        import time
+
+        self._now = time.perf_counter
+        self._last = self._now()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = self._now()
+        self.laps[name] = round(now - self._last, 1)
+        self._last = now
 
 
 def release_free_memory() -> None:

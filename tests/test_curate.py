@@ -123,6 +123,13 @@ def test_accounting_balances_and_rejects_name_file_line_and_reason(mix, manifest
     assert [i["lines"] for i in manifest["inputs"]] == [300 + len(BROKEN), 360, 80]
 
 
+def test_manifest_times_each_phase(manifest):
+    phases = manifest["timings_s"]
+    assert list(phases) == ["load_models", "read_and_score", "cluster", "write_pool", "mix"]
+    assert all(isinstance(v, float) and v >= 0 for v in phases.values())
+    assert phases["read_and_score"] > 0  # 740 real lines embedded and scored take well over 0.05 s
+
+
 def test_single_responses_are_paired_safer_first(mixture):
     paired = mixture.filter(pl.col("source").str.starts_with("xstest_"))
     assert paired.height > 0
