@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from pathlib import Path
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 

@@ -12,8 +12,8 @@ from equi.config import ConfigError
 from equi.evaluation.audit import EVAL_DIR, write_answers, write_metrics
 from equi.evaluation.generation import generate_answers, load_model
 from equi.evaluation.metrics import LABELS, compute_metrics
-from equi.schema import saved_train_config
 from equi.evaluation.suites import Suite, SuiteError, load_suites, parse_suite_names, resolve_data_dir
+from equi.schema import saved_train_config
 
 
 @dataclass
