@@ -130,6 +130,15 @@ def test_manifest_times_each_phase(manifest):
     assert phases["read_and_score"] > 0  # 740 real lines embedded and scored take well over 0.05 s
 
 
+def test_the_summary_says_where_the_time_went(manifest, mix, capsys):
+    from equi.commands.curate import print_summary
+
+    print_summary(manifest, mix)
+    took = [line for line in capsys.readouterr().err.splitlines() if line.startswith("took ")]
+    assert len(took) == 1 and "read and score" in took[0] and "cluster" in took[0]
+    assert float(took[0].split()[1]) == pytest.approx(sum(manifest["timings_s"].values()), abs=0.05)
+
+
 def test_single_responses_are_paired_safer_first(mixture):
     paired = mixture.filter(pl.col("source").str.starts_with("xstest_"))
     assert paired.height > 0

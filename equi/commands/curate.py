@@ -136,6 +136,9 @@ def print_summary(manifest: dict, out: Path) -> None:
                   + (f" (see {out}/rejects.jsonl)" if acc["rejected"] else ""))
     reasons = ", ".join(f"{k} {v}" for k, v in acc["not_selected"].items()) or "none"
     console.print(f"pooled {acc['pooled']} = mixed {acc['mixed']} + not selected ({reasons})")
+    if timings := manifest.get("timings_s"):
+        phases = ", ".join(f"{name.replace('_', ' ')} {seconds:.1f}" for name, seconds in timings.items())
+        console.print(f"took {sum(timings.values()):.1f} s ({phases})")
 
 
 def print_warnings(manifest: dict) -> None:
