@@ -69,3 +69,23 @@ def test_every_algorithm_trains_on_a_curated_mix(curated, tmp_path, algo, extra)
             any(s["sign"] == 1 for s in spans or []) for spans in train["rejected_spans"].to_list())
         assert masking > 0, "the curated mix should hold spans that AMA masks"
         assert any(0 < m.get("ama/masked_fraction", 0) < 1 for m in metrics)
+
+
+def test_dual_swapped_pairs_do_not_reuse_the_cached_reference_of_the_unswapped_pair(curated, tmp_path):
+    """dual swaps chosen and rejected but keeps the row id: the reference cache must not hand it the other order."""
+    mix, model = curated
+
+    def train(name, *extra):
+        # lr 1e-20: the policy stays the reference, so with right reference log-probs every margin is 0.
+        return runner.invoke(app, ["train", "--mix", str(mix), "--model", str(model), "--out", str(tmp_path / name),
+                                   "--batch-size", "4", "--lr", "1e-20", "--epochs", "1", "--max-length", "128",
+                                   "--quiet", *extra])
+
+    assert train("dpo", "--algo", "dpo").exit_code == 0  # fills the reference cache with the pairs as curated
+    result = train("dual", "--algo", "dual", "--rounds", "1", "--lambda-init", "10",
+                   "--severity-weights", "minor=50,moderate=50,severe=50")
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (tmp_path / "dual" / "metrics.jsonl").read_text().splitlines()]
+    assert [m for m in metrics if m.get("dual")][0]["swapped_pairs"] > 0
+    margins = [m["rewards/margins"] for m in metrics if "rewards/margins" in m]
+    assert margins and max(abs(v) for v in margins) < 1e-4

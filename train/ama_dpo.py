@@ -260,14 +260,17 @@ class AmaDPOTrainer(DPOTrainer):
             "truncation_mode": self.args.truncation_mode,
             "ama": self.use_ama_masks,
             "ld_alpha": self.args.ld_alpha,
+            "rows": "id+tokens",  # rows are keyed by id and content (see _ref_row_keys); older caches keyed by id
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
         """Reference log-probs per row id, cached across runs.
 
-        Keyed by (reference weights, tokenizer, truncation, masks) and row ``id``, so the rungs of a scale
-        ladder (nested subsets of one mix) reuse what earlier rungs computed instead of recomputing it.
+        Keyed by (reference weights, tokenizer, truncation, masks) and, per row, its ``id`` and tokens (see
+        :func:`_ref_row_keys`), so the rungs of a scale ladder (nested subsets of one mix) reuse what earlier rungs
+        computed instead of recomputing it, and a row whose answers changed (``dual`` swaps chosen and rejected
+        but keeps the id) is computed afresh.
         """
         if self.ref_cache_dir is None or "id" not in dataset.column_names:
             return super()._precompute_ref_logps(dataset, name, batch_size)
@@ -282,7 +285,7 @@ class AmaDPOTrainer(DPOTrainer):
                 table["id"].to_pylist(), table["ref_chosen_logps"].to_pylist(), table["ref_rejected_logps"].to_pylist()
             ):
                 cached[row_id] = (chosen, rejected)
-        ids = dataset["id"]
+        ids = _ref_row_keys(dataset)
         missing = [i for i, row_id in enumerate(ids) if row_id not in cached]
         if missing:
             fresh = self._compute_ref_logps_rows(dataset.select(missing), name, batch_size)
@@ -323,3 +326,17 @@ class AmaDPOTrainer(DPOTrainer):
             chosen, rejected = self.accelerator.gather_for_metrics((chosen, rejected))
             pairs.extend(zip(chosen.float().cpu().tolist(), rejected.float().cpu().tolist()))
         return pairs
+
+
+#: What a row's reference log-probs depend on besides the model and tokenizer (the cache key's part).
+_REF_ROW_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_ama_mask", "rejected_ama_mask")
+
+
+def _ref_row_keys(dataset) -> list[str]:
+    """``id:digest`` per row, the digest over the tokens and masks the reference log-probs are computed from."""
+    columns = [dataset[c] for c in _REF_ROW_COLUMNS if c in dataset.column_names]
+    keys = []
+    for row_id, *values in zip(dataset["id"], *columns):
+        digest = hashlib.blake2b(json.dumps(values, separators=(",", ":")).encode(), digest_size=12).hexdigest()
+        keys.append(f"{row_id}:{digest}")
+    return keys
