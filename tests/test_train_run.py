@@ -92,23 +92,39 @@ def test_dpo_baseline_masks_nothing_and_ref_logps_are_cached_across_scales(mater
     assert summary["ref_log_probs"].startswith("live") and summary["ref_cache_hits"] == 0 and summary["steps"] == 1
 
 
-def test_resume_continues_from_the_last_checkpoint(material, tmp_path):
+def test_resume_continues_from_the_last_complete_checkpoint(material, tmp_path, monkeypatch):
     root, mix, model = material
     out = tmp_path / "resume"
     args = common(mix, model, out, "--max-steps", "4", "--save-steps", "2")
     assert invoke(*args).exit_code == 0
-    # Simulate a crash after step 2: the later checkpoint, final model and summary never got written.
-    shutil.rmtree(out / "checkpoint-4")
+    # Simulate a kill while checkpoint-4 was being saved: its trainer state, the final model and the summary never
+    # got written (steps 3 and 4 are in metrics.jsonl already).
+    (out / "checkpoint-4" / "trainer_state.json").unlink()
     shutil.rmtree(out / "final")
     (out / "summary.json").unlink()
-    result = invoke("--out", str(out), "--resume", "--quiet")
+    monkeypatch.chdir(mix.parent)  # the same mix, spelled differently: still the run's mix
+    result = invoke("--out", str(out), "--resume", "--mix", f"./{mix.name}/", "--quiet")
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 4
     assert (out / "final" / "model.safetensors").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # steps 3-4 ran twice but are logged once
+    # A finished run is not trained, evaluated or summarised again.
+    before = (out / "summary.json").read_bytes()
+    result = invoke("--out", str(out), "--resume", "--quiet")
+    assert result.exit_code == 2 and "already finished" in result.output
+    assert (out / "summary.json").read_bytes() == before
     # A changed setting is named, not just "the settings differ".
     result = invoke("--out", str(out), "--resume", "--max-steps", "9", "--quiet")
     assert result.exit_code == 2 and "--max-steps 9 (run: 4)" in result.output, result.output
+
+
+def test_dual_resume_is_refused_rather_than_restarted(material, tmp_path):
+    root, mix, model = material
+    result = invoke(*common(mix, model, tmp_path / "dual", "--algo", "dual", "--resume"))
+    assert result.exit_code == 2 and "does not continue --algo dual" in result.output
+    assert not (tmp_path / "dual").exists()
 
 
 def test_an_existing_run_is_not_overwritten(material, tmp_path):

@@ -30,6 +30,15 @@ AMA_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 DEFAULT_SEVERITY_WEIGHTS: dict[str, float] = {"minor": 1.0, "moderate": 2.0, "severe": 4.0}
 
 
+def normalised_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """:meth:`TrainConfig.training_settings` of a saved ``train_config`` (or of a live one's ``to_dict``)."""
+    kept = {k: v for k, v in settings.items() if k not in ("out", "resume", "quiet", "mix")}
+    model = kept.get("model")
+    if isinstance(model, str) and model and Path(model).exists():
+        kept["model"] = str(Path(model).resolve())
+    return kept
+
+
 def parse_weights(text: str, allowed: tuple[str, ...], what: str, upper: bool) -> dict[str, float]:
     """Parse ``"minor=1,moderate=2"`` into a dict, naming the bad part if any."""
     weights: dict[str, float] = {}
@@ -180,8 +189,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def training_settings(self) -> dict[str, Any]:
-        """The settings that define what a run trains: all but where it goes and whether it resumes or talks."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("out", "resume", "quiet")}
+        """The settings that define what a run trains: all but where it goes and whether it resumes or talks.
+
+        The mix is left out: a run records the mix's manifest hash, which names it whatever path it is given by
+        (``mix``, ``./mix/``, an absolute path); a local ``model`` counts by its resolved path, for the same reason.
+        """
+        return normalised_settings(self.to_dict())
 
     def hash(self) -> str:
         return config_hash(self.training_settings())

@@ -254,7 +254,7 @@ def build_online_trainer(config, model, tokenizer, train_dataset, run_dir: Path,
 
 def run_online(config, manifest: dict[str, Any], run_dir: Path):
     from train.mixdata import MixError, load_split
-    from train.run import METRICS_FILE, RunResult, last_checkpoint, load_policy, metrics_callback, save_final
+    from train.run import METRICS_FILE, RunResult, load_policy, metrics_callback, resume_checkpoint, save_final
 
     split = load_split(config.mix, "train", config.scale, config.groups, need_pairs=False, manifest=manifest,
                        skip_images=config.skip_images)
@@ -265,7 +265,7 @@ def run_online(config, manifest: dict[str, Any], run_dir: Path):
     prompts = prompt_dataset(split.dataset, tokenizer)
     if tokenizer.padding_side != "left":  # generation appends to the right, so prompts pad on the left
         tokenizer.padding_side = "left"
-    checkpoint = last_checkpoint(run_dir) if config.resume else None
+    checkpoint = resume_checkpoint(config, run_dir)
     resumed_lambda = saved_lambda(checkpoint)  # ppo-lag continues with the λ it had reached
     lam = LambdaState(resumed_lambda if resumed_lambda is not None else config.lambda_init)
     trainer, lam = build_online_trainer(

@@ -13,6 +13,7 @@ A run directory::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,9 +23,11 @@ from typing import Any
 from equi.cache import cache_dir
 from equi.config import ConfigError
 from equi.schema import RUN_CONFIG, TRAIN_CONFIG_KEY
-from train.config import OFFLINE_ALGOS, ONLINE_ALGOS, SCORER_ALGOS, TrainConfig
+from train.config import OFFLINE_ALGOS, ONLINE_ALGOS, SCORER_ALGOS, TrainConfig, normalised_settings
 from train.mixdata import MixError, load_split, manifest_hash, verify_mix_or_raise
 from train.models import bf16_supported, load_causal_lm, load_tokenizer, lora_config, resolve_model
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = RUN_CONFIG
 METRICS_FILE = "metrics.jsonl"
@@ -64,16 +67,40 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The latest *complete* ``checkpoint-N`` of a run: one a kill interrupted mid-save (no trainer state or no
+    weights yet) is skipped, with a warning, for the one before it."""
+    found = sorted((p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                   key=lambda p: int(p.name[11:]), reverse=True)
+    for checkpoint in found:
+        if (checkpoint / "trainer_state.json").is_file() and any(checkpoint.glob("*.safetensors")):
+            return checkpoint
+        logger.warning("%s was not saved completely (a kill during the save?); resuming from an earlier one", checkpoint)
+    return None
 
-    return Path(found) if run_dir.is_dir() and (found := get_last_checkpoint(str(run_dir))) else None
+
+def resume_checkpoint(config: TrainConfig, run_dir: Path) -> Path | None:
+    """With ``--resume``, the checkpoint to continue from; ``metrics.jsonl`` loses what was logged after it.
+
+    The steps after the checkpoint run again, and their records would otherwise appear twice.
+    """
+    if not config.resume:
+        return None
+    checkpoint = last_checkpoint(run_dir)
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
+    path = run_dir / METRICS_FILE
+    if path.is_file():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(partial, path)
+    return checkpoint
 
 
 def _what_differs(saved: dict, config: TrainConfig, mix_hash: str) -> str:
     """The settings (``--max-steps 20 (run: 10)``) and/or the mix that keep ``--resume`` from continuing a run."""
     now = config.training_settings()
-    not_training = set(config.to_dict()) - set(now)
-    before = {k: v for k, v in (saved.get(TRAIN_CONFIG_KEY) or {}).items() if k not in not_training}
+    before = normalised_settings(saved.get(TRAIN_CONFIG_KEY) or {})
     parts = [f"--{k.replace('_', '-')} {now.get(k)!r} (run: {before.get(k)!r})" for k in sorted(set(before) | set(now))
              if before.get(k) != now.get(k)]
     if saved.get("mix_manifest_hash") != mix_hash:
@@ -92,6 +119,9 @@ def prepare_run_dir(config: TrainConfig, mix_hash: str) -> Path:
         if saved.get("config_hash") != config.hash() or saved.get("mix_manifest_hash") != mix_hash:
             raise ConfigError(f"--resume: {_what_differs(saved, config, mix_hash)} differ from the run in {run_dir}; "
                               "resume with the run's settings, or use a new --out")
+        if (run_dir / SUMMARY_FILE).is_file() and (run_dir / FINAL_DIR).is_dir():
+            raise ConfigError(f"--resume: the run in {run_dir} already finished ({FINAL_DIR}/ and {SUMMARY_FILE} are "
+                              "there); nothing was changed. Train again with a new --out")
         return run_dir
     if config_path.is_file() or (run_dir.is_dir() and any(run_dir.iterdir())):
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
@@ -213,6 +243,9 @@ def train(config: TrainConfig) -> RunResult:
         import datasets
 
         datasets.disable_progress_bars()
+    if config.resume and config.algo == "dual":
+        raise ConfigError("--resume does not continue --algo dual runs yet (its rounds would start again from round 0 "
+                          "and λ_init); train again with a new --out")
     manifest = verify_mix_or_raise(config.mix)
     mix_hash = manifest_hash(config.mix)
     run_dir = prepare_run_dir(config, mix_hash)
@@ -303,7 +336,7 @@ def run_dpo(config: TrainConfig, manifest: dict[str, Any], run_dir: Path) -> Run
         run_dir,
         callbacks=[metrics_callback(run_dir / METRICS_FILE)],
     )
-    checkpoint = last_checkpoint(run_dir) if config.resume else None
+    checkpoint = resume_checkpoint(config, run_dir)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     # evaluate() logs through the metrics callback, so its numbers land in metrics.jsonl too.
     eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}

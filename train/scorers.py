@@ -57,7 +57,7 @@ def run_scorer_training(config, manifest: dict[str, Any], run_dir: Path):
 
     from train.mixdata import MixError
     from train.models import bf16_supported, load_sequence_classifier, load_tokenizer, resolve_model
-    from train.run import METRICS_FILE, RunResult, last_checkpoint, load_pairs, metrics_callback, peft_config_for, \
+    from train.run import METRICS_FILE, RunResult, load_pairs, metrics_callback, peft_config_for, resume_checkpoint, \
         quiet_trainer, save_final, trl_common_kwargs
 
     train_split, eval_split = load_pairs(config, manifest)
@@ -86,7 +86,7 @@ def run_scorer_training(config, manifest: dict[str, Any], run_dir: Path):
         callbacks=[metrics_callback(run_dir / METRICS_FILE)],
     )
     quiet_trainer(trainer, config.quiet)
-    checkpoint = last_checkpoint(run_dir) if config.resume else None
+    checkpoint = resume_checkpoint(config, run_dir)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     final_dir = save_final(trainer, tokenizer, run_dir)
     summary = {
