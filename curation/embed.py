@@ -6,10 +6,9 @@ The default encoder is all-MiniLM-L6-v2 as shipped inside the PyPI package ``gt-
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -134,28 +133,6 @@ def distil_static_model(folder: Path) -> Path:
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-
-
-@contextlib.contextmanager
-def no_loading_bars(active: bool = True) -> Iterator[None]:
-    """While active, transformers shows no "Loading weights" bar; its setting is restored afterwards.
-
-    Does nothing when transformers is not installed (the static embedder alone does not need it).
-    """
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        active = False
-    if not active:
-        yield
-        return
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
 
 
 @functools.lru_cache(maxsize=4)

@@ -363,7 +363,8 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
 def load_models(config: CurateConfig, embedder=None, categoriser=None):
     """The embedder (behind the embedding cache) and a categoriser fit for its embedding size."""
     from curation.categorise import Categoriser
-    from curation.embed import STATIC_EMBEDDER, EmbedderError, get_embedder, no_loading_bars
+    from curation.embed import STATIC_EMBEDDER, EmbedderError, get_embedder
+    from equi.progress import no_loading_bars
 
     if embedder is None:  # the static embedder does not import transformers: nothing to silence
         with no_loading_bars(config.quiet and config.embedder != STATIC_EMBEDDER):

@@ -154,13 +154,44 @@ def test_tampered_mix_is_refused_with_exit_3(material, tmp_path):
         (["--groups", "OTHER"], "no preference pairs"),
         (["--group-weights", "XYZ=1"], "bad group weight"),
         (["--beta", "0"], "--beta must be positive"),
+        (["--group-weights", "EHD=inf"], "must be finite"),
+        (["--severity-weights", "severe=nan"], "must be finite"),
+        # Found only once the data is prepared or the model loaded: still one line, and no half-made run is left.
+        (["--max-length", "8"], "longer than --max-length 8"),
+        (["--group-weights", "EHD=0,IHD=0,MHD=0,BENIGN=0,OTHER=1"], "weight 0 to every training pair"),
+        (["--model", "no-such-org/no-such-model"], "cannot load"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(material, tmp_path, extra, message):
     root, mix, model = material
-    result = invoke(*common(mix, model, tmp_path / "out", *extra))
+    args = common(mix, model, tmp_path / "out", "--max-steps", "1")
+    if "--model" in extra:  # the flag given last wins
+        args = [a for a in args if a != str(model)]
+        args.remove("--model")
+    result = invoke(*args, *extra)
     assert result.exit_code == 2, result.output
-    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "out").exists()  # the same command runs once the cause is fixed
+
+
+def test_a_mix_given_as_a_file_is_named_so(material, tmp_path):
+    root, mix, model = material
+    result = invoke("--mix", str(next((mix / "data").glob("*.parquet"))), "--quiet")
+    assert result.exit_code == 2 and "is a file" in result.output and "equi curate ... --out" not in result.output
+
+
+def test_config_values_given_as_text_are_read_like_the_flags(material):
+    from equi.config import ConfigError
+    from train.config import TrainConfig
+
+    root, mix, model = material
+    config = TrainConfig(mix=str(mix), max_steps="2", lr="1e-4", groups="EHD,BENIGN",
+                         severity_weights="severe=8", group_weights="EHD=2")
+    assert config.max_steps == 2 and config.lr == 1e-4 and config.groups == ["EHD", "BENIGN"]
+    assert config.severity_weights == {"minor": 1.0, "moderate": 2.0, "severe": 8.0}
+    assert config.group_weights == {"EHD": 2.0}
+    with pytest.raises(ConfigError, match="--max-steps: 'two' is not a number"):
+        TrainConfig(mix=str(mix), max_steps="two")
 
 
 def test_missing_mix_exits_2(tmp_path):

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 from trl import DPOTrainer
+
+from equi.config import ConfigError
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from train.masks import response_token_mask, truncate_like_collator
@@ -186,11 +188,17 @@ class AmaDPOTrainer(DPOTrainer):
             self._train_pair_weights = [float(self.group_weights.get(g, 1.0)) for g in dataset["group"]]
         rows_before = len(dataset)
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if rows_before and not len(dataset):
+            raise ConfigError(f"every one of the {rows_before} {dataset_name} pairs has a prompt longer than "
+                              f"--max-length {args.max_length} tokens: nothing left to train on; raise --max-length")
         if dataset_name == "train":
             self.rows_dropped_too_long += rows_before - len(dataset)
         if dataset_name == "train" and self._train_pair_weights is not None:
             if len(self._train_pair_weights) != len(dataset):  # TRL dropped fully truncated prompts
                 self._train_pair_weights = [float(self.group_weights.get(g, 1.0)) for g in dataset["group"]]
+            if not any(self._train_pair_weights):
+                raise ConfigError(f"--group-weights give weight 0 to every training pair (their groups: "
+                                  f"{', '.join(sorted(set(dataset['group'])))}): nothing would be sampled")
         if self.use_ama_masks:
             dataset = dataset.map(
                 ama_masks_for_example,

@@ -8,6 +8,7 @@ values, so TRL's GPU-oriented defaults (bf16, gradient checkpointing, ``logging_
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,9 +125,12 @@ class TrainConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        self._read_text_values()
         self.mix = str(self.mix)
         if self.algo not in ALGOS:
             raise ConfigError(f"unknown --algo {self.algo!r}; choose one of {', '.join(ALGOS)}")
+        if Path(self.mix).is_file():
+            raise ConfigError(f"--mix {self.mix} is a file; pass the mix directory `equi curate` wrote (its --out)")
         if not Path(self.mix).is_dir():
             raise ConfigError(f"mix directory {self.mix} not found; make one with `equi curate ... --out {self.mix}`")
         if self.scale is not None and self.scale < 1:
@@ -145,14 +149,15 @@ class TrainConfig:
         unknown = sorted(set(self.severity_weights) - set(SEVERITIES))
         if unknown:
             raise ConfigError(f"--severity-weights names unknown severities {unknown}; use {', '.join(SEVERITIES)}")
-        if any(w < 0 for w in self.severity_weights.values()):
-            raise ConfigError("--severity-weights must not be negative")
+        if not all(math.isfinite(w) and w >= 0 for w in self.severity_weights.values()):
+            raise ConfigError("--severity-weights must be finite and not negative")
         if self.group_weights is not None:
             unknown = sorted(set(self.group_weights) - set(GROUPS))
             if unknown:
                 raise ConfigError(f"--group-weights names unknown groups {unknown}; use {', '.join(GROUPS)}")
-            if any(w < 0 for w in self.group_weights.values()) or not any(self.group_weights.values()):
-                raise ConfigError("--group-weights must be non-negative with at least one positive weight")
+            if not all(math.isfinite(w) and w >= 0 for w in self.group_weights.values()) or not any(
+                    self.group_weights.values()):
+                raise ConfigError("--group-weights must be finite and non-negative with at least one positive weight")
         if self.lambda_init < 0 or self.lambda_lr < 0 or self.lambda_max < self.lambda_init:
             raise ConfigError("need 0 <= --lambda-init <= --lambda-max and --lambda-lr >= 0")
         if self.lambda_update_every < 1 or self.lambda_warmup_steps < 0 or self.rounds < 1:
@@ -187,6 +192,28 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def _read_text_values(self) -> None:
+        """Values a YAML ``--config`` gives as text, read as the flags read them: ``max_steps: "2"``,
+        ``groups: EHD,BENIGN``, ``severity_weights: minor=1,severe=4``."""
+        kinds = {"int": int, "int | None": int, "float": float, "float | None": float}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, str):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if f.type in kinds:
+                try:
+                    setattr(self, f.name, kinds[f.type](value))
+                except ValueError:
+                    raise ConfigError(f"{flag}: {value!r} is not a number") from None
+            elif f.name == "groups":
+                self.groups = value.split(",")
+            elif f.name == "severity_weights":
+                self.severity_weights = {**DEFAULT_SEVERITY_WEIGHTS,
+                                         **parse_weights(value, SEVERITIES, "severity weight", upper=False)}
+            elif f.name == "group_weights":
+                self.group_weights = parse_weights(value, GROUPS, "group weight", upper=True)
 
     def training_settings(self) -> dict[str, Any]:
         """The settings that define what a run trains: all but where it goes and whether it resumes or talks.

@@ -22,6 +22,7 @@ from typing import Any
 
 from equi.cache import cache_dir
 from equi.config import ConfigError
+from equi.progress import no_loading_bars
 from equi.schema import RUN_CONFIG, TRAIN_CONFIG_KEY
 from train.config import OFFLINE_ALGOS, ONLINE_ALGOS, SCORER_ALGOS, TrainConfig, normalised_settings
 from train.mixdata import MixError, load_split, manifest_hash, verify_mix_or_raise
@@ -248,7 +249,35 @@ def train(config: TrainConfig) -> RunResult:
                           "and λ_init); train again with a new --out")
     manifest = verify_mix_or_raise(config.mix)
     mix_hash = manifest_hash(config.mix)
+    existed = Path(config.out).exists()
     run_dir = prepare_run_dir(config, mix_hash)
+    try:
+        with no_loading_bars(config.quiet):
+            result = _run_algo(config, manifest, run_dir)
+    except Exception:
+        if not config.resume:
+            _remove_unstarted_run(run_dir, existed)
+        raise
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(result.summary, indent=2, default=float))
+    result.metrics = read_metrics(run_dir)
+    return result
+
+
+def _remove_unstarted_run(run_dir: Path, existed: bool) -> None:
+    """A new run that failed before saving any checkpoint (a model that will not load, a bad setting found while
+    preparing the data) leaves nothing behind, so the same command can be run again once the cause is fixed."""
+    import shutil
+
+    if any(run_dir.rglob("checkpoint-*")) or (run_dir / FINAL_DIR).exists() or read_metrics(run_dir):
+        return  # it trained: what it logged and saved stays, for a look or a --resume
+    if existed:
+        for child in run_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _run_algo(config: TrainConfig, manifest: dict[str, Any], run_dir: Path) -> RunResult:
     started = time.time()
     if config.algo in OFFLINE_ALGOS and config.algo != "dual":
         result = run_dpo(config, manifest, run_dir)
@@ -267,8 +296,6 @@ def train(config: TrainConfig) -> RunResult:
     else:  # pragma: no cover - TrainConfig validates algo
         raise ConfigError(f"unknown algo {config.algo}")
     result.summary.update({"algo": config.algo, "seconds": round(time.time() - started, 1), "run_dir": str(run_dir)})
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(result.summary, indent=2, default=float))
-    result.metrics = read_metrics(run_dir)
     return result
 
 
