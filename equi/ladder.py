@@ -12,7 +12,12 @@ Each run directory gets ``ladder.json`` next to train's ``config.json``::
      "n_safety", "n_benign", "n_train", "algo", "baseline"}
 
 A rung whose ``final/`` model (or ``eval/metrics.json``) already exists is not trained (or evaluated)
-again, so an interrupted ladder continues where it stopped.
+again, so an interrupted ladder continues where it stopped. A rung is only kept (or resumed) when it was
+trained with what this ladder would train (its ``config.json``: the training settings and the mix's manifest
+hash), and the baseline only when it evaluated the same model; otherwise ``run_ladder`` refuses before any
+training, naming the folder and the settings that differ. ``ladder.json`` is written when a rung is trained
+(or when it is missing), never over the record of a rung that was not retrained. ``ladder-config.json`` in
+``--out`` lists every ladder that trained into it.
 """
 
 from __future__ import annotations
@@ -27,10 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from equi.config import ConfigError
-from equi.schema import DATA_DIR, RUN_CONFIG, SAFETY_GROUPS
+from equi.schema import DATA_DIR, RUN_CONFIG, SAFETY_GROUPS, TRAIN_CONFIG_KEY
 
 LADDER_FILE = "ladder.json"
+LADDER_CONFIG_FILE = "ladder-config.json"
 BASELINE_RUN = "baseline"
+#: ScaleConfig fields that do not change what a ladder trains or evaluates (for ladder-config.json).
+_NOT_DEFINING = ("out", "quiet")
 
 
 def parse_scales(text: str) -> list[float]:
@@ -170,6 +178,16 @@ def training_counts(mix_dir: str, limit: int, groups: list[str] | None) -> dict[
     return dict(Counter(split.dataset["group"])) if len(split.dataset) else {}
 
 
+def _same_place(a: Any, b: Any) -> bool:
+    """Two spellings of one local path (``mix`` and ``./mix``); False for hub ids and missing paths."""
+    if not isinstance(a, str) or not isinstance(b, str):
+        return False
+    try:
+        return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
 def _train_config(config: ScaleConfig, rung: Rung):
     from train.config import TrainConfig
 
@@ -183,6 +201,61 @@ def _train_config(config: ScaleConfig, rung: Rung):
                        seed=config.seed, lora_r=config.lora_r, quiet=config.quiet,
                        # an interrupted rung (config.json but no final/) continues from its last checkpoint
                        resume=(rung.run_dir / RUN_CONFIG).is_file(), **config.train_options)
+
+
+def _field_defaults() -> dict[str, Any]:
+    from train.config import TrainConfig
+
+    defaults = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return defaults
+
+
+def rung_differences(train_config, run_dir: Path, mix_hash: str) -> list[str]:
+    """What ``train_config`` would train that differs from the run already in ``run_dir`` ([] = the same run).
+
+    Compares the run's ``config.json`` (its ``train_config`` and ``mix_manifest_hash``) with ``train_config`` on
+    the settings that define a run (``TrainConfig.training_settings``: not ``out``, ``resume`` or ``quiet``);
+    a setting the run predates counts at its default. Each difference reads ``--max-steps 2 (run: 1)``.
+    """
+    try:
+        record = json.loads((run_dir / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = None
+    saved = record.get(TRAIN_CONFIG_KEY) if isinstance(record, dict) else None
+    if not isinstance(saved, dict):
+        return [f"its settings are unknown (no readable {RUN_CONFIG} from equi train)"]
+    from train.config import normalised_settings
+
+    # The saved settings go through the same selection and normalisation as the live ones. JSON round trips make
+    # tuples and lists, or 1 and 1.0, compare as they were saved.
+    now = json.loads(json.dumps(train_config.training_settings(), default=str))
+    saved_full = json.loads(json.dumps({**_field_defaults(), **saved}, default=str))  # settings it predates: default
+    before = normalised_settings(saved_full)
+    parts = [f"--{key.replace('_', '-')} {now[key]!r} (run: {before.get(key)!r})"
+             for key in sorted(now) if before.get(key) != now[key]]  # a setting no longer known is not compared
+    if record.get("mix_manifest_hash") != mix_hash:
+        parts.append("the mix (its manifest hash is not the run's: another mix, or this one changed)")
+    if not parts and train_config.resume and record.get("config_hash") != train_config.hash():
+        # equi train --resume compares the exact hash; say so rather than fail half-way through the ladder
+        parts.append("the settings recorded in its config.json (written by another equi version)")
+    return parts
+
+
+def _baseline_model(baseline_dir: Path) -> str | None:
+    """The model the baseline evaluation answered with (eval/metrics.json, else ladder.json); None if unknown."""
+    for path in (baseline_dir / "eval" / "metrics.json", baseline_dir / LADDER_FILE):
+        try:
+            model = json.loads(path.read_text(encoding="utf-8")).get("model")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if model:
+            return str(model)
+    return None
 
 
 def _eval_config(config: ScaleConfig, target: str | None, out: Path | None):
@@ -199,7 +272,11 @@ def _say(config: ScaleConfig, message: str) -> None:
 
 
 def run_ladder(config: ScaleConfig) -> LadderResult:
-    """Train and evaluate every rung (skipping finished ones) and the baseline; return what was made."""
+    """Train and evaluate every rung (skipping finished ones) and the baseline; return what was made.
+
+    Raises ``ConfigError`` before any training when a finished or interrupted rung in ``--out`` was trained with
+    other settings or another mix, or the baseline evaluated another model.
+    """
     from equi.evaluation import evaluate
     from train.mixdata import manifest_hash, verify_mix_or_raise
     from train.run import FINAL_DIR, train
@@ -210,56 +287,101 @@ def run_ladder(config: ScaleConfig) -> LadderResult:
     if n_ranked == 0:
         raise ConfigError(f"mix {config.mix} has no ranked mixture rows to scale")
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     rungs = plan_ladder(config, n_ranked)
-    # Validate every rung's settings before the first (slow) training run starts.
+    # Validate every rung's settings, and that what is already in --out is what this ladder would make,
+    # before the first (slow) training run starts.
+    conflicts: list[tuple[Path, str, list[str]]] = []
     for rung in rungs:
-        if not (rung.run_dir / FINAL_DIR).is_dir():
-            _train_config(config, rung)
-            if config.evaluate:
-                _eval_config(config, None, rung.run_dir / "eval")
-    notes: list[str] = []
-    baseline_dir = None
+        train_config = _train_config(config, rung)
+        finished = (rung.run_dir / FINAL_DIR).is_dir()
+        if finished or (rung.run_dir / RUN_CONFIG).is_file():
+            if differences := rung_differences(train_config, rung.run_dir, mix_hash):
+                what = "holds a run trained" if finished else "holds an unfinished run started"
+                conflicts.append((rung.run_dir, f"{what} with other settings", differences))
+        if config.evaluate:
+            _eval_config(config, None, rung.run_dir / "eval")
+    baseline_dir = model_path = None
     if config.evaluate and config.baseline:
         from train.models import resolve_model
 
         baseline_dir = out / BASELINE_RUN
         model_path = resolve_model(config.model, quiet=config.quiet)
-        _write_json(baseline_dir / LADDER_FILE, {"mix": str(Path(config.mix).resolve()), "mix_manifest_hash": mix_hash,
-                                                 "group": BASELINE_RUN, "baseline": True, "n_safety": 0,
-                                                 "n_benign": 0, "n_train": 0, "model": model_path})
+        if (baseline_dir / "eval" / "metrics.json").is_file():
+            evaluated = _baseline_model(baseline_dir)
+            if evaluated is not None and evaluated != model_path and not _same_place(evaluated, model_path):
+                conflicts.insert(0, (baseline_dir, "holds the evaluation of another untrained model",
+                                     [f"--model {model_path!r} (evaluated: {evaluated!r})"]))
+    if conflicts:
+        (where, what, differences), others = conflicts[0], [str(c[0]) for c in conflicts[1:]]
+        raise ConfigError(f"{where} {what}: {', '.join(differences)}; nothing was trained: use a new --out for "
+                          f"these settings (or delete {where} to redo it)"
+                          + (f"; {len(others)} more differ: {', '.join(others)}" if others else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    if baseline_dir is not None:
+        record = {"mix": str(Path(config.mix).resolve()), "mix_manifest_hash": mix_hash, "group": BASELINE_RUN,
+                  "baseline": True, "n_safety": 0, "n_benign": 0, "n_train": 0, "model": model_path}
         if (baseline_dir / "eval" / "metrics.json").is_file():
             notes.append(f"{baseline_dir}: already evaluated, kept")
+            if not (baseline_dir / LADDER_FILE).is_file():  # evaluated with `equi eval --out BASELINE/eval`
+                _write_json(baseline_dir / LADDER_FILE, record)
         else:
             _say(config, f"evaluating the untrained model {model_path} → {baseline_dir}")
             evaluate(_eval_config(config, model_path, baseline_dir / "eval"))
+            _write_json(baseline_dir / LADDER_FILE, record)
     for index, rung in enumerate(rungs, 1):
-        counts = training_counts(config.mix, rung.rank_limit, rung.train_groups)
-        n_safety = sum(n for g, n in counts.items() if g != "BENIGN")
-        record = {"mix": str(Path(config.mix).resolve()), "mix_manifest_hash": mix_hash, "group": rung.group,
-                  "groups": rung.train_groups, "scale": rung.scale, "rank_limit": rung.rank_limit,
-                  "n_safety": n_safety, "n_benign": counts.get("BENIGN", 0), "n_train": sum(counts.values()),
-                  "counts": counts, "algo": config.algo, "baseline": False}
-        if sum(counts.values()) == 0:
-            notes.append(f"{rung.run_dir.name}: no preference pairs for group {rung.group} below rank "
-                         f"{rung.rank_limit}; skipped")
-            continue
-        if (rung.run_dir / FINAL_DIR).is_dir():
-            notes.append(f"{rung.run_dir.name}: already trained, kept")
+        finished = (rung.run_dir / FINAL_DIR).is_dir()
+        if finished and (rung.run_dir / LADDER_FILE).is_file():
+            notes.append(f"{rung.run_dir.name}: already trained, kept")  # and its ladder.json as it was
         else:
-            _say(config, f"[{index}/{len(rungs)}] training {rung.run_dir.name} on {sum(counts.values())} pairs "
-                         f"({n_safety} safety) with rank < {rung.rank_limit}")
-            train(_train_config(config, rung))
-        _write_json(rung.run_dir / LADDER_FILE, record)
+            counts = training_counts(config.mix, rung.rank_limit, rung.train_groups)
+            n_safety = sum(n for g, n in counts.items() if g != "BENIGN")
+            if sum(counts.values()) == 0:
+                notes.append(f"{rung.run_dir.name}: no preference pairs for group {rung.group} below rank "
+                             f"{rung.rank_limit}; skipped")
+                continue
+            if finished:  # trained with these settings (checked above) but its ladder.json is missing
+                notes.append(f"{rung.run_dir.name}: already trained, kept")
+            else:
+                _say(config, f"[{index}/{len(rungs)}] training {rung.run_dir.name} on {sum(counts.values())} "
+                             f"pairs ({n_safety} safety) with rank < {rung.rank_limit}")
+                train(_train_config(config, rung))
+            _write_json(rung.run_dir / LADDER_FILE, {
+                "mix": str(Path(config.mix).resolve()), "mix_manifest_hash": mix_hash, "group": rung.group,
+                "groups": rung.train_groups, "scale": rung.scale, "rank_limit": rung.rank_limit,
+                "n_safety": n_safety, "n_benign": counts.get("BENIGN", 0), "n_train": sum(counts.values()),
+                "counts": counts, "algo": config.algo, "baseline": False})
         if config.evaluate:
             if (rung.run_dir / "eval" / "metrics.json").is_file():
                 notes.append(f"{rung.run_dir.name}: already evaluated, kept")
             else:
                 _say(config, f"[{index}/{len(rungs)}] evaluating {rung.run_dir.name}")
                 evaluate(_eval_config(config, str(rung.run_dir), None))
-    _write_json(out / "ladder-config.json", {"config": config.to_dict(), "n_ranked": n_ranked,
-                                             "rungs": [str(r.run_dir) for r in rungs], "notes": notes})
+    _record_ladder(out, {"config": config.to_dict(), "n_ranked": n_ranked,
+                         "rungs": [str(r.run_dir) for r in rungs], "notes": notes})
     return LadderResult(out, rungs, baseline_dir, notes)
+
+
+def _record_ladder(out: Path, entry: dict[str, Any]) -> None:
+    """Add this ladder to ``ladder-config.json`` (``{"ladders": [...]}``), replacing only an earlier run of the
+    same ladder, so a second ladder into the same --out (another --algo, other groups) keeps the first's record."""
+    path = out / LADDER_CONFIG_FILE
+    try:
+        existing = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        existing = {}
+    if not isinstance(existing, dict):
+        existing = {}
+    ladders = existing.get("ladders") if isinstance(existing.get("ladders"), list) else (
+        [existing] if "config" in existing else [])  # the one-ladder file of earlier versions
+
+    def defining(item: Any) -> Any:
+        cfg = item.get("config") if isinstance(item, dict) else None
+        cfg = json.loads(json.dumps(cfg, default=str)) if isinstance(cfg, dict) else {}
+        return {k: v for k, v in cfg.items() if k not in _NOT_DEFINING}
+
+    mine = defining(entry)
+    _write_json(path, {"ladders": [item for item in ladders if defining(item) != mine] + [entry]})
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -128,3 +128,131 @@ def test_ladder_end_to_end_curate_scale_eval_report(tmp_path):
     assert data["plots"]["mix_composition.png"]["series"]["train"]
     html = (report / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 7
+
+
+# --- Re-running a ladder: kept rungs must be what this ladder would train (training faked, mix real) ---
+
+
+@pytest.fixture()
+def fake_ladder(tmp_path, monkeypatch):
+    """A real mix and run directories written by train's own ``prepare_run_dir``; training and eval are faked
+    (a ``final/`` folder, a metrics.json naming the model), so each ladder takes well under a second."""
+    import equi.evaluation
+    import train.run
+    from train.mixdata import manifest_hash
+    from train_fixtures import build_hh_mix
+
+    trained: list[tuple[str, bool]] = []
+
+    def fake_train(config):
+        run_dir = train.run.prepare_run_dir(config, manifest_hash(config.mix))  # checks --resume like train
+        (run_dir / "final").mkdir()
+        trained.append((run_dir.name, config.resume))
+
+    def fake_evaluate(config):
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"model": config.model_path, "summary": {"safety": 0.5}}))
+
+    monkeypatch.setattr(train.run, "train", fake_train)
+    monkeypatch.setattr(equi.evaluation, "evaluate", fake_evaluate)
+    mix = build_hh_mix(tmp_path / "mix")
+
+    def make(**overrides) -> ScaleConfig:
+        settings = dict(mix=str(mix), scales=[0.5, 1.0], groups=["IHD"], out=str(tmp_path / "runs"),
+                        model="tiny/model-a", max_steps=1, batch_size=2, quiet=True)
+        return ScaleConfig(**{**settings, **overrides})
+
+    make.trained = trained
+    make.runs = tmp_path / "runs"
+    return make
+
+
+def _snapshot(runs: Path) -> dict[str, str]:
+    return {str(p.relative_to(runs)): p.read_text() for p in sorted(runs.rglob("*.json"))
+            if p.name != "ladder-config.json"}
+
+
+def test_rerun_with_changed_settings_refuses_before_training_and_keeps_every_record(fake_ladder):
+    first = run_ladder(fake_ladder())
+    assert fake_ladder.trained == [("ama-dpo-ihd-s0.5", False), ("ama-dpo-ihd-s1", False)]
+    before = _snapshot(fake_ladder.runs)
+    assert json.loads(before["ama-dpo-ihd-s0.5/ladder.json"])["rank_limit"] == 24
+    # Unchanged settings (talking or not does not define a run): all kept, nothing rewritten.
+    again = run_ladder(fake_ladder(quiet=False))
+    assert len(fake_ladder.trained) == 2 and sum("already trained" in n for n in again.notes) == 2
+    assert _snapshot(fake_ladder.runs) == before
+    changed = {"max_steps": 2, "lr": 1e-5, "train_options": {"max_length": 256}}
+    for setting, value in changed.items():
+        with pytest.raises(ConfigError) as error:
+            run_ladder(fake_ladder(**{setting: value}))
+        message = str(error.value)
+        assert "\n" not in message and "ama-dpo-ihd-s0.5 holds a run trained with other settings" in message
+        assert "new --out" in message and "delete" in message and "1 more differ" in message
+        flag = "--" + (setting if setting != "train_options" else "max_length").replace("_", "-")
+        assert flag in message, message
+    with pytest.raises(ConfigError, match=r"--max-steps 2 \(run: 1\)"):
+        run_ladder(fake_ladder(max_steps=2))
+    # Another model: the baseline (the 0 point of every curve) and every rung differ.
+    with pytest.raises(ConfigError, match=r"baseline holds the evaluation of another untrained model: "
+                                          r"--model 'tiny/model-b' \(evaluated: 'tiny/model-a'\).*2 more differ"):
+        run_ladder(fake_ladder(model="tiny/model-b"))
+    with pytest.raises(ConfigError, match=r"ama-dpo-ihd-s0.5 .*--model 'tiny/model-b' \(run: 'tiny/model-a'\)"):
+        run_ladder(fake_ladder(model="tiny/model-b", baseline=False))
+    # The mix changed since the rungs were trained (simulated: the run records another manifest hash).
+    config_path = fake_ladder.runs / "ama-dpo-ihd-s1" / "config.json"
+    saved = config_path.read_text()
+    config_path.write_text(json.dumps({**json.loads(saved), "mix_manifest_hash": "0" * 64}))
+    with pytest.raises(ConfigError, match=r"ama-dpo-ihd-s1 holds a run trained .*the mix"):
+        run_ladder(fake_ladder())
+    config_path.write_text(saved)
+    assert len(fake_ladder.trained) == 2  # nothing was trained by any refused ladder
+    assert _snapshot(fake_ladder.runs) == before
+    assert first.baseline_dir and json.loads((first.baseline_dir / "ladder.json").read_text())["model"] == "tiny/model-a"
+
+
+def test_rerun_resumes_an_interrupted_rung_and_refuses_one_started_differently(fake_ladder):
+    import shutil
+
+    run_ladder(fake_ladder())
+    shutil.rmtree(fake_ladder.runs / "ama-dpo-ihd-s1" / "final")  # interrupted: config.json, no final/
+    (fake_ladder.runs / "ama-dpo-ihd-s1" / "ladder.json").unlink()
+    before = _snapshot(fake_ladder.runs)
+    # Another setting, and a new rung (s0.25) that would train first: refused before that one starts.
+    with pytest.raises(ConfigError, match=r"ama-dpo-ihd-s0.5 holds a run trained .*--seed 1 \(run: 0\).*"
+                                          r"1 more differ: .*ama-dpo-ihd-s1"):
+        run_ladder(fake_ladder(scales=[0.25, 0.5, 1.0], seed=1))
+    assert len(fake_ladder.trained) == 2 and not (fake_ladder.runs / "ama-dpo-ihd-s0.25").exists()
+    assert _snapshot(fake_ladder.runs) == before
+    again = run_ladder(fake_ladder(scales=[0.25, 0.5, 1.0]))
+    assert fake_ladder.trained[2:] == [("ama-dpo-ihd-s0.25", False), ("ama-dpo-ihd-s1", True)]
+    assert "ama-dpo-ihd-s0.5: already trained, kept" in again.notes
+    assert json.loads((fake_ladder.runs / "ama-dpo-ihd-s1" / "ladder.json").read_text())["rank_limit"] == 48
+
+
+def test_a_second_algorithm_shares_the_baseline_and_both_ladders_are_recorded(fake_ladder):
+    run_ladder(fake_ladder())
+    baseline = (fake_ladder.runs / "baseline" / "ladder.json").read_text()
+    run_ladder(fake_ladder(algo="dpo", scales=[1.0]))
+    assert fake_ladder.trained[2:] == [("dpo-ihd-s1", False)]
+    assert (fake_ladder.runs / "baseline" / "ladder.json").read_text() == baseline
+    ladders = json.loads((fake_ladder.runs / "ladder-config.json").read_text())["ladders"]
+    assert [(l["config"]["algo"], l["config"]["scales"]) for l in ladders] == [("ama-dpo", [0.5, 1.0]),
+                                                                              ("dpo", [1.0])]
+    run_ladder(fake_ladder(quiet=False))  # the same ladder again replaces its own entry
+    ladders = json.loads((fake_ladder.runs / "ladder-config.json").read_text())["ladders"]
+    assert [l["config"]["algo"] for l in ladders] == ["dpo", "ama-dpo"]
+
+
+def test_scale_command_refuses_changed_settings_with_one_line_exit_2(fake_ladder):
+    from equi.cli import app
+
+    config = fake_ladder()
+    run_ladder(config)
+    args = ["scale", "--mix", config.mix, "--scales", "0.5,1.0", "--groups", "IHD", "--out", config.out,
+            "--model", "tiny/model-a", "--batch-size", "2", "--quiet"]
+    assert CliRunner().invoke(app, args + ["--max-steps", "1"]).exit_code == 0
+    result = CliRunner().invoke(app, args + ["--max-steps", "3"])
+    assert result.exit_code == 2, result.output
+    assert "--max-steps 3 (run: 1)" in result.output and "ama-dpo-ihd-s0.5" in result.output
+    assert len(fake_ladder.trained) == 2

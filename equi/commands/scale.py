@@ -11,7 +11,7 @@ from equi.commands._console import console, fail
 
 HELP = """Train one run per (group, scale) on nested subsets of a mix, evaluate each, and the untrained baseline.
 
-Scales are fractions of the mix's ranked rows (0.1 = the 10% with the lowest rank, which keep the mixture's group ratios) or whole numbers of ranked rows. With --groups, each group gets its own ladder trained on that group's safety pairs plus the BENIGN share; without it every rung trains on all groups. Run directories go under --out as ALGO-GROUP-sSCALE/ with config.json (equi train), ladder.json (mix, scale, group, number of safety pairs) and eval/ (equi eval), and the untrained model is evaluated once into --out/baseline/. Finished rungs are kept, so re-running continues.
+Scales are fractions of the mix's ranked rows (0.1 = the 10% with the lowest rank, which keep the mixture's group ratios) or whole numbers of ranked rows. With --groups, each group gets its own ladder trained on that group's safety pairs plus the BENIGN share; without it every rung trains on all groups. Run directories go under --out as ALGO-GROUP-sSCALE/ with config.json (equi train), ladder.json (mix, scale, group, number of safety pairs) and eval/ (equi eval), and the untrained model is evaluated once into --out/baseline/. Finished rungs are kept, so re-running continues; a re-run whose settings, mix or model differ from the rungs (or baseline) already in --out stops before training and names what differs: use a new --out.
 
 \b
 Example:
