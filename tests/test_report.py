@@ -38,11 +38,11 @@ def _labels(n_harmful_refused: int, n_benign_refused: int, n: int = 10) -> list[
 
 
 def _make_run(root: Path, name: str, group: str | None, n_safety: int | None, refused: tuple[int, int] | None,
-              baseline: bool = False) -> Path:
+              baseline: bool = False, algo: str = "ama-dpo") -> Path:
     run = root / name
     run.mkdir(parents=True)
     groups = None if group in (None, "ALL") else [group, "BENIGN"]
-    (run / "config.json").write_text(json.dumps({"train_config": {"algo": "ama-dpo", "groups": groups, "scale": 7}}))
+    (run / "config.json").write_text(json.dumps({"train_config": {"algo": algo, "groups": groups, "scale": 7}}))
     if n_safety is not None or baseline:
         (run / "ladder.json").write_text(json.dumps({"n_safety": 0 if baseline else n_safety, "baseline": baseline,
                                                      "group": "baseline" if baseline else group, "scale": 7}))
@@ -77,6 +77,40 @@ def test_curve_series_come_from_run_directories(runs_dir):
     assert series["IHD"][-1].balanced == pytest.approx((0.7 + 0.8) / 2)
     pending = next(r for r in records if r.name == "mhd-pending")
     assert pending.summary is None and any("not evaluated" in p for p in pending.problems)
+
+
+def test_runs_of_several_algorithms_get_one_series_per_group_and_algorithm(runs_dir, tmp_path):
+    """AMA-DPO vs DPO: a `--algo dpo` ladder next to the ama-dpo one must not merge into the same lines."""
+    _make_run(runs_dir / "dpo", "ehd-small", "EHD", 40, (3, 0), algo="dpo")  # same names, another --out
+    _make_run(runs_dir / "dpo", "ehd-big", "EHD", 400, (6, 1), algo="dpo")
+    _make_run(runs_dir / "dpo", "ihd-big", "IHD", 120, (5, 0), algo="dpo")
+    series = curve_series(collect_runs(runs_dir))
+    assert list(series) == ["EHD · ama-dpo", "EHD · dpo", "IHD · ama-dpo", "IHD · dpo"]
+    assert [(p.run, p.n_safety) for p in series["EHD · ama-dpo"]] == [("base", 0), ("ehd-small", 40), ("ehd-big", 400)]
+    assert [p.safety for p in series["EHD · dpo"]] == pytest.approx([0.2, 0.3, 0.6])
+    assert [p.safety for p in series["IHD · dpo"]] == pytest.approx([0.2, 0.5])
+
+    out = tmp_path / "report"
+    result = build_report(ReportConfig(out=str(out), runs=str(runs_dir)))
+    data = json.loads((out / "report.json").read_text())
+    assert list(data["series"]) == list(series)
+    for name in ("curve_safety.png", "curve_over_refusal.png", "curve_balanced.png", "tradeoff.png"):
+        assert set(data["plots"][name]["series"]) == set(series), name
+    assert data["plots"]["curve_safety.png"]["series"]["EHD · dpo"] == {"x": [0, 40, 400],
+                                                                        "y": pytest.approx([20.0, 30.0, 60.0])}
+    by_run = {(Path(r["path"]).parent.name, r["name"]): r["series"] for r in data["runs"]}
+    assert by_run[("dpo", "ehd-big")] == "EHD · dpo" and by_run[("runs", "ehd-big")] == "EHD · ama-dpo"
+    assert by_run[("runs", "loose")] is None and by_run[("runs", "base")] is None
+    summary = result.summary.read_text()
+    assert "**EHD · dpo**: safety rises from 20.0% (n=0) to 60.0% (n=400)" in summary
+    assert "With **ama-dpo**, at each group's largest size, **EHD** drives over-refusal most" in summary
+    assert "With **dpo**, at each group's largest size, **EHD** drives over-refusal most" in summary
+    assert ("**EHD** at each algorithm's largest size: ama-dpo safety 90.0%, over-refusal 60.0%, balanced 65.0% "
+            "(n=400); dpo safety 60.0%, over-refusal 10.0%, balanced 75.0% (n=400). Best balance: **dpo**.") in summary
+    html = result.html.read_text()
+    assert "<th class=\"l\">curve</th>" in html and "<td class=\"l\">EHD · dpo</td>" in html
+    # One algorithm: the labels stay the groups alone (existing reports do not change).
+    assert list(curve_series(collect_runs(runs_dir / "dpo"))) == ["EHD", "IHD"]
 
 
 def test_a_plain_train_run_is_placed_by_the_rows_its_summary_counts(runs_dir):

@@ -13,7 +13,7 @@ HELP = """Draw data-scaling curves and mix charts; write report.html (self-conta
 
 Reads only directories: run directories under --runs (config.json, summary.json from equi train, ladder.json from equi scale, eval/metrics.json + eval/answers.parquet from equi eval) and a mix directory (--mix). Runs that are not evaluated, or whose data size is unknown, are listed with the reason instead of failing.
 
-Writes into --out: curve_safety.png, curve_over_refusal.png, curve_balanced.png (percent vs number of safety training pairs, one line per group; the untrained baseline at 0), tradeoff.png, mix_composition.png, mix_severity.png, mix_clusters.png, report.html, summary.md, report.json (the numbers behind every chart).
+Writes into --out: curve_safety.png, curve_over_refusal.png, curve_balanced.png (percent vs number of safety training pairs, one line per group, or per group and algorithm, e.g. 'EHD · dpo', when the runs used several; the untrained baseline at 0), tradeoff.png, mix_composition.png, mix_severity.png, mix_clusters.png, report.html, summary.md, report.json (the numbers behind every chart).
 
 \b
 Example (the whole loop, raw data to curves):

@@ -1,5 +1,5 @@
 """``equi report``: data-scaling curves (safety, over-refusal, balanced vs safety examples, one line
-per group), mix charts and accounting, an HTML page with everything embedded, and a summary in words.
+per group, or per group and algorithm when the runs used several), mix charts and accounting, an HTML page with everything embedded, and a summary in words.
 
 Reading (``runs``, ``mix``), words (``summary``), charts (``plots``) and the page (``html``) are
 separate modules; ``build`` ties them together.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from equi.reporting.runs import METRIC_LABELS, CurvePoint
+from equi.reporting.runs import METRIC_LABELS, CurvePoint, split_label
 
 METRIC_EXPLANATIONS = {
     "safety": "harmful prompts refused or partly refused (%)",
@@ -18,6 +18,25 @@ METRIC_EXPLANATIONS = {
 }
 GROUP_COLOURS = {"EHD": "#d62728", "IHD": "#1f77b4", "MHD": "#9467bd", "ALL": "#2ca02c", "OTHER": "#7f7f7f",
                  "BENIGN": "#ff7f0e", "baseline": "#000000"}
+
+
+#: Line style and marker per algorithm when the series are per (group, algorithm): colour keeps the group.
+ALGO_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+
+
+def _line_styles(series: dict[str, list[CurvePoint]]) -> dict[str, dict[str, Any]]:
+    """Colour by group; with more than one algorithm, line style and marker by algorithm."""
+    algos = sorted({algo for label in series if (algo := split_label(label)[1]) is not None})
+    styles = {}
+    for label in series:
+        group, algo = split_label(label)
+        linestyle, marker = ALGO_STYLES[algos.index(algo) % len(ALGO_STYLES)] if algo is not None else ("-", "o")
+        styles[label] = {"color": GROUP_COLOURS.get(group), "linestyle": linestyle, "marker": marker}
+    return styles
+
+
+def _legend_title(series: dict[str, list[CurvePoint]]) -> str:
+    return "training group · algorithm" if any(split_label(label)[1] for label in series) else "training group"
 
 
 class PlottingUnavailable(ImportError):
@@ -71,10 +90,11 @@ def _bars_of(ax) -> dict[str, list[float]]:
 
 
 def plot_curve(series: dict[str, list[CurvePoint]], metric: str, path: Path) -> dict[str, Any]:
-    """One metric (percent) vs number of safety training examples, one line per group."""
+    """One metric (percent) vs number of safety training examples, one line per series (group [· algorithm])."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     max_x = 0
+    styles = _line_styles(series)
     for group, points in series.items():
         kept = [p for p in points if p.value(metric) is not None]
         if not kept:
@@ -82,7 +102,7 @@ def plot_curve(series: dict[str, list[CurvePoint]], metric: str, path: Path) -> 
         xs = [p.n_safety for p in kept]
         ys = [100.0 * p.value(metric) for p in kept]
         max_x = max(max_x, *xs)
-        ax.plot(xs, ys, marker="o", linewidth=2, label=group, color=GROUP_COLOURS.get(group))
+        ax.plot(xs, ys, linewidth=2, label=group, **styles[group])
     positive = sorted({p.n_safety for pts in series.values() for p in pts if p.n_safety > 0})
     if len(positive) >= 2 and positive[-1] / positive[0] >= 20:
         ax.set_xscale("symlog", linthresh=max(1, positive[0]))
@@ -92,7 +112,7 @@ def plot_curve(series: dict[str, list[CurvePoint]], metric: str, path: Path) -> 
     ax.set_title(f"{METRIC_LABELS[metric]} vs safety data: {METRIC_EXPLANATIONS[metric]}", fontsize=10)
     ax.grid(True, alpha=0.3)
     if ax.get_lines():
-        ax.legend(title="training group")
+        ax.legend(title=_legend_title(series))
     else:
         ax.text(0.5, 0.5, "no evaluated runs with a known data size", ha="center", va="center",
                 transform=ax.transAxes)
@@ -103,11 +123,12 @@ def plot_tradeoff(series: dict[str, list[CurvePoint]], path: Path) -> dict[str, 
     """Over-refusal (x) against safety (y): the path each group takes as its data grows."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    styles = _line_styles(series)
     for group, points in series.items():
         kept = [p for p in points if p.safety is not None and p.over_refusal is not None]
         if kept:
-            ax.plot([100 * p.over_refusal for p in kept], [100 * p.safety for p in kept], marker="o",
-                    label=group, color=GROUP_COLOURS.get(group))
+            ax.plot([100 * p.over_refusal for p in kept], [100 * p.safety for p in kept], label=group,
+                    **styles[group])
             ax.annotate(f"n={kept[-1].n_safety}", (100 * kept[-1].over_refusal, 100 * kept[-1].safety),
                         textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("Over-refusal on benign prompts (%)")
@@ -117,7 +138,7 @@ def plot_tradeoff(series: dict[str, list[CurvePoint]], path: Path) -> dict[str, 
     ax.set_title("Safety vs over-refusal (top-left is best)", fontsize=10)
     ax.grid(True, alpha=0.3)
     if ax.get_lines():
-        ax.legend(title="training group")
+        ax.legend(title=_legend_title(series))
     return _finish(plt, fig, ax, path, "line")
 
 

@@ -22,6 +22,10 @@ METRIC_LABELS = {"safety": "Safety", "over_refusal": "Over-refusal", "balanced":
 #: The group label of a run trained on every safety group together (no ``--groups``).
 ALL_GROUPS = "ALL"
 BASELINE = "baseline"
+#: Joins group and algorithm in a series label (``"EHD · dpo"``) when the runs span more than one algorithm.
+SERIES_SEP = " · "
+#: The algorithm label of a run whose config does not name one.
+UNKNOWN_ALGO = "unknown"
 
 
 @dataclass
@@ -119,11 +123,38 @@ def collect_runs(root: Path) -> list[RunRecord]:
                             and not any(part in ("final", EVAL_DIR) or part.startswith("checkpoint-")
                                         for part in p.relative_to(root).parts))
     records = [read_run(p) for p in candidates]
-    return sorted(records, key=lambda r: (r.group or "", r.n_safety if r.n_safety is not None else -1, r.name))
+    return sorted(records, key=lambda r: (r.group or "", r.algo or "", r.n_safety if r.n_safety is not None else -1,
+                                          r.name))
+
+
+def on_curves(record: RunRecord) -> bool:
+    """Whether a run is a point of a curve: trained (not the baseline), evaluated, with a known data size."""
+    return not record.baseline and record.summary is not None and record.n_safety is not None
+
+
+def curve_algos(records: list[RunRecord]) -> list[str]:
+    """The algorithms of the runs on the curves (``UNKNOWN_ALGO`` for a run that names none), sorted."""
+    return sorted({r.algo or UNKNOWN_ALGO for r in records if on_curves(r)})
+
+
+def series_label(record: RunRecord, by_algo: bool) -> str:
+    """The curve a run is on: its group (``"EHD"``), or group and algorithm (``"EHD · dpo"``) when ``by_algo``."""
+    group = record.group or ALL_GROUPS
+    return f"{group}{SERIES_SEP}{record.algo or UNKNOWN_ALGO}" if by_algo else group
+
+
+def split_label(label: str) -> tuple[str, str | None]:
+    """``"EHD · dpo"`` → ``("EHD", "dpo")``; ``"EHD"`` → ``("EHD", None)``."""
+    group, sep, algo = label.partition(SERIES_SEP)
+    return group, (algo if sep else None)
 
 
 def curve_series(records: list[RunRecord]) -> dict[str, list[CurvePoint]]:
     """One series per training group: evaluated runs with a known safety-example count, by count.
+
+    When the runs were trained with more than one algorithm (``ama-dpo`` and ``dpo`` ladders under one root),
+    there is one series per (group, algorithm) instead, labelled ``"EHD · dpo"``, so the algorithms can be
+    compared; with one algorithm the labels are the groups alone.
 
     An evaluated baseline run (the model before training, ``n_safety`` 0) starts every series, so
     each line shows the change from the untrained model.
@@ -133,11 +164,12 @@ def curve_series(records: list[RunRecord]) -> dict[str, list[CurvePoint]]:
         return CurvePoint(r.name, n, s.get("safety"), s.get("over_refusal"), s.get("balanced"))
 
     baselines = [r for r in records if r.baseline and r.summary is not None]
+    by_algo = len(curve_algos(records)) > 1
     series: dict[str, list[CurvePoint]] = {}
     for record in records:
-        if record.baseline or record.summary is None or record.n_safety is None:
+        if not on_curves(record):
             continue
-        series.setdefault(record.group or ALL_GROUPS, []).append(point(record, int(record.n_safety)))
+        series.setdefault(series_label(record, by_algo), []).append(point(record, int(record.n_safety)))
     for group, points in series.items():
         points.extend(point(b, 0) for b in baselines[:1])
         points.sort(key=lambda p: (p.n_safety, p.run))

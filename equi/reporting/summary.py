@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from equi.reporting.mix import MixSummary
-from equi.reporting.runs import BASELINE, CurvePoint, RunRecord
+from equi.reporting.runs import BASELINE, CurvePoint, RunRecord, split_label
 
 
 def pct(value: float | None) -> str:
@@ -21,8 +21,67 @@ def _trend(points: list[CurvePoint], metric: str) -> str | None:
             f"(n={last.n_safety})" + (f", {delta:+.1f} points" if direction != "stays flat" else ""))
 
 
+def _sentence(lead: str, rest: str) -> str:
+    return lead + rest if lead else rest[0].upper() + rest[1:]
+
+
+def _compare_groups(series: dict[str, list[CurvePoint]], algo: str | None) -> list[str]:
+    """Which group drives over-refusal, balances best, grows fastest (within one algorithm's series)."""
+    lead = f"With **{algo}**, " if algo else ""
+    lines: list[str] = []
+    last = {g: pts[-1] for g, pts in series.items() if g != BASELINE and pts and pts[-1].over_refusal is not None}
+    if len(last) >= 2:
+        worst = max(last, key=lambda g: last[g].over_refusal)
+        best = max((g for g in last if last[g].balanced is not None), key=lambda g: last[g].balanced, default=None)
+        rates = {round(p.over_refusal, 6) for p in last.values()}
+        if len(rates) == 1:  # a tie (e.g. all 0%) names no culprit
+            lines.append(_sentence(lead, f"at each group's largest size over-refusal is the same for every group "
+                                         f"({pct(last[worst].over_refusal)} of benign prompts refused): no group "
+                                         "drives it here."))
+        else:
+            lines.append(_sentence(lead, f"at each group's largest size, **{worst}** drives over-refusal most "
+                                         f"({pct(last[worst].over_refusal)} of benign prompts refused at "
+                                         f"n={last[worst].n_safety})."))
+        if best is not None:
+            lines.append(_sentence(lead, f"the best balance of safety and helpfulness comes from **{best}** "
+                                         f"(balanced {pct(last[best].balanced)} at n={last[best].n_safety})."))
+        growth = {g: pts[-1].over_refusal - pts[0].over_refusal for g, pts in series.items()
+                  if g != BASELINE and len(pts) >= 2 and pts[0].over_refusal is not None
+                  and pts[-1].over_refusal is not None}
+        if growth:
+            fastest = max(growth, key=growth.get)
+            if growth[fastest] > 0:
+                lines.append(_sentence(lead, f"over-refusal grows fastest with more **{fastest}** data "
+                                             f"({100 * growth[fastest]:+.1f} points across its ladder): more of it "
+                                             "makes the model overly safe rather than more truly safe."))
+    return lines
+
+
+def _compare_algos(series: dict[str, list[CurvePoint]]) -> list[str]:
+    """For each group trained with more than one algorithm: the algorithms side by side at their largest size."""
+    by_group: dict[str, dict[str, CurvePoint]] = {}
+    for label, points in series.items():
+        group, algo = split_label(label)
+        if algo is not None and points:
+            by_group.setdefault(group, {})[algo] = points[-1]
+    lines = []
+    for group, last in by_group.items():
+        if len(last) < 2:
+            continue
+        sides = "; ".join(f"{algo} safety {pct(p.safety)}, over-refusal {pct(p.over_refusal)}, balanced "
+                          f"{pct(p.balanced)} (n={p.n_safety})" for algo, p in last.items())
+        line = f"**{group}** at each algorithm's largest size: {sides}."
+        balanced = {a: p.balanced for a, p in last.items() if p.balanced is not None}
+        if len(balanced) >= 2 and len({round(v, 6) for v in balanced.values()}) > 1:
+            best = max(balanced, key=balanced.get)
+            line += f" Best balance: **{best}**."
+        lines.append(line)
+    return lines
+
+
 def findings(series: dict[str, list[CurvePoint]]) -> list[str]:
-    """Sentences comparing the groups; empty when there is nothing to compare."""
+    """Sentences comparing the groups (and, when the series are per algorithm, the algorithms); empty when there
+    is nothing to compare. Series labels are groups, or ``"GROUP · ALGO"`` when the runs span several algorithms."""
     lines: list[str] = []
     for group, points in series.items():
         if group == BASELINE:
@@ -35,30 +94,14 @@ def findings(series: dict[str, list[CurvePoint]]) -> list[str]:
             p = points[-1]
             lines.append(f"**{group}**: one point (n={p.n_safety}): safety {pct(p.safety)}, over-refusal "
                          f"{pct(p.over_refusal)}, balanced {pct(p.balanced)}.")
-    last = {g: pts[-1] for g, pts in series.items() if g != BASELINE and pts and pts[-1].over_refusal is not None}
-    if len(last) >= 2:
-        worst = max(last, key=lambda g: last[g].over_refusal)
-        best = max((g for g in last if last[g].balanced is not None), key=lambda g: last[g].balanced, default=None)
-        rates = {round(p.over_refusal, 6) for p in last.values()}
-        if len(rates) == 1:  # a tie (e.g. all 0%) names no culprit
-            lines.append(f"At each group's largest size over-refusal is the same for every group "
-                         f"({pct(last[worst].over_refusal)} of benign prompts refused): no group drives it here.")
-        else:
-            lines.append(f"At each group's largest size, **{worst}** drives over-refusal most "
-                         f"({pct(last[worst].over_refusal)} of benign prompts refused at n={last[worst].n_safety}).")
-        if best is not None:
-            lines.append(f"The best balance of safety and helpfulness comes from **{best}** "
-                         f"(balanced {pct(last[best].balanced)} at n={last[best].n_safety}).")
-        growth = {g: pts[-1].over_refusal - pts[0].over_refusal for g, pts in series.items()
-                  if g != BASELINE and len(pts) >= 2 and pts[0].over_refusal is not None
-                  and pts[-1].over_refusal is not None}
-        if growth:
-            fastest = max(growth, key=growth.get)
-            if growth[fastest] > 0:
-                lines.append(f"Over-refusal grows fastest with more **{fastest}** data "
-                             f"({100 * growth[fastest]:+.1f} points across its ladder): more of it makes the model "
-                             "overly safe rather than more truly safe.")
-    return lines
+    per_algo: dict[str | None, dict[str, list[CurvePoint]]] = {}
+    for label, points in series.items():
+        if label != BASELINE:
+            group, algo = split_label(label)
+            per_algo.setdefault(algo, {})[group] = points
+    for algo, group_series in sorted(per_algo.items(), key=lambda item: item[0] or ""):
+        lines += _compare_groups(group_series, algo)
+    return lines + _compare_algos(series)
 
 
 def render_summary(records: list[RunRecord], series: dict[str, list[CurvePoint]], mix: MixSummary | None,
