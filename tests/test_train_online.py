@@ -287,6 +287,13 @@ def test_reward_and_cost_models_train_and_drive_the_online_stage(material, tmp_p
     assert result.exit_code == 0, result.output
     steps = [m for m in read_metrics(out) if "loss" in m]
     assert steps and "safety/refusal_rate" not in steps[0]  # the detector did not run: the models scored
+    # A policy is no reward model (it would get a random head), and a reward model writes no answers to evaluate.
+    result = invoke(*online(mix, model, tmp_path / "policy-as-reward", "repo", "--reward-model", str(out / "final")))
+    assert result.exit_code == 2 and "not a reward or cost model" in result.output, result.output
+    from equi.cli import app
+
+    result = runner.invoke(app, ["eval", str(tmp_path / "reward-model"), "--limit", "1", "--quiet"])
+    assert result.exit_code == 2 and "is a reward-model run" in result.output, result.output
 
 
 def test_cost_model_ranks_the_costlier_response_first(material):

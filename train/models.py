@@ -111,6 +111,20 @@ def load_sequence_classifier(path: str, dtype: Any = "float32", trust_remote_cod
         raise ModelError(f"cannot load reward/cost model {path!r}: {str(exc).splitlines()[0]}") from None
 
 
+def check_is_scorer(path: str, trust_remote_code: bool = False) -> None:
+    """Refuse a checkpoint that is not a sequence classifier (e.g. a policy's ``final/`` passed as --reward-model):
+    loading one as a reward model would give it a fresh random head, and the reward would be noise."""
+    from transformers import AutoConfig
+
+    try:
+        architectures = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).architectures or []
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load reward/cost model {path!r}: {str(exc).splitlines()[0]}") from None
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ModelError(f"{path} is a {', '.join(architectures)} checkpoint, not a reward or cost model: pass the "
+                         "final/ of an `equi train --algo reward-model` (or cost-model) run")
+
+
 def lora_config(rank: int, alpha: int | None = None, dropout: float = 0.05):
     """A PEFT LoRA config on the attention and MLP projections (not ``lm_head``: TRL's fused head ignores it)."""
     try:

@@ -114,8 +114,9 @@ class ModelScorer:
     """A sequence-classification checkpoint as a ``(prompts, completions) -> scores`` function."""
 
     def __init__(self, path: str, trust_remote_code: bool = False, batch_size: int = 8):
-        from train.models import load_sequence_classifier, load_tokenizer
+        from train.models import check_is_scorer, load_sequence_classifier, load_tokenizer
 
+        check_is_scorer(path, trust_remote_code)
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         model = load_sequence_classifier(path, trust_remote_code=trust_remote_code)
         self._init(model, tokenizer, batch_size)
