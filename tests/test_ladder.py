@@ -256,3 +256,21 @@ def test_scale_command_refuses_changed_settings_with_one_line_exit_2(fake_ladder
     assert result.exit_code == 2, result.output
     assert "--max-steps 3 (run: 1)" in result.output and "ama-dpo-ihd-s0.5" in result.output
     assert len(fake_ladder.trained) == 2
+
+
+def test_scale_passes_max_length_and_other_train_options_to_every_rung(fake_ladder, tmp_path):
+    from equi.cli import app
+
+    config = fake_ladder()
+    options = tmp_path / "train.yaml"
+    options.write_text("severity_weights: severe=8\nlambda_lr: 0.5\n")
+    args = ["scale", "--mix", config.mix, "--scales", "0.5,1.0", "--groups", "IHD", "--out", config.out,
+            "--model", "tiny/model-a", "--batch-size", "2", "--max-steps", "1", "--no-eval", "--quiet"]
+    result = CliRunner().invoke(app, args + ["--max-length", "256", "--train-config", str(options)])
+    assert result.exit_code == 0, result.output
+    for rung in ("ama-dpo-ihd-s0.5", "ama-dpo-ihd-s1"):
+        saved = json.loads((fake_ladder.runs / rung / "config.json").read_text())["train_config"]
+        assert saved["max_length"] == 256 and saved["lambda_lr"] == 0.5 and saved["severity_weights"]["severe"] == 8
+    options.write_text("lr: 0.1\n")  # a setting equi scale has its own flag for
+    result = CliRunner().invoke(app, args + ["--train-config", str(options)])
+    assert result.exit_code == 2 and "set lr with equi scale's own flags" in result.output

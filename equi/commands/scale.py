@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -40,6 +40,12 @@ def register(app: typer.Typer) -> None:
         beta: float = typer.Option(0.1, "--beta", help="DPO temperature."),
         seed: int = typer.Option(0, "--seed", help="Random seed."),
         lora_r: int = typer.Option(0, "--lora-r", help="LoRA rank (0 = full fine-tuning)."),
+        max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per prompt+answer \\[default: equi train's]."),
+        save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps \\[default: equi train's]."),
+        train_config: Optional[Path] = typer.Option(
+            None, "--train-config",
+            help="YAML of any other equi train options for every rung (severity_weights, group_weights, lambda_lr, "
+                 "num_generations, ...; snake_case keys, as equi train --config)."),
         no_eval: bool = typer.Option(False, "--no-eval", help="Train only; evaluate later with equi eval."),
         no_baseline: bool = typer.Option(False, "--no-baseline", help="Do not evaluate the untrained model."),
         suite: Optional[list[str]] = typer.Option(None, "--suite", help="Eval suites (see equi eval --help) \\[default: all]."),
@@ -55,12 +61,14 @@ def register(app: typer.Typer) -> None:
         from train.mixdata import MixError, MixVerificationFailed
         from train.models import ModelError
 
+        options = _train_options(train_config, max_length=max_length, save_steps=save_steps)
         try:
             config = ScaleConfig(mix=str(mix), scales=parse_scales(scales), groups=_split([groups]) if groups else None,
                                  out=str(out), algo=algo, model=model, max_steps=max_steps, epochs=epochs,
                                  batch_size=batch_size, lr=lr, beta=beta, seed=seed, lora_r=lora_r,
                                  evaluate=not no_eval, baseline=not no_baseline, suites=_split(suite),
-                                 eval_limit=eval_limit, max_new_tokens=max_new_tokens, data_dir=data_dir, quiet=quiet)
+                                 eval_limit=eval_limit, max_new_tokens=max_new_tokens, data_dir=data_dir, quiet=quiet,
+                                 train_options=options)
             result = run_ladder(config)
         except MixVerificationFailed as exc:
             fail(str(exc), code=3)
@@ -71,3 +79,19 @@ def register(app: typer.Typer) -> None:
                 console.print(f"note: {note}")
             console.print(f"{len(result.rungs)} rungs in {result.out_dir}; next: "
                           f"equi report --runs {result.out_dir} --mix {mix} --out report/")
+
+
+#: Options every rung gets from equi scale itself (its own flags, or the ladder's plan), not from --train-config.
+_SET_BY_SCALE = ("mix", "out", "scale", "groups", "resume", "quiet", "algo", "model", "max_steps", "epochs",
+                 "batch_size", "lr", "beta", "seed", "lora_r")
+
+
+def _train_options(path: Optional[Path], **flags: Any) -> dict[str, Any]:
+    """``--train-config`` YAML plus the training flags given; flags win."""
+    from equi.commands.train import _load_config_file
+
+    options = _load_config_file(path) if path is not None else {}
+    clash = sorted(set(options) & set(_SET_BY_SCALE))
+    if clash:
+        fail(f"--train-config {path}: set {', '.join(clash)} with equi scale's own flags (or its ladder plan)", code=2)
+    return {**options, **{k: v for k, v in flags.items() if v is not None}}
