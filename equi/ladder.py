@@ -9,7 +9,10 @@ as the ``baseline`` (0 safety examples) so every curve starts from where the mod
 Each run directory gets ``ladder.json`` next to train's ``config.json``::
 
     {"mix", "mix_manifest_hash", "group", "groups", "scale", "rank_limit",
-     "n_safety", "n_benign", "n_train", "algo", "baseline"}
+     "n_safety", "n_benign", "n_train", "n_selected", "counts", "algo", "baseline"}
+
+``n_safety``/``n_benign`` count the pairs the run trained on (from its ``summary.json``: TRL drops a pair whose
+prompt alone is longer than ``--max-length``); ``n_selected`` and ``counts`` are the pairs selected from the mix.
 
 A rung whose ``final/`` model (or ``eval/metrics.json``) already exists is not trained (or evaluated)
 again, so an interrupted ladder continues where it stopped. A rung is only kept (or resumed) when it was
@@ -346,11 +349,16 @@ def run_ladder(config: ScaleConfig) -> LadderResult:
                 _say(config, f"[{index}/{len(rungs)}] training {rung.run_dir.name} on {sum(counts.values())} "
                              f"pairs ({n_safety} safety) with rank < {rung.rank_limit}")
                 train(_train_config(config, rung))
+            # The pairs the run trained on (its summary.json: after TRL dropped over-long prompts) where known,
+            # else the pairs selected from the mix.
+            trained = _read_summary(rung.run_dir)
+            n_benign = trained.get("n_benign", counts.get("BENIGN", 0))
+            n_safety = trained.get("n_safety", n_safety)
             _write_json(rung.run_dir / LADDER_FILE, {
                 "mix": str(Path(config.mix).resolve()), "mix_manifest_hash": mix_hash, "group": rung.group,
                 "groups": rung.train_groups, "scale": rung.scale, "rank_limit": rung.rank_limit,
-                "n_safety": n_safety, "n_benign": counts.get("BENIGN", 0), "n_train": sum(counts.values()),
-                "counts": counts, "algo": config.algo, "baseline": False})
+                "n_safety": n_safety, "n_benign": n_benign, "n_train": n_safety + n_benign,
+                "n_selected": sum(counts.values()), "counts": counts, "algo": config.algo, "baseline": False})
         if config.evaluate:
             if (rung.run_dir / "eval" / "metrics.json").is_file():
                 notes.append(f"{rung.run_dir.name}: already evaluated, kept")
@@ -360,6 +368,15 @@ def run_ladder(config: ScaleConfig) -> LadderResult:
     _record_ladder(out, {"config": config.to_dict(), "n_ranked": n_ranked,
                          "rungs": [str(r.run_dir) for r in rungs], "notes": notes})
     return LadderResult(out, rungs, baseline_dir, notes)
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    """A run's ``summary.json`` (train's), or {} when it has none yet."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def _record_ladder(out: Path, entry: dict[str, Any]) -> None:

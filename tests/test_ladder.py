@@ -147,6 +147,8 @@ def fake_ladder(tmp_path, monkeypatch):
     def fake_train(config):
         run_dir = train.run.prepare_run_dir(config, manifest_hash(config.mix))  # checks --resume like train
         (run_dir / "final").mkdir()
+        # What train records of the pairs it trained on (fewer than selected when prompts are over --max-length).
+        (run_dir / "summary.json").write_text(json.dumps({"n_safety": 7, "n_benign": 3}))
         trained.append((run_dir.name, config.resume))
 
     def fake_evaluate(config):
@@ -177,7 +179,9 @@ def test_rerun_with_changed_settings_refuses_before_training_and_keeps_every_rec
     first = run_ladder(fake_ladder())
     assert fake_ladder.trained == [("ama-dpo-ihd-s0.5", False), ("ama-dpo-ihd-s1", False)]
     before = _snapshot(fake_ladder.runs)
-    assert json.loads(before["ama-dpo-ihd-s0.5/ladder.json"])["rank_limit"] == 24
+    rung = json.loads(before["ama-dpo-ihd-s0.5/ladder.json"])
+    assert rung["rank_limit"] == 24 and (rung["n_safety"], rung["n_benign"], rung["n_train"]) == (7, 3, 10)
+    assert rung["n_selected"] == sum(rung["counts"].values())
     # Unchanged settings (talking or not does not define a run): all kept, nothing rewritten.
     again = run_ladder(fake_ladder(quiet=False))
     assert len(fake_ladder.trained) == 2 and sum("already trained" in n for n in again.notes) == 2

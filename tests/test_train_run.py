@@ -174,6 +174,19 @@ def test_bad_arguments_exit_2_with_one_line(material, tmp_path, extra, message):
     assert not (tmp_path / "out").exists()  # the same command runs once the cause is fixed
 
 
+def test_pairs_dropped_for_long_prompts_are_warned_and_not_counted_as_trained(material, tmp_path):
+    root, mix, model = material
+    out = tmp_path / "short"
+    result = invoke(*common(mix, model, out, "--algo", "dpo", "--max-steps", "1", "--batch-size", "2"),
+                    "--max-length", "48")  # about half of these real prompts are longer than 48 tokens
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    dropped = summary["rows_dropped_prompt_too_long"]
+    assert 0 < dropped < summary["train_rows"]
+    assert summary["n_safety"] + summary["n_benign"] == summary["train_rows"] - dropped  # the report's x: trained
+    assert f"{dropped} of {summary['train_rows']} training pairs were dropped" in result.output  # even with --quiet
+
+
 def test_a_mix_given_as_a_file_is_named_so(material, tmp_path):
     root, mix, model = material
     result = invoke("--mix", str(next((mix / "data").glob("*.parquet"))), "--quiet")

@@ -189,8 +189,9 @@ class AmaDPOTrainer(DPOTrainer):
         rows_before = len(dataset)
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if rows_before and not len(dataset):
+            use = "train" if dataset_name == "train" else "evaluate"
             raise ConfigError(f"every one of the {rows_before} {dataset_name} pairs has a prompt longer than "
-                              f"--max-length {args.max_length} tokens: nothing left to train on; raise --max-length")
+                              f"--max-length {args.max_length} tokens: nothing left to {use} on; raise --max-length")
         if dataset_name == "train":
             self.rows_dropped_too_long += rows_before - len(dataset)
         if dataset_name == "train" and self._train_pair_weights is not None:

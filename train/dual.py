@@ -21,6 +21,7 @@ from typing import Any
 
 from train.config import TrainConfig
 from train.lagrangian import severity_scaled_costs, update_lambda
+from train.mixdata import group_sizes
 
 
 def rerank_pairs(dataset, lam: float, severity_weights: dict[str, float]):
@@ -111,7 +112,8 @@ def run_dual(config: TrainConfig, manifest: dict[str, Any], run_dir: Path):
     final_dir = save_final(trainer, tokenizer, run_dir)
     summary = {
         "train_rows": len(train_split.dataset),
-        **train_split.group_sizes(),
+        **group_sizes(trainer.train_dataset),  # the pairs trained on, as for dpo
+        "rows_dropped_prompt_too_long": trainer.rows_dropped_too_long,
         "rows_left_out": train_split.dropped,
         "cost_measured_on": "eval" if len(eval_split.dataset) else "train (no eval split)",
         "rounds": history,

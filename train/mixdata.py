@@ -70,9 +70,15 @@ class LoadedSplit:
 
     def group_sizes(self) -> dict[str, int]:
         """``n_safety`` (EHD, IHD, MHD, OTHER rows) and ``n_benign``: where ``equi report`` puts the run on its curves."""
-        groups = self.dataset["group"] if len(self.dataset) else []
-        n_benign = sum(1 for g in groups if g == "BENIGN")
-        return {"n_safety": len(groups) - n_benign, "n_benign": n_benign}
+        return group_sizes(self.dataset)
+
+
+def group_sizes(dataset) -> dict[str, int]:
+    """``n_safety`` and ``n_benign`` of any dataset with a ``group`` column (e.g. a trainer's, after TRL dropped
+    the pairs whose prompt alone is longer than ``--max-length``)."""
+    groups = dataset["group"] if len(dataset) and "group" in dataset.column_names else []
+    n_benign = sum(1 for g in groups if g == "BENIGN")
+    return {"n_safety": len(groups) - n_benign, "n_benign": n_benign}
 
 
 def load_split(

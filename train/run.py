@@ -25,7 +25,7 @@ from equi.config import ConfigError
 from equi.progress import no_loading_bars
 from equi.schema import RUN_CONFIG, TRAIN_CONFIG_KEY
 from train.config import OFFLINE_ALGOS, ONLINE_ALGOS, SCORER_ALGOS, TrainConfig, normalised_settings
-from train.mixdata import MixError, load_split, manifest_hash, verify_mix_or_raise
+from train.mixdata import MixError, group_sizes, load_split, manifest_hash, verify_mix_or_raise
 from train.models import bf16_supported, load_causal_lm, load_tokenizer, lora_config, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -370,7 +370,8 @@ def run_dpo(config: TrainConfig, manifest: dict[str, Any], run_dir: Path) -> Run
     final_dir = save_final(trainer, tokenizer, run_dir)
     summary = {
         "train_rows": len(train_split.dataset),
-        **train_split.group_sizes(),
+        # The pairs trained on (after TRL dropped those whose prompt alone exceeds --max-length): the report's x.
+        **group_sizes(trainer.train_dataset),
         "mix_rows": train_split.total_rows,
         "rows_left_out": train_split.dropped,
         "eval_rows": len(eval_split.dataset),

@@ -169,6 +169,10 @@ def train_command(
         fail(str(exc), code=2)
     if not quiet:
         print_summary(result)
+    if dropped := result.summary.get("rows_dropped_prompt_too_long"):  # on stderr even with --quiet
+        console.print(f"[yellow]warning:[/yellow] {dropped} of {result.summary.get('train_rows')} training pairs were "
+                      f"dropped: their prompt alone is longer than --max-length {config.max_length} tokens "
+                      "(n_safety/n_benign count the pairs trained on)", soft_wrap=True)
 
 
 def print_summary(result) -> None:
