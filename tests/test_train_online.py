@@ -255,17 +255,37 @@ def test_ppo_lag_updates_lambda_every_k_steps_with_guards_and_resumes_with_it(ma
     second = updates[1]
     assert second["lambda_update"] == "updated"
     assert second["lambda_next"] == pytest.approx(min(10.0, max(0.0, 1.0 + 0.5 * (second["expected_cost"] + 2))))
-    assert json.loads((out / "checkpoint-1" / "equi_lambda.json").read_text()) == {"lambda": 1.0}
-    # Crash after step 1: the resumed run starts from the λ saved with checkpoint-1.
+    assert json.loads((out / "checkpoint-1" / "equi_lambda.json").read_text()) == {"lambda": 1.0, "pending_costs": []}
+    # Crash after step 1: the resumed run starts from the λ saved with checkpoint-1, and the step-2 records written
+    # before the crash are dropped rather than logged twice.
     shutil.rmtree(out / "checkpoint-2")
     shutil.rmtree(out / "final")
     (out / "summary.json").unlink()
-    (out / "metrics.jsonl").write_text("")
     resumed = invoke("--out", str(out), "--resume", "--quiet")
     assert resumed.exit_code == 0, resumed.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"].endswith("checkpoint-1") and summary["steps"] == 2
-    assert [u["lambda"] for u in read_metrics(out) if "lambda_update" in u] == [1.0]
+    updates = [u for u in read_metrics(out) if "lambda_update" in u]
+    assert [u["step"] for u in updates] == [1, 2] and updates[1]["lambda"] == 1.0
+    assert summary["lambda_updates"] == 2  # the one before the crash counts too
+
+
+def test_costs_not_yet_used_by_a_lambda_update_are_saved_with_the_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from train.online import LambdaCallback, saved_lambda
+    from train.rewards import LambdaState
+
+    lam = LambdaState(1.5)
+    lam.pending_costs = [0.25, -1.0]  # sampled at steps 7-8; the next update (every 3 steps) is at step 9
+    callback = LambdaCallback(lam, every=3, warmup_steps=0, lr=0.1, lam_max=10, threshold=0.0,
+                              metrics_path=tmp_path / "metrics.jsonl")
+    (tmp_path / "checkpoint-8").mkdir()
+    callback.on_save(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=8,
+                                                                                 is_world_process_zero=True), None)
+    restored = saved_lambda(tmp_path / "checkpoint-8", initial=1.0)
+    assert restored.value == 1.5 and restored.pending_costs == [0.25, -1.0]
+    assert saved_lambda(None, initial=1.0).value == 1.0 and saved_lambda(None, initial=1.0).pending_costs == []
 
 
 def test_reward_and_cost_models_train_and_drive_the_online_stage(material, tmp_path):

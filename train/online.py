@@ -173,13 +173,20 @@ class LambdaCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if checkpoint.is_dir():
-                (checkpoint / LAMBDA_FILE).write_text(json.dumps({"lambda": self.lam.value}))
+            if checkpoint.is_dir():  # λ and the costs sampled since its last update (this process's)
+                (checkpoint / LAMBDA_FILE).write_text(json.dumps({"lambda": self.lam.value,
+                                                                  "pending_costs": self.lam.pending_costs}))
 
 
-def saved_lambda(checkpoint: Path | None) -> float | None:
+def saved_lambda(checkpoint: Path | None, initial: float) -> LambdaState:
+    """The λ state saved with ``checkpoint`` (its value and the costs not yet used by an update), else a fresh one."""
     path = checkpoint / LAMBDA_FILE if checkpoint is not None else None
-    return float(json.loads(path.read_text())["lambda"]) if path is not None and path.is_file() else None
+    if path is None or not path.is_file():
+        return LambdaState(initial)
+    saved = json.loads(path.read_text())
+    lam = LambdaState(float(saved["lambda"]))
+    lam.pending_costs = [float(c) for c in saved.get("pending_costs", [])]
+    return lam
 
 
 # ---- data and run --------------------------------------------------------------------------------------------------
@@ -254,7 +261,8 @@ def build_online_trainer(config, model, tokenizer, train_dataset, run_dir: Path,
 
 def run_online(config, manifest: dict[str, Any], run_dir: Path):
     from train.mixdata import MixError, load_split
-    from train.run import METRICS_FILE, RunResult, load_policy, metrics_callback, resume_checkpoint, save_final
+    from train.run import (METRICS_FILE, RunResult, load_policy, metrics_callback, read_metrics, resume_checkpoint,
+                           save_final)
 
     split = load_split(config.mix, "train", config.scale, config.groups, need_pairs=False, manifest=manifest,
                        skip_images=config.skip_images)
@@ -266,8 +274,7 @@ def run_online(config, manifest: dict[str, Any], run_dir: Path):
     if tokenizer.padding_side != "left":  # generation appends to the right, so prompts pad on the left
         tokenizer.padding_side = "left"
     checkpoint = resume_checkpoint(config, run_dir)
-    resumed_lambda = saved_lambda(checkpoint)  # ppo-lag continues with the λ it had reached
-    lam = LambdaState(resumed_lambda if resumed_lambda is not None else config.lambda_init)
+    lam = saved_lambda(checkpoint, config.lambda_init)  # ppo-lag continues with the λ (and costs) it had reached
     trainer, lam = build_online_trainer(
         config, model, tokenizer, prompts, run_dir, callbacks=[metrics_callback(run_dir / METRICS_FILE)], lam=lam
     )
@@ -286,6 +293,7 @@ def run_online(config, manifest: dict[str, Any], run_dir: Path):
     }
     if config.algo in ("repo", "ppo-lag"):
         summary["final_lambda"] = lam.value
-        summary["lambda_updates"] = len(lam.history)
+        # Counted in metrics.jsonl, so the updates made before a --resume count too.
+        summary["lambda_updates"] = sum(1 for m in read_metrics(run_dir) if "lambda_update" in m)
     return RunResult(run_dir, final_dir, trainer.state.global_step, summary=summary)
 
