@@ -120,11 +120,40 @@ def test_resume_continues_from_the_last_complete_checkpoint(material, tmp_path, 
     assert result.exit_code == 2 and "--max-steps 9 (run: 4)" in result.output, result.output
 
 
-def test_dual_resume_is_refused_rather_than_restarted(material, tmp_path):
+def test_dual_resume_continues_from_the_round_it_was_in(material, tmp_path, monkeypatch):
+    import train.dual
+    from safetensors.torch import load_file
+
     root, mix, model = material
-    result = invoke(*common(mix, model, tmp_path / "dual", "--algo", "dual", "--resume"))
-    assert result.exit_code == 2 and "does not continue --algo dual" in result.output
-    assert not (tmp_path / "dual").exists()
+    dual = ("--algo", "dual", "--rounds", "3", "--max-steps", "2", "--save-steps", "1", "--lambda-lr", "0.5",
+            "--cost-threshold", "-2")
+    assert invoke(*common(mix, model, tmp_path / "whole", *dual)).exit_code == 0
+    measure, calls = train.dual.expected_cost, []
+
+    def killed_in_round_1(*args, **kwargs):  # round 1 trained, then the process died before its λ update
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(train.dual, "expected_cost", killed_in_round_1)
+    out = tmp_path / "cut"
+    assert invoke(*common(mix, model, out, *dual)).exit_code != 0
+    monkeypatch.setattr(train.dual, "expected_cost", measure)
+    result = invoke("--out", str(out), "--resume", "--quiet")
+    assert result.exit_code == 0, result.output
+
+    def rounds(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"dual"' in line]
+
+    assert [r["round"] for r in rounds(out)] == [0, 1, 2]
+    assert [r["lambda_next"] for r in rounds(out)] == pytest.approx([r["lambda_next"] for r in rounds(tmp_path / "whole")])
+    steps = [(m["round"], m["step"]) for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "loss" in m]
+    assert steps == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2)]  # nothing logged twice
+    whole, cut = load_file(tmp_path / "whole" / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert all(torch.allclose(whole[k], cut[k], atol=1e-6) for k in whole)
+    assert not list(out.glob("round-*/end-model"))  # the per-round models are gone once final/ is written
 
 
 def test_an_existing_run_is_not_overwritten(material, tmp_path):

@@ -10,12 +10,19 @@ E[C] is the policy's expected cost between each eval pair's two responses: with 
 log π(y_safe)) the probability the policy prefers the costlier one, E[C] = p·c_costly + (1 − p)·c_safe. That needs
 no generation and no cost model, so it is cheap enough to run every round; with ``--cost-model`` and sampling it
 would be the online estimate instead (not implemented here). λ, E[C] and b are logged every round.
+
+``--resume`` continues at the round the run was in: the finished rounds' records give λ, the last finished
+round's saved policy (``round-N/end-model``, kept until the next round ends) is the next round's start and
+reference, and an interrupted round continues from its own last checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +76,16 @@ def expected_cost(trainer, dataset, severity_weights: dict[str, float], batch_si
 
 def run_dual(config: TrainConfig, manifest: dict[str, Any], run_dir: Path):
     from train.run import (
+        FINAL_DIR,
         METRICS_FILE,
         RunResult,
         build_dpo_trainer,
+        checkpoint_step,
+        last_checkpoint,
         load_pairs,
         load_policy,
         metrics_callback,
+        precompute_pays,
         save_final,
     )
 
@@ -82,17 +93,34 @@ def run_dual(config: TrainConfig, manifest: dict[str, Any], run_dir: Path):
     measure_on = eval_split.dataset if len(eval_split.dataset) else train_split.dataset
     _, model, tokenizer = load_policy(config)
     lam = config.lambda_init
-    history = []
+    history, first_round, checkpoint = [], 0, None
+    if config.resume:
+        history, checkpoint = _resume_rounds(run_dir)
+        if history:
+            first_round, lam = history[-1]["round"] + 1, history[-1]["lambda_next"]
+            model = _load_round_model(run_dir / f"round-{history[-1]['round']}", config)
     trainer = None
-    for round_index in range(config.rounds):
+    for round_index in range(first_round, config.rounds):
         pairs, swapped = rerank_pairs(train_split.dataset, lam, config.severity_weights)
         round_dir = run_dir / f"round-{round_index}"
+        # Killed after this round's training but before its λ update: its policy is saved, only E[C] is missing.
+        trained_before = config.resume and round_index == first_round and (round_dir / ROUND_MODEL).is_dir()
+        if trained_before:
+            model = _load_round_model(round_dir, config)
+        # The reference is the policy at the start of the round. Precomputed log-probs read it from the policy;
+        # live ones need a copy: TRL would load the model's config path, the base model, from round 1 on.
+        live_reference = (round_index > 0 or first_round > 0) and not (trained_before or config.lora_r
+                                                                        or precompute_pays(config, len(pairs)))
         trainer = build_dpo_trainer(
             config, model, tokenizer, pairs, None, round_dir,
             callbacks=[metrics_callback(run_dir / METRICS_FILE, {"round": round_index, "lambda": lam})],
+            ref_model=copy.deepcopy(model) if live_reference else None,
         )
-        trainer.train()
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        if not trained_before:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint and round_index == first_round else None)
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            _save_round_model(trainer, model, tokenizer, round_dir)
+        steps = checkpoint_step(last_checkpoint(round_dir)) if trained_before else trainer.state.global_step
         mean_cost = expected_cost(trainer, measure_on, config.severity_weights, config.batch_size)
         update = update_lambda(lam, mean_cost, config.cost_threshold, config.lambda_lr, config.lambda_max)
         record = {
@@ -103,17 +131,26 @@ def run_dual(config: TrainConfig, manifest: dict[str, Any], run_dir: Path):
             "expected_cost": mean_cost,
             "cost_threshold": config.cost_threshold,
             "swapped_pairs": swapped,
-            "steps": trainer.state.global_step,
+            "steps": steps,
         }
         history.append(record)
         with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"dual": True, **record}, default=float) + "\n")
+        if round_index:  # the round before is done for good: its model is no longer a resume point
+            shutil.rmtree(run_dir / f"round-{round_index - 1}" / ROUND_MODEL, ignore_errors=True)
         lam = update.value
-    final_dir = save_final(trainer, tokenizer, run_dir)
+    if trainer is None:  # every round had finished before the resume: only final/ was missing
+        final_dir = run_dir / FINAL_DIR
+        model.save_pretrained(final_dir, safe_serialization=True)
+        tokenizer.save_pretrained(final_dir)
+    else:
+        final_dir = save_final(trainer, tokenizer, run_dir)
+    shutil.rmtree(run_dir / f"round-{history[-1]['round']}" / ROUND_MODEL, ignore_errors=True)  # final/ has it
     summary = {
         "train_rows": len(train_split.dataset),
-        **group_sizes(trainer.train_dataset),  # the pairs trained on, as for dpo
-        "rows_dropped_prompt_too_long": trainer.rows_dropped_too_long,
+        # the pairs trained on, as for dpo (the last round's trainer; every round trains on the same pairs)
+        **(group_sizes(trainer.train_dataset) if trainer is not None else train_split.group_sizes()),
+        "rows_dropped_prompt_too_long": trainer.rows_dropped_too_long if trainer is not None else None,
         "rows_left_out": train_split.dropped,
         "cost_measured_on": "eval" if len(eval_split.dataset) else "train (no eval split)",
         "rounds": history,
@@ -121,3 +158,44 @@ def run_dual(config: TrainConfig, manifest: dict[str, Any], run_dir: Path):
         "steps": sum(r["steps"] for r in history),
     }
     return RunResult(run_dir, final_dir, summary["steps"], summary=summary)
+
+
+#: Where a finished round keeps its policy until the next round finishes: the start (and reference) of the next.
+ROUND_MODEL = "end-model"
+
+
+def _save_round_model(trainer, model, tokenizer, round_dir: Path) -> None:
+    if trainer.accelerator.is_main_process:
+        partial = round_dir / f"{ROUND_MODEL}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        shutil.rmtree(round_dir / ROUND_MODEL, ignore_errors=True)
+        os.replace(partial, round_dir / ROUND_MODEL)
+
+
+def _load_round_model(round_dir: Path, config: TrainConfig):
+    import torch
+
+    from train.models import ModelError, bf16_supported, load_causal_lm
+
+    if not (round_dir / ROUND_MODEL).is_dir():
+        raise ModelError(f"--resume: {round_dir} finished but its {ROUND_MODEL}/ is missing; train again with a new --out")
+    dtype = torch.bfloat16 if bf16_supported() else torch.float32
+    return load_causal_lm(str(round_dir / ROUND_MODEL), dtype=dtype, trust_remote_code=config.trust_remote_code)
+
+
+def _resume_rounds(run_dir: Path) -> tuple[list[dict[str, Any]], Path | None]:
+    """The rounds an interrupted dual run finished (their records), and the checkpoint of the round it was in.
+
+    ``metrics.jsonl`` keeps the finished rounds' records and the interrupted round's up to its checkpoint.
+    """
+    from train.run import checkpoint_step, keep_metrics, last_checkpoint, read_metrics
+
+    history = [{k: v for k, v in m.items() if k != "dual"} for m in read_metrics(run_dir) if m.get("dual")]
+    current = history[-1]["round"] + 1 if history else 0
+    checkpoint = last_checkpoint(run_dir / f"round-{current}")
+    step = checkpoint_step(checkpoint)
+    keep_metrics(run_dir, lambda m: m.get("round", 0) < current or (m.get("round") == current and not m.get("dual")
+                                                                    and m.get("step", 0) <= step))
+    return history, checkpoint

@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from equi.cache import cache_dir
 from equi.config import ConfigError
@@ -87,15 +87,25 @@ def resume_checkpoint(config: TrainConfig, run_dir: Path) -> Path | None:
     if not config.resume:
         return None
     checkpoint = last_checkpoint(run_dir)
-    step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
-    path = run_dir / METRICS_FILE
-    if path.is_file():
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(partial, path)
+    step = checkpoint_step(checkpoint)
+    keep_metrics(run_dir, lambda record: record.get("step", 0) <= step)
     return checkpoint
+
+
+def checkpoint_step(checkpoint: Path | None) -> int:
+    """The optimiser step a checkpoint was saved at (0 for none)."""
+    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
+
+
+def keep_metrics(run_dir: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Rewrite ``metrics.jsonl`` with only the records ``keep`` accepts (atomically)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and keep(json.loads(line))]
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(partial, path)
 
 
 def _what_differs(saved: dict, config: TrainConfig, mix_hash: str) -> str:
@@ -244,9 +254,9 @@ def train(config: TrainConfig) -> RunResult:
         import datasets
 
         datasets.disable_progress_bars()
-    if config.resume and config.algo == "dual":
-        raise ConfigError("--resume does not continue --algo dual runs yet (its rounds would start again from round 0 "
-                          "and λ_init); train again with a new --out")
+    if config.resume and config.algo == "dual" and config.lora_r:
+        raise ConfigError("--resume does not continue --algo dual runs with --lora-r yet (their rounds would start "
+                          "again); train again with a new --out")
     manifest = verify_mix_or_raise(config.mix)
     mix_hash = manifest_hash(config.mix)
     existed = Path(config.out).exists()
