@@ -115,6 +115,14 @@ def test_resume_continues_from_the_last_complete_checkpoint(material, tmp_path, 
     result = invoke("--out", str(out), "--resume", "--quiet")
     assert result.exit_code == 2 and "already finished" in result.output
     assert (out / "summary.json").read_bytes() == before
+    # Killed after the last checkpoint (step 4 of 4) but before final/: restored, not trained a fifth step.
+    shutil.rmtree(out / "final")
+    (out / "summary.json").unlink()
+    assert invoke("--out", str(out), "--resume", "--quiet").exit_code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert summary["steps"] == 4 and len(losses) == 4 and not (out / "checkpoint-5").exists()
+    assert summary["train_loss"] == pytest.approx(sum(losses) / 4)  # the whole run's, not this session's
     # A changed setting is named, not just "the settings differ".
     result = invoke("--out", str(out), "--resume", "--max-steps", "9", "--quiet")
     assert result.exit_code == 2 and "--max-steps 9 (run: 4)" in result.output, result.output

@@ -87,6 +87,7 @@ def run_dual(config: TrainConfig, manifest: dict[str, Any], run_dir: Path):
         metrics_callback,
         precompute_pays,
         save_final,
+        train_from,
     )
 
     train_split, eval_split = load_pairs(config, manifest)
@@ -117,7 +118,7 @@ def run_dual(config: TrainConfig, manifest: dict[str, Any], run_dir: Path):
             ref_model=copy.deepcopy(model) if live_reference else None,
         )
         if not trained_before:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint and round_index == first_round else None)
+            train_from(trainer, checkpoint if round_index == first_round else None, run_dir)
             model = trainer.accelerator.unwrap_model(trainer.model)
             _save_round_model(trainer, model, tokenizer, round_dir)
         steps = checkpoint_step(last_checkpoint(round_dir)) if trained_before else trainer.state.global_step

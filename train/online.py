@@ -262,7 +262,7 @@ def build_online_trainer(config, model, tokenizer, train_dataset, run_dir: Path,
 def run_online(config, manifest: dict[str, Any], run_dir: Path):
     from train.mixdata import MixError, load_split
     from train.run import (METRICS_FILE, RunResult, load_policy, metrics_callback, read_metrics, resume_checkpoint,
-                           save_final)
+                           save_final, train_from)
 
     split = load_split(config.mix, "train", config.scale, config.groups, need_pairs=False, manifest=manifest,
                        skip_images=config.skip_images)
@@ -278,7 +278,7 @@ def run_online(config, manifest: dict[str, Any], run_dir: Path):
     trainer, lam = build_online_trainer(
         config, model, tokenizer, prompts, run_dir, callbacks=[metrics_callback(run_dir / METRICS_FILE)], lam=lam
     )
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_loss = train_from(trainer, checkpoint, run_dir)
     final_dir = save_final(trainer, tokenizer, run_dir)
     summary = {
         "train_prompts": len(prompts),
@@ -287,7 +287,7 @@ def run_online(config, manifest: dict[str, Any], run_dir: Path):
         "rows_left_out": split.dropped,
         "steps": trainer.state.global_step,
         "resumed_from": str(checkpoint) if checkpoint else None,
-        "train_loss": output.training_loss,
+        "train_loss": train_loss,
         "reward_model": config.reward_model,
         "cost_model": config.cost_model,
     }

@@ -92,6 +92,27 @@ def resume_checkpoint(config: TrainConfig, run_dir: Path) -> Path | None:
     return checkpoint
 
 
+def train_from(trainer, checkpoint: Path | None, run_dir: Path) -> float | None:
+    """``trainer.train``, resuming from ``checkpoint``; returns the mean training loss of the whole run.
+
+    A checkpoint saved at the run's last step (killed before ``final/``) is restored, not trained from:
+    transformers would run one step past ``max_steps`` when resuming from it. The loss is then, as after any
+    resume, the mean of the per-step losses in ``metrics.jsonl`` (the trainer's own covers only this session).
+    """
+    if checkpoint is not None:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        if 0 < state.get("max_steps", 0) <= state["global_step"]:
+            from transformers import TrainerState
+
+            trainer._load_from_checkpoint(str(checkpoint))
+            trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+        else:
+            trainer.train(resume_from_checkpoint=str(checkpoint))
+        losses = [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
+        return sum(losses) / len(losses) if losses else None
+    return trainer.train().training_loss
+
+
 def checkpoint_step(checkpoint: Path | None) -> int:
     """The optimiser step a checkpoint was saved at (0 for none)."""
     return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
@@ -374,7 +395,7 @@ def run_dpo(config: TrainConfig, manifest: dict[str, Any], run_dir: Path) -> Run
         callbacks=[metrics_callback(run_dir / METRICS_FILE)],
     )
     checkpoint = resume_checkpoint(config, run_dir)
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_loss = train_from(trainer, checkpoint, run_dir)
     # evaluate() logs through the metrics callback, so its numbers land in metrics.jsonl too.
     eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     final_dir = save_final(trainer, tokenizer, run_dir)
@@ -387,7 +408,7 @@ def run_dpo(config: TrainConfig, manifest: dict[str, Any], run_dir: Path) -> Run
         "eval_rows": len(eval_split.dataset),
         "steps": trainer.state.global_step,
         "resumed_from": str(checkpoint) if checkpoint else None,
-        "train_loss": output.training_loss,
+        "train_loss": train_loss,
         "ama_unaligned_rows": trainer.ama_unaligned_rows,
         "rows_dropped_prompt_too_long": trainer.rows_dropped_too_long,
         "ref_log_probs": ("precomputed" if trainer.args.precompute_ref_log_probs

@@ -58,7 +58,7 @@ def run_scorer_training(config, manifest: dict[str, Any], run_dir: Path):
     from train.mixdata import MixError
     from train.models import bf16_supported, load_sequence_classifier, load_tokenizer, resolve_model
     from train.run import METRICS_FILE, RunResult, load_pairs, metrics_callback, peft_config_for, resume_checkpoint, \
-        quiet_trainer, save_final, trl_common_kwargs
+        quiet_trainer, save_final, train_from, trl_common_kwargs
 
     train_split, eval_split = load_pairs(config, manifest)
     pairs, ties = train_split.dataset, 0
@@ -87,7 +87,7 @@ def run_scorer_training(config, manifest: dict[str, Any], run_dir: Path):
     )
     quiet_trainer(trainer, config.quiet)
     checkpoint = resume_checkpoint(config, run_dir)
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_loss = train_from(trainer, checkpoint, run_dir)
     final_dir = save_final(trainer, tokenizer, run_dir)
     summary = {
         "train_pairs": len(pairs),
@@ -95,7 +95,7 @@ def run_scorer_training(config, manifest: dict[str, Any], run_dir: Path):
         "rows_left_out": train_split.dropped,
         "steps": trainer.state.global_step,
         "resumed_from": str(checkpoint) if checkpoint else None,
-        "train_loss": output.training_loss,
+        "train_loss": train_loss,
         "scorer": config.algo,
     }
     if len(eval_split.dataset):
