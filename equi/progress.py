@@ -27,3 +27,15 @@ def no_loading_bars(active: bool = True) -> Iterator[None]:
     finally:
         if shown:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def no_library_deprecations(active: bool = True) -> Iterator[None]:
+    """While active, FutureWarnings (libraries' deprecation notices to each other, e.g. TRL calling a renamed
+    transformers method) are not shown: nothing a user of ``--quiet`` can act on. equi's own warnings still are."""
+    import warnings
+
+    with warnings.catch_warnings():
+        if active:
+            warnings.simplefilter("ignore", FutureWarning)
+        yield

@@ -307,10 +307,15 @@ def test_rerank_swaps_pairs_whose_chosen_costs_more(material):
     assert rerank_pairs(costly, lam=0.0, severity_weights={})[1] == 0  # λ = 0: preferences alone decide
 
 
-def test_quiet_prints_no_training_logs(material, tmp_path, capfd):
+def test_quiet_prints_no_training_logs(material, tmp_path, capfd, recwarn):
     root, mix, model = material
+    loud = invoke(*[a for a in common(mix, model, tmp_path / "loud", "--max-steps", "1") if a != "--quiet"])
+    assert loud.exit_code == 0 and any(w.category is FutureWarning for w in recwarn)  # the control: they are real
+    recwarn.clear()
+    capfd.readouterr()
     result = invoke(*common(mix, model, tmp_path / "quiet", "--max-steps", "2"))
     assert result.exit_code == 0, result.output
+    assert not [str(w.message) for w in recwarn if w.category is FutureWarning]  # libraries' deprecation notices
     out, err = capfd.readouterr()
     assert "'loss'" not in result.output + out + err  # transformers' PrinterCallback dicts
     assert (tmp_path / "quiet" / "metrics.jsonl").read_text().count('"loss"') >= 2  # still logged to the run
