@@ -324,13 +324,13 @@ def run_ladder(config: ScaleConfig) -> LadderResult:
     if baseline_dir is not None:
         record = {"mix": str(Path(config.mix).resolve()), "mix_manifest_hash": mix_hash, "group": BASELINE_RUN,
                   "baseline": True, "n_safety": 0, "n_benign": 0, "n_train": 0, "model": model_path}
-        if (baseline_dir / "eval" / "metrics.json").is_file():
-            notes.append(f"{baseline_dir}: already evaluated, kept")
+        eval_config = _eval_config(config, model_path, baseline_dir / "eval")
+        if _kept_evaluation(baseline_dir, eval_config, notes):
             if not (baseline_dir / LADDER_FILE).is_file():  # evaluated with `equi eval --out BASELINE/eval`
                 _write_json(baseline_dir / LADDER_FILE, record)
         else:
             _say(config, f"evaluating the untrained model {model_path} → {baseline_dir}")
-            evaluate(_eval_config(config, model_path, baseline_dir / "eval"))
+            evaluate(eval_config)
             _write_json(baseline_dir / LADDER_FILE, record)
     for index, rung in enumerate(rungs, 1):
         finished = (rung.run_dir / FINAL_DIR).is_dir()
@@ -360,14 +360,39 @@ def run_ladder(config: ScaleConfig) -> LadderResult:
                 "n_safety": n_safety, "n_benign": n_benign, "n_train": n_safety + n_benign,
                 "n_selected": sum(counts.values()), "counts": counts, "algo": config.algo, "baseline": False})
         if config.evaluate:
-            if (rung.run_dir / "eval" / "metrics.json").is_file():
-                notes.append(f"{rung.run_dir.name}: already evaluated, kept")
-            else:
+            eval_config = _eval_config(config, str(rung.run_dir), None)
+            if not _kept_evaluation(rung.run_dir, eval_config, notes):
                 _say(config, f"[{index}/{len(rungs)}] evaluating {rung.run_dir.name}")
-                evaluate(_eval_config(config, str(rung.run_dir), None))
+                evaluate(eval_config)
     _record_ladder(out, {"config": config.to_dict(), "n_ranked": n_ranked,
                          "rungs": [str(r.run_dir) for r in rungs], "notes": notes})
     return LadderResult(out, rungs, baseline_dir, notes)
+
+
+#: The evaluation settings that change what an evaluation measures (its prompts and answers).
+_EVAL_SETTINGS = {"suites": "--suite", "limit": "--eval-limit", "max_new_tokens": "--max-new-tokens"}
+
+
+def _kept_evaluation(run_dir: Path, eval_config, notes: list[str]) -> bool:
+    """Whether ``run_dir/eval`` already holds an evaluation with ``eval_config``'s prompts and answer length.
+
+    One made with other settings is evaluated again (a note says which changed): every point of a curve
+    must come from the same prompts. An evaluation that predates recording its settings is kept.
+    """
+    from equi.evaluation.audit import read_metrics
+
+    metrics = read_metrics(run_dir / "eval")
+    if metrics is None:
+        return False
+    saved, now = metrics.get("config") or {}, eval_config.to_dict()
+    changed = [f"{flag} {now[key]!r} (was {saved[key]!r})" for key, flag in _EVAL_SETTINGS.items()
+               if key in saved and saved[key] != now[key]]
+    label = run_dir.name if run_dir.name != BASELINE_RUN else str(run_dir)
+    if changed:
+        notes.append(f"{label}: evaluated again, {', '.join(changed)}")
+        return False
+    notes.append(f"{label}: already evaluated, kept")
+    return True
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any]:

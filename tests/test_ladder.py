@@ -154,7 +154,8 @@ def fake_ladder(tmp_path, monkeypatch):
     def fake_evaluate(config):
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps({"model": config.model_path, "summary": {"safety": 0.5}}))
+        (out / "metrics.json").write_text(json.dumps({"model": config.model_path, "summary": {"safety": 0.5},
+                                                      "config": config.to_dict()}))
 
     monkeypatch.setattr(train.run, "train", fake_train)
     monkeypatch.setattr(equi.evaluation, "evaluate", fake_evaluate)
@@ -278,3 +279,16 @@ def test_scale_passes_max_length_and_other_train_options_to_every_rung(fake_ladd
     options.write_text("lr: 0.1\n")  # a setting equi scale has its own flag for
     result = CliRunner().invoke(app, args + ["--train-config", str(options)])
     assert result.exit_code == 2 and "set lr with equi scale's own flags" in result.output
+
+
+def test_evaluations_made_with_other_eval_settings_are_made_again(fake_ladder):
+    run_ladder(fake_ladder(eval_limit=4))
+    again = run_ladder(fake_ladder(eval_limit=4))
+    assert sum("already evaluated, kept" in n for n in again.notes) == 3  # two rungs and the baseline
+    bigger = run_ladder(fake_ladder(eval_limit=8, max_new_tokens=32))
+    redone = [n for n in bigger.notes if "evaluated again" in n]
+    assert len(redone) == 3 and all("--eval-limit 8 (was 4)" in n and "--max-new-tokens 32 (was 64)" in n
+                                    for n in redone)
+    for run in ("baseline", "ama-dpo-ihd-s0.5", "ama-dpo-ihd-s1"):
+        assert json.loads((fake_ladder.runs / run / "eval" / "metrics.json").read_text())["config"]["limit"] == 8
+    assert len(fake_ladder.trained) == 2  # training settings did not change: nothing retrained
