@@ -97,8 +97,8 @@ def train_command(
     The mix's shard checksums are verified first; a tampered mix is refused (exit 3).
     """
     from equi.config import ConfigError
-    from train.config import DEFAULT_SEVERITY_WEIGHTS, TrainConfig, parse_weights
-    from equi.schema import GROUPS, SEVERITIES, saved_train_config
+    from equi.schema import saved_train_config
+    from train.config import TrainConfig
 
     values: dict[str, Any] = {}
     if resume and out is not None and (saved := saved_train_config(out)) is not None:
@@ -115,7 +115,8 @@ def train_command(
             "model": model,
             "out": str(out) if out else None,
             "scale": scale if scale is not None else limit,
-            "groups": groups.split(",") if groups else None,
+            # Text as given: TrainConfig reads these as it reads a --config file's ("EHD,BENIGN", "severe=8").
+            "groups": groups or None,
             "max_steps": max_steps,
             "epochs": epochs,
             "batch_size": batch_size,
@@ -126,10 +127,8 @@ def train_command(
             "max_length": max_length,
             "loss_type": loss_type,
             "lora_r": lora_r,
-            "severity_weights": {**DEFAULT_SEVERITY_WEIGHTS, **parse_weights(severity_weights, SEVERITIES, "severity weight", upper=False)}
-            if severity_weights
-            else None,
-            "group_weights": parse_weights(group_weights, GROUPS, "group weight", upper=True) if group_weights else None,
+            "severity_weights": severity_weights or None,
+            "group_weights": group_weights or None,
             "reward_model": reward_model,
             "cost_model": cost_model,
             "lambda_init": lambda_init,
