@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 from trl import DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from equi.config import ConfigError
-from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from train.masks import response_token_mask, truncate_like_collator
 

@@ -70,8 +70,11 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 def last_checkpoint(run_dir: Path) -> Path | None:
     """The latest *complete* ``checkpoint-N`` of a run: one a kill interrupted mid-save (no trainer state or no
     weights yet) is skipped, with a warning, for the one before it."""
-    found = sorted((p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
-                   key=lambda p: int(p.name[11:]), reverse=True)
+    def number(path: Path) -> str:
+        return path.name.removeprefix("checkpoint-")
+
+    found = sorted((p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and number(p).isdigit()),
+                   key=lambda p: int(number(p)), reverse=True)
     for checkpoint in found:
         if (checkpoint / "trainer_state.json").is_file() and any(checkpoint.glob("*.safetensors")):
             return checkpoint
@@ -100,12 +103,12 @@ def train_from(trainer, checkpoint: Path | None, run_dir: Path) -> float | None:
     resume, the mean of the per-step losses in ``metrics.jsonl`` (the trainer's own covers only this session).
     """
     if checkpoint is not None:
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        if 0 < state.get("max_steps", 0) <= state["global_step"]:
-            from transformers import TrainerState
+        from transformers import TrainerState
 
+        state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+        if 0 < state.max_steps <= state.global_step:
             trainer._load_from_checkpoint(str(checkpoint))
-            trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+            trainer.state = state
         else:
             trainer.train(resume_from_checkpoint=str(checkpoint))
         losses = [m["loss"] for m in read_metrics(run_dir) if "loss" in m]

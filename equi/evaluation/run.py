@@ -64,8 +64,8 @@ class EvalConfig:
                 raise ConfigError(f"suite file not found: {name}")
         if self.target is not None:
             target = Path(self.target)
-            if (saved_train_config(target) or {}).get("algo") in ("reward-model", "cost-model"):
-                raise ConfigError(f"{target} is a {saved_train_config(target)['algo']} run: it scores answers and "
+            if (algo := (saved_train_config(target) or {}).get("algo")) in ("reward-model", "cost-model"):
+                raise ConfigError(f"{target} is a {algo} run: it scores answers and "
                                   "writes none; evaluate a policy run (or pass it to --reward-model/--cost-model)")
             if (target / "final").is_dir():
                 self.run_dir = str(target)
