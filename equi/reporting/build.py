@@ -11,8 +11,7 @@ from typing import Any
 
 from equi.config import ConfigError
 from equi.reporting.mix import MixSummary, summarise_mix
-from equi.reporting.runs import (METRICS, RunRecord, collect_runs, curve_algos, curve_series, on_curves,
-                                  series_label)
+from equi.reporting.runs import METRICS, RunRecord, collect_runs, curve_series, series_labels
 
 CURVE_FILES = {"safety": "curve_safety.png", "over_refusal": "curve_over_refusal.png",
                "balanced": "curve_balanced.png"}
@@ -66,7 +65,6 @@ def build_report(config: ReportConfig) -> ReportResult:
     out.mkdir(parents=True, exist_ok=True)
     records = collect_runs(Path(config.runs)) if config.runs else []
     series = curve_series(records)
-    by_algo = len(curve_algos(records)) > 1  # then a series is a (group, algorithm), as in curve_series
     plot_data: dict[str, dict[str, Any]] = {}
     curve_plots: dict[str, Path] = {}
     if config.runs is not None and any(r.summary is not None for r in records):
@@ -99,9 +97,9 @@ def build_report(config: ReportConfig) -> ReportResult:
         "created_at": created_at,
         "series": {g: [dataclasses.asdict(p) for p in pts] for g, pts in series.items()},
         "runs": [{"name": r.name, "path": str(r.path), "group": r.group, "scale": r.scale, "n_safety": r.n_safety,
-                  "algo": r.algo, "series": series_label(r, by_algo) if on_curves(r) else None,
-                  "baseline": r.baseline, "summary": r.summary,
-                  "answers": str(r.answers) if r.answers else None, "problems": r.problems} for r in records],
+                  "algo": r.algo, "series": label, "baseline": r.baseline, "summary": r.summary,
+                  "answers": str(r.answers) if r.answers else None, "problems": r.problems}
+                 for r, label in zip(records, series_labels(records))],
         "plots": plot_data,
     }
     (out / DATA_FILE).write_text(json.dumps(report_data, indent=2, default=str) + "\n", encoding="utf-8")

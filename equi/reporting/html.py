@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from equi.reporting.mix import MixSummary
-from equi.reporting.runs import RunRecord, curve_algos, on_curves, series_label
+from equi.reporting.runs import RunRecord, series_labels
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -72,13 +72,12 @@ def _table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
 
 def _runs_table(records: list[RunRecord], out_dir: Path) -> str:
     """One row per run; "curve" is the series label it is plotted under (as in report.json), "—" when on none."""
-    by_algo = len(curve_algos(records)) > 1
     rows = []
-    for r in records:
+    for r, label in zip(records, series_labels(records)):
         s = r.summary or {}
         link = (f'<a href="{_e(Path(os.path.relpath(r.answers, out_dir)).as_posix())}">answers.parquet</a>'
                 if r.answers else "—")
-        rows.append([_e(r.name), _e(r.group), _e(r.algo), _e(series_label(r, by_algo)) if on_curves(r) else "—",
+        rows.append([_e(r.name), _e(r.group), _e(r.algo), _e(label) if label is not None else "—",
                      _e(r.scale), _e(r.n_safety),
                      _pct(s.get("safety")), _pct(s.get("over_refusal")), _pct(s.get("balanced")), link,
                      f'<span class="warn">{_e("; ".join(r.problems))}</span>' if r.problems else ""])

@@ -143,6 +143,12 @@ def series_label(record: RunRecord, by_algo: bool) -> str:
     return f"{group}{SERIES_SEP}{record.algo or UNKNOWN_ALGO}" if by_algo else group
 
 
+def series_labels(records: list[RunRecord]) -> list[str | None]:
+    """Per run, the curve it is on (:func:`series_label`, by algorithm when the curves span several), or None."""
+    by_algo = len(curve_algos(records)) > 1
+    return [series_label(r, by_algo) if on_curves(r) else None for r in records]
+
+
 def split_label(label: str) -> tuple[str, str | None]:
     """``"EHD · dpo"`` → ``("EHD", "dpo")``; ``"EHD"`` → ``("EHD", None)``."""
     group, sep, algo = label.partition(SERIES_SEP)
@@ -164,12 +170,10 @@ def curve_series(records: list[RunRecord]) -> dict[str, list[CurvePoint]]:
         return CurvePoint(r.name, n, s.get("safety"), s.get("over_refusal"), s.get("balanced"))
 
     baselines = [r for r in records if r.baseline and r.summary is not None]
-    by_algo = len(curve_algos(records)) > 1
     series: dict[str, list[CurvePoint]] = {}
-    for record in records:
-        if not on_curves(record):
-            continue
-        series.setdefault(series_label(record, by_algo), []).append(point(record, int(record.n_safety)))
+    for record, label in zip(records, series_labels(records)):
+        if label is not None:
+            series.setdefault(label, []).append(point(record, int(record.n_safety)))
     for group, points in series.items():
         points.extend(point(b, 0) for b in baselines[:1])
         points.sort(key=lambda p: (p.n_safety, p.run))
