@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from equi.config import ConfigError
-from equi.schema import DATA_DIR, RUN_CONFIG, SAFETY_GROUPS, TRAIN_CONFIG_KEY
+from equi.schema import DATA_DIR, RUN_CONFIG, SAFETY_GROUPS, run_record
 
 LADDER_FILE = "ladder.json"
 LADDER_CONFIG_FILE = "ladder-config.json"
@@ -206,43 +206,18 @@ def _train_config(config: ScaleConfig, rung: Rung):
                        resume=(rung.run_dir / RUN_CONFIG).is_file(), **config.train_options)
 
 
-def _field_defaults() -> dict[str, Any]:
-    from train.config import TrainConfig
-
-    defaults = {}
-    for f in dataclasses.fields(TrainConfig):
-        if f.default is not dataclasses.MISSING:
-            defaults[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            defaults[f.name] = f.default_factory()
-    return defaults
-
-
 def rung_differences(train_config, run_dir: Path, mix_hash: str) -> list[str]:
     """What ``train_config`` would train that differs from the run already in ``run_dir`` ([] = the same run).
 
-    Compares the run's ``config.json`` (its ``train_config`` and ``mix_manifest_hash``) with ``train_config`` on
-    the settings that define a run (``TrainConfig.training_settings``: not ``out``, ``resume`` or ``quiet``);
-    a setting the run predates counts at its default. Each difference reads ``--max-steps 2 (run: 1)``.
+    :func:`train.run.run_differences` (the check ``equi train --resume`` makes) on the run's ``config.json``, plus
+    a config hash that differs only because another equi version wrote it (``--resume`` would refuse it).
     """
-    try:
-        record = json.loads((run_dir / RUN_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        record = None
-    saved = record.get(TRAIN_CONFIG_KEY) if isinstance(record, dict) else None
-    if not isinstance(saved, dict):
-        return [f"its settings are unknown (no readable {RUN_CONFIG} from equi train)"]
-    from train.config import normalised_settings
+    from train.run import run_differences
 
-    # The saved settings go through the same selection and normalisation as the live ones. JSON round trips make
-    # tuples and lists, or 1 and 1.0, compare as they were saved.
-    now = json.loads(json.dumps(train_config.training_settings(), default=str))
-    saved_full = json.loads(json.dumps({**_field_defaults(), **saved}, default=str))  # settings it predates: default
-    before = normalised_settings(saved_full)
-    parts = [f"--{key.replace('_', '-')} {now[key]!r} (run: {before.get(key)!r})"
-             for key in sorted(now) if before.get(key) != now[key]]  # a setting no longer known is not compared
-    if record.get("mix_manifest_hash") != mix_hash:
-        parts.append("the mix (its manifest hash is not the run's: another mix, or this one changed)")
+    record = run_record(run_dir)
+    if record is None:
+        return [f"its settings are unknown (no readable {RUN_CONFIG} from equi train)"]
+    parts = run_differences(record, train_config, mix_hash)
     if not parts and train_config.resume and record.get("config_hash") != train_config.hash():
         # equi train --resume compares the exact hash; say so rather than fail half-way through the ladder
         parts.append("the settings recorded in its config.json (written by another equi version)")

@@ -90,14 +90,20 @@ RUN_CONFIG = "config.json"
 TRAIN_CONFIG_KEY = "train_config"
 
 
-def saved_train_config(run_dir: str | Path) -> dict | None:
-    """The settings an ``equi train`` run directory was started with; None when ``run_dir`` is not one."""
+def run_record(run_dir: str | Path) -> dict | None:
+    """The whole ``RUN_CONFIG`` record of an ``equi train`` run directory (settings, their hash, the mix's manifest
+    hash, library versions); None when ``run_dir`` is not one."""
     try:
         record = json.loads((Path(run_dir) / RUN_CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    saved = record.get(TRAIN_CONFIG_KEY) if isinstance(record, dict) else None
-    return saved if isinstance(saved, dict) else None
+    return record if isinstance(record, dict) and isinstance(record.get(TRAIN_CONFIG_KEY), dict) else None
+
+
+def saved_train_config(run_dir: str | Path) -> dict | None:
+    """The settings an ``equi train`` run directory was started with; None when ``run_dir`` is not one."""
+    record = run_record(run_dir)
+    return record[TRAIN_CONFIG_KEY] if record is not None else None
 
 
 def shard_name(prefix: str, index: int, total: int) -> str:

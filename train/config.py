@@ -227,5 +227,16 @@ class TrainConfig:
         return config_hash(self.training_settings())
 
     @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every setting that has a default, at its default."""
+        found = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                found[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                found[f.name] = f.default_factory()
+        return found
+
+    @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}

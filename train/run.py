@@ -132,15 +132,21 @@ def keep_metrics(run_dir: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
     os.replace(partial, path)
 
 
-def _what_differs(saved: dict, config: TrainConfig, mix_hash: str) -> str:
-    """The settings (``--max-steps 20 (run: 10)``) and/or the mix that keep ``--resume`` from continuing a run."""
-    now = config.training_settings()
-    before = normalised_settings(saved.get(TRAIN_CONFIG_KEY) or {})
-    parts = [f"--{k.replace('_', '-')} {now.get(k)!r} (run: {before.get(k)!r})" for k in sorted(set(before) | set(now))
-             if before.get(k) != now.get(k)]
-    if saved.get("mix_manifest_hash") != mix_hash:
-        parts.append("the mix (its manifest changed)")
-    return ", ".join(parts) or "the settings"
+def run_differences(record: dict, config: TrainConfig, mix_hash: str) -> list[str]:
+    """What ``config`` would train that differs from the run whose ``config.json`` is ``record`` ([] = the same):
+    each setting as ``--max-steps 20 (run: 10)``, and the mix by its manifest hash.
+
+    Both sides go through :meth:`TrainConfig.training_settings`'s selection and normalisation; a setting the run
+    predates counts at its default, and JSON round trips make tuples and lists, or 1 and 1.0, compare as saved.
+    """
+    now = json.loads(json.dumps(config.training_settings(), default=str))
+    saved = {**TrainConfig.defaults(), **(record.get(TRAIN_CONFIG_KEY) or {})}
+    before = normalised_settings(json.loads(json.dumps(saved, default=str)))
+    parts = [f"--{key.replace('_', '-')} {now[key]!r} (run: {before.get(key)!r})"
+             for key in sorted(now) if before.get(key) != now[key]]  # a setting no longer known is not compared
+    if record.get("mix_manifest_hash") != mix_hash:
+        parts.append("the mix (its manifest hash is not the run's: another mix, or this one changed)")
+    return parts
 
 
 def prepare_run_dir(config: TrainConfig, mix_hash: str) -> Path:
@@ -152,7 +158,8 @@ def prepare_run_dir(config: TrainConfig, mix_hash: str) -> Path:
             raise ConfigError(f"--resume: {run_dir} is not a run directory (no {CONFIG_FILE})")
         saved = json.loads(config_path.read_text())
         if saved.get("config_hash") != config.hash() or saved.get("mix_manifest_hash") != mix_hash:
-            raise ConfigError(f"--resume: {_what_differs(saved, config, mix_hash)} differ from the run in {run_dir}; "
+            what = ", ".join(run_differences(saved, config, mix_hash)) or "the settings"
+            raise ConfigError(f"--resume: {what} differ from the run in {run_dir}; "
                               "resume with the run's settings, or use a new --out")
         if (run_dir / SUMMARY_FILE).is_file() and (run_dir / FINAL_DIR).is_dir():
             raise ConfigError(f"--resume: the run in {run_dir} already finished ({FINAL_DIR}/ and {SUMMARY_FILE} are "
