@@ -92,22 +92,23 @@ def run_dual(config: TrainConfig, manifest: dict[str, Any], run_dir: Path):
 
     train_split, eval_split = load_pairs(config, manifest)
     measure_on = eval_split.dataset if len(eval_split.dataset) else train_split.dataset
-    _, model, tokenizer = load_policy(config)
     lam = config.lambda_init
-    history, first_round, checkpoint = [], 0, None
+    history, first_round, checkpoint, start = [], 0, None, None
     if config.resume:
         history, checkpoint = _resume_rounds(run_dir)
         if history:
             first_round, lam = history[-1]["round"] + 1, history[-1]["lambda_next"]
-            model = _load_round_model(run_dir / f"round-{history[-1]['round']}", config)
+            start = _round_model(run_dir / f"round-{history[-1]['round']}")
+    # Killed after a round's training but before its λ update: its policy is saved, only E[C] is missing.
+    trained_before = config.resume and (run_dir / f"round-{first_round}" / ROUND_MODEL).is_dir()
+    if trained_before:
+        start = _round_model(run_dir / f"round-{first_round}")
+    _, model, tokenizer = load_policy(config, weights=start)
     trainer = None
     for round_index in range(first_round, config.rounds):
         pairs, swapped = rerank_pairs(train_split.dataset, lam, config.severity_weights)
         round_dir = run_dir / f"round-{round_index}"
-        # Killed after this round's training but before its λ update: its policy is saved, only E[C] is missing.
-        trained_before = config.resume and round_index == first_round and (round_dir / ROUND_MODEL).is_dir()
-        if trained_before:
-            model = _load_round_model(round_dir, config)
+        trained_before = trained_before and round_index == first_round
         # The reference is the policy at the start of the round. Precomputed log-probs read it from the policy;
         # live ones need a copy: TRL would load the model's config path, the base model, from round 1 on.
         live_reference = (round_index > 0 or first_round > 0) and not (trained_before or config.lora_r
@@ -120,7 +121,8 @@ def run_dual(config: TrainConfig, manifest: dict[str, Any], run_dir: Path):
         if not trained_before:
             train_from(trainer, checkpoint if round_index == first_round else None, run_dir)
             model = trainer.accelerator.unwrap_model(trainer.model)
-            _save_round_model(trainer, model, tokenizer, round_dir)
+            if not config.lora_r:  # a resume point (dual with LoRA is not resumed)
+                _save_round_model(trainer, model, tokenizer, round_dir)
         steps = checkpoint_step(last_checkpoint(round_dir)) if trained_before else trainer.state.global_step
         mean_cost = expected_cost(trainer, measure_on, config.severity_weights, config.batch_size)
         update = update_lambda(lam, mean_cost, config.cost_threshold, config.lambda_lr, config.lambda_max)
@@ -175,15 +177,13 @@ def _save_round_model(trainer, model, tokenizer, round_dir: Path) -> None:
         os.replace(partial, round_dir / ROUND_MODEL)
 
 
-def _load_round_model(round_dir: Path, config: TrainConfig):
-    import torch
-
-    from train.models import ModelError, bf16_supported, load_causal_lm
+def _round_model(round_dir: Path) -> Path:
+    """A finished round's saved policy, to continue from."""
+    from train.models import ModelError
 
     if not (round_dir / ROUND_MODEL).is_dir():
         raise ModelError(f"--resume: {round_dir} finished but its {ROUND_MODEL}/ is missing; train again with a new --out")
-    dtype = torch.bfloat16 if bf16_supported() else torch.float32
-    return load_causal_lm(str(round_dir / ROUND_MODEL), dtype=dtype, trust_remote_code=config.trust_remote_code)
+    return round_dir / ROUND_MODEL
 
 
 def _resume_rounds(run_dir: Path) -> tuple[list[dict[str, Any]], Path | None]:

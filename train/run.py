@@ -220,14 +220,15 @@ def trl_common_kwargs(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
     }
 
 
-def load_policy(config: TrainConfig):
-    """The policy and its tokenizer, from ``--model`` or the bundled default."""
+def load_policy(config: TrainConfig, weights: str | Path | None = None):
+    """The policy and its tokenizer, from ``--model`` or the bundled default; ``weights``: a folder to take the
+    policy's weights from instead (a ``dual`` round's saved policy), the tokenizer still ``--model``'s."""
     import torch
 
     path = resolve_model(config.model, quiet=config.quiet)
     tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
     dtype = torch.bfloat16 if bf16_supported() else torch.float32
-    model = load_causal_lm(path, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    model = load_causal_lm(str(weights or path), dtype=dtype, trust_remote_code=config.trust_remote_code)
     return path, model, tokenizer
 
 
