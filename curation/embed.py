@@ -69,6 +69,13 @@ class Embedder:
         self.dim = int(self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension")
                        else self.model.get_sentence_embedding_dimension())
 
+    @property
+    def fills_every_core(self) -> bool:
+        """On the CPU with a torch thread per usable core: the pipeline then gives it no neighbour thread."""
+        import torch
+
+        return self.model.device.type == "cpu" and torch.get_num_threads() >= usable_cores()
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -129,6 +136,11 @@ def distil_static_model(folder: Path) -> Path:
         shutil.rmtree(folder)
     os.replace(work, folder)
     return folder
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _offline() -> bool:

@@ -75,6 +75,10 @@ class CachedEmbedder:
         self.identity = getattr(embedder, "identity", embedder.name)
         self.hits = self.misses = 0
 
+    @property
+    def fills_every_core(self) -> bool:
+        return bool(getattr(self.embedder, "fills_every_core", False))
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         vectors, hit = self.cache.get(texts)
         missing = np.flatnonzero(~hit)

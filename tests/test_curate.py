@@ -341,3 +341,51 @@ def test_quiet_loads_the_encoder_without_a_bar_and_restores_the_setting(capfd):
         shown.append("Loading weights" in capfd.readouterr().err)
         assert hf_logging.is_progress_bar_enabled()  # the caller's setting is back
     assert shown == [False, True]
+
+
+def test_an_encoder_that_fills_every_core_gets_no_neighbour_thread(raw_inputs, tmp_path):
+    """MiniLM on the CPU (a torch thread per core) is called in the scoring thread, one batch at a time; an encoder
+    that leaves cores idle embeds in a thread beside the heuristics. The pool is the same either way."""
+    import threading
+
+    from curation.embed import get_embedder
+    from curation.pipeline import curate
+    from equi.config import CurateConfig
+
+    class Recording:  # the real encoder, with a record of the thread each call ran in
+        def __init__(self, fills: bool):
+            self.inner = get_embedder(None)
+            self.name, self.identity, self.dim = self.inner.name, self.inner.identity, self.inner.dim
+            self.fills_every_core, self.threads = fills, []
+
+        def encode(self, texts):
+            self.threads.append(threading.get_ident())
+            return self.inner.encode(texts)
+
+    pools = []
+    for fills in (True, False):
+        embedder, out = Recording(fills), tmp_path / f"mix-{fills}"
+        curate(CurateConfig(inputs=[str(raw_inputs[2])], out=str(out), quiet=True, batch_size=16,
+                            embedding_cache=False), embedder=embedder)
+        assert len(embedder.threads) == 5  # 80 prompts in batches of 16
+        assert all((thread == threading.get_ident()) == fills for thread in embedder.threads)
+        pools.append([path.read_bytes() for path in sorted((out / "pool").iterdir())])
+    assert pools[0] and pools[0] == pools[1]
+
+
+def test_minilm_fills_every_core_only_with_a_torch_thread_per_core(monkeypatch):
+    import torch
+
+    from curation import embed
+    from curation.embed import get_embedder
+
+    threads = torch.get_num_threads()
+    model = get_embedder(None)
+    try:
+        monkeypatch.setattr(embed, "usable_cores", lambda: 2)
+        torch.set_num_threads(2)
+        assert model.fills_every_core
+        torch.set_num_threads(1)
+        assert not model.fills_every_core
+    finally:
+        torch.set_num_threads(threads)
