@@ -364,10 +364,10 @@ def load_models(config: CurateConfig, embedder=None, categoriser=None):
     """The embedder (behind the embedding cache) and a categoriser fit for its embedding size."""
     from curation.categorise import Categoriser
     from curation.embed import STATIC_EMBEDDER, EmbedderError, get_embedder
-    from equi.progress import no_loading_bars
+    from equi.progress import quiet_transformers
 
     if embedder is None:  # the static embedder does not import transformers: nothing to silence
-        with no_loading_bars(config.quiet and config.embedder != STATIC_EMBEDDER):
+        with quiet_transformers(config.quiet and config.embedder != STATIC_EMBEDDER):
             embedder = get_embedder(config.embedder)
     if config.embedding_cache:
         from curation.embed_cache import CachedEmbedder, EmbeddingCache

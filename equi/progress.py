@@ -7,11 +7,13 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def no_loading_bars(active: bool = True) -> Iterator[None]:
-    """While active, transformers shows no "Loading weights" bar; its setting is restored afterwards.
+def quiet_transformers(active: bool = True) -> Iterator[None]:
+    """While active, transformers shows no progress bars and logs only errors; its settings are restored afterwards.
 
-    Covers loading and saving models ("Loading weights", "Writing model shards"). Does nothing when
-    transformers is not installed (the static embedder alone does not need it).
+    Covers the bars of loading and saving models ("Loading weights", "Writing model shards") and the load report
+    it logs when a checkpoint's weights do not match the class exactly, e.g. the new scoring head of a reward
+    model started from a causal LM (``score.weight MISSING``): expected there, and nothing a user of ``--quiet``
+    asked to see. Does nothing when transformers is not installed (the static embedder alone does not need it).
     """
     try:
         from transformers.utils import logging as hf_logging
@@ -20,11 +22,13 @@ def no_loading_bars(active: bool = True) -> Iterator[None]:
     if not active:
         yield
         return
-    shown = hf_logging.is_progress_bar_enabled()
+    shown, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if shown:
             hf_logging.enable_progress_bar()
 

@@ -342,3 +342,37 @@ def test_online_without_prompts_exits_2(material, tmp_path):
     _, mix, model = material
     result = invoke(*online(mix, model, tmp_path / "none", "ppo", "--groups", "OTHER"))
     assert result.exit_code == 2 and "no prompts" in result.output
+
+
+def test_quiet_hides_the_load_report_of_a_new_scoring_head_and_restores_the_settings(material):
+    """A reward model started from a causal LM gets a new head: transformers reports ``score.weight MISSING``.
+    Expected, so ``--quiet`` does not show it; without --quiet it is shown; transformers' settings come back."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from equi.progress import quiet_transformers
+    from train.models import load_sequence_classifier
+
+    class Keep(logging.Handler):  # transformers' own handler writes to the stderr of import time, not capfd's
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    _, _, model = material
+    before, keep = hf_logging.get_verbosity(), Keep()
+    hf_logging.get_logger().addHandler(keep)
+    shown = []
+    try:
+        for quiet in (True, False):
+            keep.messages.clear()
+            with quiet_transformers(quiet):
+                load_sequence_classifier(str(model))
+            shown.append(any("LOAD REPORT" in m for m in keep.messages))
+            assert hf_logging.get_verbosity() == before and hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.get_logger().removeHandler(keep)
+    assert shown == [False, True]

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from equi.cache import cache_dir
 from equi.config import ConfigError
-from equi.progress import no_library_deprecations, no_loading_bars
+from equi.progress import no_library_deprecations, quiet_transformers
 from equi.schema import RUN_CONFIG, TRAIN_CONFIG_KEY
 from train.config import OFFLINE_ALGOS, ONLINE_ALGOS, SCORER_ALGOS, TrainConfig, normalised_settings
 from train.mixdata import MixError, group_sizes, load_split, manifest_hash, verify_mix_or_raise
@@ -294,7 +294,7 @@ def train(config: TrainConfig) -> RunResult:
     existed = Path(config.out).exists()
     run_dir = prepare_run_dir(config, mix_hash)
     try:
-        with no_loading_bars(config.quiet), no_library_deprecations(config.quiet):
+        with quiet_transformers(config.quiet), no_library_deprecations(config.quiet):
             result = _run_algo(config, manifest, run_dir)
     except Exception:
         if not config.resume:
