@@ -90,7 +90,9 @@ def train_command(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub."),
     skip_images: bool = typer.Option(False, "--skip-images", help="Drop rows that carry an image (counted in "
                                      "summary.json) instead of refusing the mix; equi trains text-only models."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, summary or library chatter (e.g. transformers' load report of a new reward-model head); warnings from equi still show."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="No progress bars, summary or library chatter (e.g. transformers' load report "
+                                    "of a reward model's new head); equi's own warnings still show."),
 ) -> None:
     """Train a causal LM on a mix with TRL, using its AMA spans, costs and groups.
 
