@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
+import re
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -240,8 +240,8 @@ def _open_lines(path: str) -> Iterator[bytes]:
     with open(p, "rb") as fh:
         magic = fh.read(2)
     if magic == b"\x1f\x8b":
-        with gzip.open(p, "rb") as fh:
-            yield from io.BufferedReader(fh)
+        with gzip.open(p, "rb") as fh:  # buffered already; a second buffer would lose its lines at a truncation
+            yield from fh
     else:
         with open(p, "rb") as fh:
             yield from fh
@@ -319,7 +319,48 @@ def _parse_line(raw: bytes, name: str, line_no: int, shape: str) -> RawRow | Rej
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         return Reject(name, line_no, f"invalid JSON: {exc.msg} (column {exc.colno})", text)
+    except RecursionError:
+        return Reject(name, line_no, "invalid JSON: nested too deeply to read", text)
+    except ValueError as exc:  # an integer of over 4,300 digits ("Exceeds the limit … : value has N digits; use …")
+        return Reject(name, line_no, f"invalid JSON: {str(exc).split('; ')[0]}", text)
     try:
+        if _ESCAPED_SURROGATE.search(text):
+            _check_unicode(obj)
         return normalise(obj, shape, name, line_no)
     except ShapeError as exc:
         return Reject(name, line_no, str(exc), text)
+
+
+#: A JSON escape of a UTF-16 surrogate (\ud800-\udfff): the only way a line that is valid UTF-8 can hold one.
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(obj: Any) -> None:
+    """Refuse a line whose fields hold a lone surrogate (half of an escaped UTF-16 pair, e.g. a cut emoji): no
+    encoder, hash or Parquet file takes it. A whole pair (``\\ud83d\\ude00``) decodes to one character and passes;
+    fields equi does not read (``meta`` …) are not looked at."""
+    if not isinstance(obj, dict):
+        return
+    for key in _READ_FIELDS:
+        for value in _strings(obj.get(key)):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ShapeError(f"field {key!r} holds a lone surrogate {value[exc.start]!r} at character {exc.start} "
+                                 "(half of an escaped UTF-16 pair): not valid Unicode") from None
+
+
+_READ_FIELDS = ("id", "source", "prompt", "chosen", "rejected", "response", "category", "severity", "image",
+                "image_severity")
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a field's value (a text, or messages as lists of dicts)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 
 import pytest
 
@@ -78,10 +79,15 @@ BAD_LINES = [
     (b'{"prompt": "p", "response": "a", "severity": "catastrophic"}', "severity"),
     (b'{"chosen": "\\n\\nHuman: a\\n\\nAssistant: x", "rejected": "\\n\\nHuman: b\\n\\nAssistant: y"}',
      "do not share"),
+    # Valid JSON that Python cannot take as text or read at all (synthetic, like every line here):
+    (b'{"prompt": "a cut emoji \\ud83d here", "response": "ok"}', "lone surrogate"),
+    (b'{"id": "r1", "prompt": "p", "chosen": "fine", "rejected": "half \\udc00"}', "field 'rejected' holds a lone"),
+    (b'{"prompt": "p", "meta": ' + b"9" * 5000 + b"}", "invalid JSON: Exceeds the limit"),
+    (b'{"prompt": "p", "meta": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
 ]
 
 
-@pytest.mark.parametrize("raw,reason", BAD_LINES)
+@pytest.mark.parametrize("raw,reason", BAD_LINES, ids=[reason for _, reason in BAD_LINES])
 def test_bad_lines_become_rejects_with_reasons(tmp_path, raw, reason):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b'{"prompt": "ok"}\n' + raw + b"\n")
@@ -100,13 +106,17 @@ def test_strict_stops_at_first_bad_line_with_file_and_line(tmp_path):
 
 
 def test_truncated_gzip_keeps_complete_lines_and_rejects_the_tail(shared_data, tmp_path):
-    lines = hh_lines(shared_data, 40)
+    lines = hh_lines(shared_data, 1500)
     blob = gzip.compress(("\n".join(lines) + "\n").encode())
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(blob[: len(blob) // 2])
+    # Every line that is whole in what is left of the stream must be read (a second buffer lost a few).
+    recoverable = zlib.decompressobj(wbits=31).decompress(blob[: len(blob) // 2]).count(b"\n")
     items, stats = _read([path])
     assert isinstance(items[-1], Reject) and "gzip" in items[-1].reason
-    assert 0 < len(items) - 1 < 40
+    assert 0 < len(items) - 1 == recoverable < 1500
+    whole, _ = _read([write_jsonl(tmp_path / "whole.jsonl", lines[:recoverable])])
+    assert [getattr(x, "prompt", None) for x in items[:-1]] == [getattr(x, "prompt", None) for x in whole]
     assert stats.lines_by_file[str(path)] == len(items)
 
 
