@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,18 @@ def parse_ratios(text: str) -> dict[str, float]:
         except ValueError:
             raise ConfigError(f"bad ratio {part!r}: {value!r} is not a number") from None
     return ratios
+
+
+def _refuse_repeated_inputs(inputs: list[str]) -> None:
+    """An input named twice (an overlapping glob, ``- -``) would be read twice while the manifest counts its lines
+    once, and the accounting would not balance: refused."""
+    seen: dict[str, str] = {}
+    for path in inputs:
+        key = path if path == "-" else os.path.realpath(path)
+        if key in seen:
+            raise ConfigError(f"input {path!r} is given twice: name each input once" if seen[key] == path else
+                              f"inputs {seen[key]!r} and {path!r} are the same file: name each input once")
+        seen[key] = path
 
 
 def config_hash(config: Any) -> str:
@@ -117,6 +131,7 @@ class CurateConfig:
         if not self.inputs:
             raise ConfigError("no input given: pass one or more JSONL files, or - for stdin")
         self.inputs = [str(p) for p in self.inputs]
+        _refuse_repeated_inputs(self.inputs)
         self.out = str(self.out)
         if self.input_format not in INPUT_FORMATS:
             raise ConfigError(f"unknown --format {self.input_format!r}; choose one of {', '.join(INPUT_FORMATS)}")
@@ -132,6 +147,8 @@ class CurateConfig:
             raise ConfigError("--size must be at least 1 (leave it out for all the pairs the ratios allow)")
         if set(self.ratios) - set(SAFETY_GROUPS):
             raise ConfigError(f"ratios name unknown groups: {sorted(set(self.ratios) - set(SAFETY_GROUPS))}")
+        if not all(math.isfinite(v) for v in self.ratios.values()):
+            raise ConfigError(f"--ratios must be finite numbers, got {self.ratios}")
         if any(v < 0 for v in self.ratios.values()) or not any(v > 0 for v in self.ratios.values()):
             raise ConfigError("--ratios must be non-negative with at least one positive group")
         self.ratios = {g: float(self.ratios.get(g, 0.0)) for g in SAFETY_GROUPS}

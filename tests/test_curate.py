@@ -250,6 +250,10 @@ def test_prompt_only_input_writes_the_pool_and_an_empty_mixture(shared_data, tmp
     (["{empty}"], "input is empty"),
     (["{prompts}", "--embedder", "no-such-embedder-xyz"], "cannot load embedder"),
     (["{prompts}", "--ratios", "EHD=1,XYZ=2"], "bad ratio"),
+    (["{prompts}", "--ratios", "EHD=inf"], "--ratios must be finite"),  # crashed after scoring every line
+    (["{prompts}", "--ratios", "EHD=nan,IHD=1"], "--ratios must be finite"),  # dropped EHD silently
+    (["{prompts}", "{prompts}"], "is given twice"),  # read twice, counted once: unbalanced accounting
+    (["{prompts}", "{prompts_again}"], "are the same file"),
     (["{bad}", "--strict"], "bad.jsonl:2: invalid JSON"),
     (["{bad}", "--strict", "--workers", "2"], "bad.jsonl:2: invalid JSON"),  # raised in a worker process
 ])
@@ -257,7 +261,8 @@ def test_bad_invocations_are_one_line_errors_with_exit_2(raw_inputs, tmp_path, a
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "fine"}\n{oops\n')
     names = {"missing": tmp_path / "missing.jsonl", "empty": tmp_path / "empty.jsonl",
-             "prompts": raw_inputs[2], "bad": tmp_path / "bad.jsonl", "folder": tmp_path}
+             "prompts": raw_inputs[2], "bad": tmp_path / "bad.jsonl", "folder": tmp_path,
+             "prompts_again": raw_inputs[2].parent / ".." / raw_inputs[2].parent.name / raw_inputs[2].name}
     args = [a.format(**names) for a in args]
     out = tmp_path / "out"
     result = runner.invoke(app, ["curate", *args, "--out", str(out), "--quiet"])
