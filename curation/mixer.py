@@ -53,9 +53,16 @@ class Selection:
         return dict(sorted(counts.items()))
 
 
-def prompt_key(prompts: pl.Expr) -> pl.Expr:
-    """A 64-bit key equal for prompts that differ only in case and white space (pairing needs no full text)."""
-    return prompts.str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars().hash(seed=0)
+def prompt_key(prompts: pl.Expr, images: pl.Expr | None = None) -> pl.Expr:
+    """A 64-bit key equal for prompts that differ only in case and white space (pairing needs no full text).
+
+    With ``images``, a prompt about an image is keyed with its image too: "What is happening in this image?"
+    asked of two images is two prompts, and answers to one are never paired with answers to the other.
+    """
+    key = prompts.str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars().hash(seed=0)
+    if images is None:
+        return key
+    return pl.when(images.is_null()).then(key).otherwise(key.xor(images.hash(seed=1)))
 
 
 def pair_single_responses(singles: pl.DataFrame) -> tuple[pl.DataFrame, dict[int, str]]:

@@ -186,7 +186,8 @@ def batch_meta(frame: pl.DataFrame, start: int) -> pl.DataFrame:
     from curation.mixer import prompt_key
 
     return frame.select(pl.int_range(start, start + frame.height, dtype=pl.Int64).alias("idx"),
-                        prompt_key(pl.col("prompt")).alias("prompt_key"), "kind", "group", "response_cost")
+                        prompt_key(pl.col("prompt"), pl.col("image")).alias("prompt_key"), "kind", "group",
+                        "response_cost")
 
 
 def take_rows(batch: list[RawRow | Reject], rejects) -> list[RawRow]:
@@ -535,7 +536,7 @@ def release_free_memory() -> None:
         pass
 
 
-_META_COLUMNS = ("prompt", "kind", "group", "response_cost")
+_META_COLUMNS = ("prompt", "image", "kind", "group", "response_cost")
 
 
 @dataclass

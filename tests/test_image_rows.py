@@ -45,6 +45,27 @@ def test_image_and_its_severity_pass_through_pool_and_mixture(image_mix):
     assert mixture["image"].is_not_null().any() and mixture["image"].is_null().any()
 
 
+def test_answers_to_one_question_about_different_images_are_never_paired(shared_data, tmp_path):
+    """BeaverTails-V asks "What is happening in this image?" of many images: a pair must share its image. Here each
+    model's answer to the first twenty prompts is about its own (SYNTHETIC) image, so none of them may pair."""
+    rows = []
+    for model in ("llama2new", "mistralinstruct", "gpt4"):
+        for i, row in enumerate(xstest_single_responses(shared_data, model, n=40)):
+            if i < 20:
+                row["image"] = f"images/synthetic-{i}-{model}.png"
+            rows.append(row)
+    out = tmp_path / "mix"
+    result = runner.invoke(app, ["curate", str(write_jsonl(tmp_path / "raw.jsonl", rows)), "--out", str(out),
+                                 "--quiet", "--eval-fraction", "0", "--ratios", "EHD=1,IHD=1,MHD=1",
+                                 "--benign-share", "0.5"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    mixture = pl.read_parquet(out / "data" / "*.parquet")
+    assert mixture.height > 0 and mixture["image"].is_null().all()  # pairs only from the prompts without an image
+    about_images = pl.read_parquet(out / "pool" / "*.parquet").filter(pl.col("image").is_not_null())
+    assert about_images.height == 60
+    assert not set(about_images["response"]) & set(mixture["chosen"].to_list() + mixture["rejected"].to_list())
+
+
 def test_bad_image_severity_is_a_reject(tmp_path):
     raw = write_jsonl(tmp_path / "raw.jsonl", [{"prompt": "p", "response": "r", "image": "x.png",
                                                 "image_severity": "huge"}])  # synthetic line
