@@ -411,6 +411,9 @@ class Categoriser:
             data = json.loads(path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CategoriserError(f"{path} is not a categoriser JSON file ({exc})") from None
+        if not isinstance(data, dict):
+            raise CategoriserError(f"{path} is not a categoriser JSON file (it holds a {type(data).__name__}, "
+                                   "not an object)")
         return cls.from_dict(data)
 
     @classmethod

@@ -205,9 +205,14 @@ def load_manifest(mix_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise MixVerificationError([f"{mix_dir}: no {MANIFEST} (not a mix directory written by equi curate)"])
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise MixVerificationError([f"{path}: not valid UTF-8"]) from None
     except json.JSONDecodeError as exc:
         raise MixVerificationError([f"{path}: not valid JSON ({exc.msg})"]) from None
+    if not isinstance(manifest, dict):
+        raise MixVerificationError([f"{path}: holds a JSON {type(manifest).__name__}, not an object"])
+    return manifest
 
 
 def verify_mix(mix_dir: str | Path, check_checksums: bool = True) -> list[str]:

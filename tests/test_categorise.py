@@ -263,11 +263,14 @@ def test_cli_fits_and_writes_params(tmp_path):
     [(None, "not found"),
      ('{"prompt": "hi", "category": "spicy"}\n', "unknown category"),
      ('{"prompt": "hi"}\n', "no labelled rows"),
-     ('{"prompt": "hi", "category": "EHD"\n', "not valid JSON")],
+     ('{"prompt": "hi", "category": "EHD"\n', "not valid JSON"),
+     (b'{"prompt": "caf\xe9 is bad", "category": "EHD"}\n', "in.jsonl:1: not valid UTF-8")],
 )
 def test_cli_errors_are_one_line_exit_2(tmp_path, content, message):
     path = tmp_path / "in.jsonl"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     result = _run_cli(str(path), "--out", str(tmp_path / "o.json"))
     assert result.exit_code == 2

@@ -190,6 +190,10 @@ def test_verify_passes_then_catches_tampering(mix, tmp_path):
     assert result.exit_code == 3 and f"{len(rejects) - 1} lines" in result.output
     (again / "rejects.jsonl").unlink()
     assert any("rejects.jsonl: missing" in p for p in verify_mix(again))
+    # A manifest that is JSON but no object is a problem found, not a traceback.
+    (again / "manifest.json").write_text("[]")
+    result = _invoke("verify", again)
+    assert result.exit_code == 3 and "not an object" in result.output
     # A folder that is no mix at all is bad input (exit 2), named once.
     result = _invoke("verify", tmp_path)
     assert result.exit_code == 2 and result.output.count(str(tmp_path)) == 1
@@ -254,14 +258,17 @@ def test_prompt_only_input_writes_the_pool_and_an_empty_mixture(shared_data, tmp
     (["{prompts}", "--ratios", "EHD=nan,IHD=1"], "--ratios must be finite"),  # dropped EHD silently
     (["{prompts}", "{prompts}"], "is given twice"),  # read twice, counted once: unbalanced accounting
     (["{prompts}", "{prompts_again}"], "are the same file"),
+    (["{prompts}", "--categoriser", "{list_json}"], "not a categoriser JSON file"),
     (["{bad}", "--strict"], "bad.jsonl:2: invalid JSON"),
     (["{bad}", "--strict", "--workers", "2"], "bad.jsonl:2: invalid JSON"),  # raised in a worker process
 ])
 def test_bad_invocations_are_one_line_errors_with_exit_2(raw_inputs, tmp_path, args, message):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "fine"}\n{oops\n')
+    (tmp_path / "list.json").write_text("[1, 2]")
     names = {"missing": tmp_path / "missing.jsonl", "empty": tmp_path / "empty.jsonl",
              "prompts": raw_inputs[2], "bad": tmp_path / "bad.jsonl", "folder": tmp_path,
+             "list_json": tmp_path / "list.json",
              "prompts_again": raw_inputs[2].parent / ".." / raw_inputs[2].parent.name / raw_inputs[2].name}
     args = [a.format(**names) for a in args]
     out = tmp_path / "out"
