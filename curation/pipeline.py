@@ -434,7 +434,8 @@ class ScoredInput:
     @classmethod
     def assemble(cls, stage_dir: Path, stage_files: list, embeddings: Iterable[np.ndarray],
                  meta_parts: list[pl.DataFrame], n_rejected: int, stats: ReadStats, dim: int) -> "ScoredInput":
-        """The first pass's result from its per-batch parts, in input order; refuses an empty input.
+        """The first pass's result from its per-batch parts, in input order; refuses an empty input, and one
+        whose every line was rejected.
 
         ``embeddings`` yields each batch's vectors in order; they are copied into one preallocated float16
         matrix, so the batches and the matrix are never all in memory at once (a concatenation would hold both:
@@ -442,6 +443,8 @@ class ScoredInput:
         """
         if sum(stats.lines_by_file.values()) == 0:
             raise InputError("the input is empty: no lines to curate (nothing was written)")
+        if n_rejected and not sum(part.height for part in meta_parts):
+            raise InputError(_all_rejected(stage_dir.parent / REJECTS, n_rejected))
         meta = (pl.concat(meta_parts) if meta_parts else
                 pl.DataFrame(schema={"idx": pl.Int64, "prompt_key": pl.UInt64, "kind": pl.String, "group": pl.String,
                                      "response_cost": pl.Float32}))
@@ -503,6 +506,24 @@ def read_and_score(config: CurateConfig, work: Path, embedder, categoriser, resu
     scored = ScoredInput.assemble(stage_dir, stage_files, embeddings, meta_parts, n_rejected, stats, embedder.dim)
     scored.resumed_batches = resumed
     return scored
+
+
+def _all_rejected(rejects: Path, n_rejected: int, shown: int = 3) -> str:
+    """The error for an input of which no line is usable: a mix of nothing would only fail later (``datasets``
+    cannot load an empty pool), so nothing is written and the first few reasons are named instead."""
+    import json
+
+    first: dict[str, str] = {}  # a reason's kind (before any detail) -> its first file:line and full reason
+    with open(rejects, encoding="utf-8") as lines:
+        for line in lines:
+            reject = json.loads(line)
+            first.setdefault(reject["reason"].split(":")[0].split(" (")[0],
+                             f"{reject['file']}:{reject['line']}: {reject['reason']}")
+            if len(first) > shown:
+                break
+    examples = "; ".join(list(first.values())[:shown]) + ("; …" if len(first) > shown else "")
+    return (f"no usable line: all {n_rejected} input lines were rejected, so nothing was written ({examples}); "
+            "see the contract's input shapes, or --strict to stop at the first bad line")
 
 
 class _Laps:

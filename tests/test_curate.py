@@ -260,15 +260,17 @@ def test_prompt_only_input_writes_the_pool_and_an_empty_mixture(shared_data, tmp
     (["{prompts}", "{prompts_again}"], "are the same file"),
     (["{prompts}", "--categoriser", "{list_json}"], "not a categoriser JSON file"),
     (["{bad}", "--strict"], "bad.jsonl:2: invalid JSON"),
+    (["{all_bad}"], "all 2 input lines were rejected, so nothing was written"),
     (["{bad}", "--strict", "--workers", "2"], "bad.jsonl:2: invalid JSON"),  # raised in a worker process
 ])
 def test_bad_invocations_are_one_line_errors_with_exit_2(raw_inputs, tmp_path, args, message):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "fine"}\n{oops\n')
     (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "all_bad.jsonl").write_text('{oops\n{"foo": 1}\n')  # synthetic, and no usable line
     names = {"missing": tmp_path / "missing.jsonl", "empty": tmp_path / "empty.jsonl",
              "prompts": raw_inputs[2], "bad": tmp_path / "bad.jsonl", "folder": tmp_path,
-             "list_json": tmp_path / "list.json",
+             "list_json": tmp_path / "list.json", "all_bad": tmp_path / "all_bad.jsonl",
              "prompts_again": raw_inputs[2].parent / ".." / raw_inputs[2].parent.name / raw_inputs[2].name}
     args = [a.format(**names) for a in args]
     out = tmp_path / "out"

@@ -68,7 +68,8 @@ def test_answers_to_one_question_about_different_images_are_never_paired(shared_
 
 def test_bad_image_severity_is_a_reject(tmp_path):
     raw = write_jsonl(tmp_path / "raw.jsonl", [{"prompt": "p", "response": "r", "image": "x.png",
-                                                "image_severity": "huge"}])  # synthetic line
+                                                "image_severity": "huge"},
+                                               {"prompt": "q", "response": "r"}])  # synthetic lines
     out = tmp_path / "mix"
     assert runner.invoke(app, ["curate", str(raw), "--out", str(out), "--quiet"]).exit_code == 0
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
