@@ -72,7 +72,7 @@ def read_and_score_ray(config: CurateConfig, work: Path, embedder, categoriser) 
         stats = ReadStats()
         raw_refs, n_rejected = put_batches(ray, config, work, stats)
         scored = score_on_ray(ray, raw_refs, config, categoriser) if raw_refs else []
-        stage_dir, stage_files, embeddings, meta_parts = collect(scored, work, embedder.dim)
+        stage_dir, stage_files, embeddings, meta_parts = collect(scored, work, embedder.dim, config.batch_size)
         return ScoredInput.assemble(stage_dir, stage_files, embeddings, meta_parts, n_rejected, stats,
                                     embedder.dim)
     finally:
@@ -179,15 +179,17 @@ def score_on_ray(ray, raw_refs: list, config: CurateConfig, categoriser):
     return scored.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
-def collect(scored_blocks, work: Path, dim: int) -> tuple[Path, list, Iterator[np.ndarray], list[pl.DataFrame]]:
-    """Write the scored blocks, in order, into the staged Parquet and their embeddings into one ``.npy`` file
-    each (as the local engine stages them); keep only the slim metadata in memory.
+def collect(scored_blocks, work: Path, dim: int,
+            rows_per_file: int) -> tuple[Path, list, Iterator[np.ndarray], list[pl.DataFrame]]:
+    """Write the scored blocks, in order, into staged Parquet files of ``rows_per_file`` rows and their embeddings
+    into one ``.npy`` file each (as the local engine stages them); keep only the slim metadata in memory. The
+    mixture's rows are later gathered one staged file at a time, so no file may hold the whole input.
 
     Returns the embeddings as a generator that reads the files back one at a time, so filling the matrix
     never holds it and every block's vectors at once.
     """
     stage_dir = work / ".stage"
-    stage = ShardWriter(stage_dir, "stage", _STAGE_SCHEMA, rows_per_shard=1 << 62)
+    stage = ShardWriter(stage_dir, "stage", _STAGE_SCHEMA, rows_per_shard=rows_per_file)
     vector_files, meta_parts, n_rows = [], [], 0
     for number, block in enumerate(scored_blocks):
         table = block.select(_STAGE_SCHEMA.names).cast(_STAGE_SCHEMA)

@@ -116,3 +116,33 @@ def test_one_actor_per_gpu_else_one_per_cpu():
 
     assert actor_pool({"CPU": 32.0, "GPU": 4.0}) == (4, {"num_gpus": 1})
     assert actor_pool({"CPU": 8.0}) == (8, {"num_cpus": 1})
+
+
+def test_scored_blocks_are_staged_a_batch_per_file(shared_data, tmp_path):
+    """The driver later gathers the mixture's rows one staged file at a time: the staged files must stay batch-sized
+    (one file held the whole input, all of which the driver then read into memory at once)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from curation.categorise import Categoriser
+    from curation.embed import get_embedder
+    from curation.engine_ray import EMBEDDING, collect, embedding_column
+    from curation.pipeline import _STAGE_SCHEMA, stage_batch, to_table
+    from curation.readers import RawRow, read_rows
+    from tests.realdata import write_jsonl, xstest_single_responses
+
+    raw = write_jsonl(tmp_path / "raw.jsonl", xstest_single_responses(shared_data, "gpt4", n=50))
+    rows = [r for r in read_rows([str(raw)]) if isinstance(r, RawRow)]
+    embedder, categoriser = get_embedder(None), Categoriser.load_default()
+    blocks = []
+    for start in (0, 20, 40):  # three scored blocks of 20, 20 and 10 rows, as Ray's actors return them
+        frame, vectors = stage_batch(rows[start:start + 20], embedder.encode, categoriser, 0.0)
+        blocks.append(to_table(frame, _STAGE_SCHEMA).append_column(EMBEDDING, embedding_column(vectors)))
+    work = tmp_path / "work"
+    work.mkdir()
+    _, stage_files, embeddings, meta_parts = collect(blocks, work, embedder.dim, rows_per_file=16)
+    assert [n for _, n, _ in stage_files] == [16, 16, 16, 2]
+    staged = [pq.read_table(path) for path, _, _ in stage_files]
+    assert [t.num_rows for t in staged] == [16, 16, 16, 2]
+    assert sum((t.column("id").to_pylist() for t in staged), []) == [r.id for r in rows]
+    assert np.concatenate(list(embeddings)).shape == (50, embedder.dim)

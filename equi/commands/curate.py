@@ -84,7 +84,9 @@ def curate_command(
     for path in config.inputs:
         if path != "-" and not Path(path).is_file():
             fail(f"{path}: is a directory; pass the JSONL files in it" if Path(path).is_dir() else
-                 f"{path}: no such file", code=2)
+                 f"{path}: not a regular file (a pipe or <(…)?): pass it on standard input as -, or save it to a "
+                 "file first (equi reads each input file twice: to curate it and to record its checksum)"
+                 if Path(path).exists() else f"{path}: no such file", code=2)
 
     from curation.embed import EmbedderError
     from curation.pipeline import curate
@@ -97,6 +99,8 @@ def curate_command(
     except (InputError, EmbedderError, ConfigError, FileExistsError) as exc:
         fail(str(exc), code=2)
     except Interrupted as exc:
+        if config.engine == "ray":  # its actors' work is not kept: the next run scores everything again
+            fail("interrupted: a --engine ray run is not resumed; the same command starts afresh", code=130)
         kept = "; run the same command again to resume" if config.resume and "-" not in config.inputs else ""
         fail(f"interrupted: the work so far is in {exc.work}{kept}", code=130)
     if not quiet:
