@@ -363,7 +363,7 @@ def test_quiet_hides_the_load_report_of_a_new_scoring_head_and_restores_the_sett
             self.messages.append(record.getMessage())
 
     _, _, model = material
-    before, keep = hf_logging.get_verbosity(), Keep()
+    before, bars, keep = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), Keep()
     hf_logging.get_logger().addHandler(keep)
     shown = []
     try:
@@ -372,7 +372,7 @@ def test_quiet_hides_the_load_report_of_a_new_scoring_head_and_restores_the_sett
             with quiet_transformers(quiet):
                 load_sequence_classifier(str(model))
             shown.append(any("LOAD REPORT" in m for m in keep.messages))
-            assert hf_logging.get_verbosity() == before and hf_logging.is_progress_bar_enabled()
+            assert hf_logging.get_verbosity() == before and hf_logging.is_progress_bar_enabled() == bars
     finally:
         hf_logging.get_logger().removeHandler(keep)
     assert shown == [False, True]
