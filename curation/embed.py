@@ -138,6 +138,12 @@ def distil_static_model(folder: Path) -> Path:
     return folder
 
 
+def fills_every_core(embedder) -> bool:
+    """Whether ``embedder`` keeps every core busy on its own (:attr:`Embedder.fills_every_core`); False for one
+    that does not say (the static embedder, a stand-in)."""
+    return bool(getattr(embedder, "fills_every_core", False))
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity where the platform tells it)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

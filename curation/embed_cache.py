@@ -77,7 +77,9 @@ class CachedEmbedder:
 
     @property
     def fills_every_core(self) -> bool:
-        return bool(getattr(self.embedder, "fills_every_core", False))
+        from curation.embed import fills_every_core
+
+        return fills_every_core(self.embedder)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         vectors, hit = self.cache.get(texts)

@@ -590,6 +590,8 @@ def _score_here(config: CurateConfig, stage_dir: Path, stats: ReadStats, embedde
     the heuristics beside it on two cores it ran ~10% slower, more than the heuristics' own time (about 5% of
     the encoder's), because each of its parallel steps waits for the thread that shares a core with them.
     """
+    from curation.embed import fills_every_core
+
     batches = enumerate(_batched(read_rows(config.inputs, config.input_format, config.strict, stats),
                                  config.batch_size))
     with (_InlineExecutor() if fills_every_core(embedder) else ThreadPoolExecutor(1)) as encoder:
@@ -607,11 +609,6 @@ def _score_here(config: CurateConfig, stage_dir: Path, stats: ReadStats, embedde
             if embedding is not None:
                 staged.stage(rows, embedding.result(), categoriser, config.eval_fraction)
             yield staged
-
-
-def fills_every_core(embedder) -> bool:
-    """Whether ``embedder`` keeps every core busy on its own (torch on the CPU with a thread per core)."""
-    return bool(getattr(embedder, "fills_every_core", False))
 
 
 class _InlineExecutor(Executor):

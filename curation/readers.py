@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from equi.jsonl import BadJSON, loads_line
+
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
 
@@ -316,13 +318,10 @@ def _parse_line(raw: bytes, name: str, line_no: int, shape: str) -> RawRow | Rej
     if not text.strip():
         return Reject(name, line_no, "empty line", text)
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return Reject(name, line_no, f"invalid JSON: {exc.msg} (column {exc.colno})", text)
-    except RecursionError:
-        return Reject(name, line_no, "invalid JSON: nested too deeply to read", text)
-    except ValueError as exc:  # an integer of over 4,300 digits ("Exceeds the limit … : value has N digits; use …")
-        return Reject(name, line_no, f"invalid JSON: {str(exc).split('; ')[0]}", text)
+        obj = loads_line(text)
+    except BadJSON as exc:
+        where = f" (column {exc.column})" if exc.column is not None else ""
+        return Reject(name, line_no, f"invalid JSON: {exc.reason}{where}", text)
     try:
         if _ESCAPED_SURROGATE.search(text):
             _check_unicode(obj)
