@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 from train.config import TrainConfig
 from train.lagrangian import severity_scaled_costs, update_lambda
 from train.mixdata import group_sizes
+from train.models import save_model_atomic
 
 
 def rerank_pairs(dataset, lam: float, severity_weights: dict[str, float]):
@@ -143,9 +143,7 @@ def run_dual(config: TrainConfig, manifest: dict[str, Any], run_dir: Path):
             shutil.rmtree(run_dir / f"round-{round_index - 1}" / ROUND_MODEL, ignore_errors=True)
         lam = update.value
     if trainer is None:  # every round had finished before the resume: only final/ was missing
-        final_dir = run_dir / FINAL_DIR
-        model.save_pretrained(final_dir, safe_serialization=True)
-        tokenizer.save_pretrained(final_dir)
+        final_dir = save_model_atomic(model, tokenizer, run_dir / FINAL_DIR)
     else:
         final_dir = save_final(trainer, tokenizer, run_dir)
     shutil.rmtree(run_dir / f"round-{history[-1]['round']}" / ROUND_MODEL, ignore_errors=True)  # final/ has it
@@ -169,12 +167,7 @@ ROUND_MODEL = "end-model"
 
 def _save_round_model(trainer, model, tokenizer, round_dir: Path) -> None:
     if trainer.accelerator.is_main_process:
-        partial = round_dir / f"{ROUND_MODEL}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        model.save_pretrained(partial, safe_serialization=True)
-        tokenizer.save_pretrained(partial)
-        shutil.rmtree(round_dir / ROUND_MODEL, ignore_errors=True)
-        os.replace(partial, round_dir / ROUND_MODEL)
+        save_model_atomic(model, tokenizer, round_dir / ROUND_MODEL)
 
 
 def _round_model(round_dir: Path) -> Path:

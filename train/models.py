@@ -61,7 +61,12 @@ def default_model_path(quiet: bool = False) -> Path:
             model.is_quantized = False
         except AttributeError:  # a read-only property on some versions; the quantizer being gone is what counts
             pass
-    # Written beside and renamed, so an interrupted conversion never looks finished.
+    return save_model_atomic(model, tokenizer, target)
+
+
+def save_model_atomic(model, tokenizer, target: Path) -> Path:
+    """Save ``model`` and ``tokenizer`` into ``target``: written beside it and renamed, so an interrupted save never
+    looks finished; a ``target`` already there is replaced."""
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
