@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from equi.config import ConfigError
-from equi.schema import DATA_DIR, RUN_CONFIG, SAFETY_GROUPS, run_record
+from equi.schema import DATA_DIR, RUN_CONFIG, RUN_SUMMARY, SAFETY_GROUPS, run_record
 
 LADDER_FILE = "ladder.json"
 LADDER_CONFIG_FILE = "ladder-config.json"
@@ -371,9 +371,9 @@ def _kept_evaluation(run_dir: Path, eval_config, notes: list[str]) -> bool:
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any]:
-    """A run's ``summary.json`` (train's), or {} when it has none yet."""
+    """A run's ``RUN_SUMMARY`` (train's), or {} when it has none yet."""
     try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        summary = json.loads((run_dir / RUN_SUMMARY).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return summary if isinstance(summary, dict) else {}

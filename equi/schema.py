@@ -85,9 +85,11 @@ REJECTS = "rejects.jsonl"
 DATA_DIR = "data"
 POOL_DIR = "pool"
 
-# An ``equi train`` run directory: RUN_CONFIG records, under TRAIN_CONFIG_KEY, the settings it was started with.
+# An ``equi train`` run directory: RUN_CONFIG records, under TRAIN_CONFIG_KEY, the settings it was started with;
+# RUN_SUMMARY, written when training ends, what it trained (steps, loss, the pairs trained on).
 RUN_CONFIG = "config.json"
 TRAIN_CONFIG_KEY = "train_config"
+RUN_SUMMARY = "summary.json"
 
 
 def run_record(run_dir: str | Path) -> dict | None:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from equi.cache import cache_dir
 from equi.config import ConfigError
 from equi.progress import no_library_deprecations, quiet_transformers
-from equi.schema import RUN_CONFIG, TRAIN_CONFIG_KEY
+from equi.schema import RUN_CONFIG, RUN_SUMMARY, TRAIN_CONFIG_KEY
 from train.config import OFFLINE_ALGOS, ONLINE_ALGOS, SCORER_ALGOS, TrainConfig, normalised_settings
 from train.mixdata import MixError, group_sizes, load_split, manifest_hash, verify_mix_or_raise
 from train.models import bf16_supported, load_causal_lm, load_tokenizer, lora_config, resolve_model
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = RUN_CONFIG
 METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = RUN_SUMMARY
 FINAL_DIR = "final"
 
 

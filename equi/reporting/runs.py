@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from equi.evaluation.audit import ANSWERS_FILE, EVAL_DIR, METRICS_FILE
-from equi.schema import RUN_CONFIG, TRAIN_CONFIG_KEY
+from equi.schema import RUN_CONFIG, RUN_SUMMARY, TRAIN_CONFIG_KEY
 
 LADDER_FILE = "ladder.json"
 METRICS = ("safety", "over_refusal", "balanced")
@@ -85,7 +85,7 @@ def read_run(path: Path) -> RunRecord:
     record = RunRecord(name=path.name, path=path)
     config = _read_json(path / RUN_CONFIG, record.problems) or {}
     ladder = _read_json(path / LADDER_FILE, record.problems) or {}
-    trained = _read_json(path / "summary.json", record.problems) or {}  # equi train: the rows it trained on
+    trained = _read_json(path / RUN_SUMMARY, record.problems) or {}  # equi train: the rows it trained on
     train = config.get(TRAIN_CONFIG_KEY) or config.get("train") or config  # equi train nests TrainConfig
     record.algo = ladder.get("algo") or train.get("algo")
     record.baseline = bool(ladder.get("baseline", False))
