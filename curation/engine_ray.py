@@ -102,8 +102,8 @@ def put_batches(ray, config: CurateConfig, work: Path, stats: ReadStats) -> tupl
     refs, n_rejected = [], 0
     with open(work / REJECTS, "w", encoding="utf-8") as rejects, \
             tqdm(desc="curate: read", unit=" lines", disable=config.quiet, file=sys.stderr) as bar:
-        for batch in _batched(read_rows(config.inputs, config.input_format, config.strict, stats),
-                              config.batch_size):
+        parsed = read_rows(config.inputs, config.input_format, config.strict, stats, config.max_line_bytes)
+        for batch in _batched(parsed, config.batch_size):
             rows = take_rows(batch, rejects)
             n_rejected += len(batch) - len(rows)
             if rows:

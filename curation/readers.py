@@ -7,16 +7,21 @@ Nothing is dropped silently: a line that cannot be used is yielded as a :class:`
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
+import io
 import json
+import os
 import re
 import sys
 import zlib
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
 
+from equi.config import DEFAULT_MAX_LINE_BYTES
 from equi.jsonl import BadJSON, loads_line
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -107,16 +112,49 @@ def _render_turns(messages: list[dict]) -> str:
     return "\n\n".join(f"{names.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
 
 
-def _implicit_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
-    """TRL's implicit-prompt pair (no ``prompt``): the messages ``chosen`` and ``rejected`` share from the start
-    are the prompt, the rest are the answers."""
+def _shared_start(chosen: list[dict], rejected: list[dict]) -> int:
+    """How many messages ``chosen`` and ``rejected`` share from the start, leaving at least one message on each side
+    (TRL's implicit-prompt rule)."""
     shared = 0
     while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
         shared += 1
+    return shared
+
+
+def _implicit_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """TRL's implicit-prompt pair (no ``prompt``): the messages ``chosen`` and ``rejected`` share from the start
+    are the prompt, the rest are the answers."""
+    shared = _shared_start(chosen, rejected)
     if shared == 0:
         raise ShapeError("no 'prompt' field, and 'chosen' and 'rejected' do not start with the same messages "
                          "(TRL's implicit prompt)")
     return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _explicit_prompt(prompt: list[dict], chosen: list[dict],
+                     rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """A pair with a ``prompt``: turns that ``chosen`` and ``rejected`` share before their answers belong to the
+    prompt (the whole conversation, as TRL's implicit prompt would take it), except a repeat of the prompt itself
+    (``prompt`` as a string and the answers as the full conversation, as in UltraFeedback binarized)."""
+    shared = _shared_start(chosen, rejected)
+    earlier = chosen[:shared]
+    if earlier[:len(prompt)] == prompt:
+        earlier = earlier[len(prompt):]
+    return prompt + earlier, chosen[shared:], rejected[shared:]
+
+
+def _single_answers(chosen: list[dict], rejected: list[dict]) -> tuple[dict, dict]:
+    """The one assistant message on each side of a pair. A multi-turn completion (``chosen`` and ``rejected`` differ
+    before their last message) is refused: keeping only the last messages would pair an answer with a question it
+    does not answer (a refusal of a follow-up paired with the first request)."""
+    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+        if len(messages) > 1:
+            raise ShapeError(f"chosen/rejected hold a multi-turn completion ({key!r} has {len(messages)} messages "
+                             "after the turns both share): equi pairs single assistant answers; put the earlier "
+                             "turns in 'prompt'")
+    if chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
+        raise ShapeError("the last message of 'chosen' and 'rejected' must be the assistant's")
+    return chosen[0], rejected[0]
 
 
 def _split_hh(transcript: str, key: str) -> tuple[str, str]:
@@ -167,10 +205,10 @@ def normalise(obj: Any, shape: str, source: str, line: int) -> RawRow:
         else:
             prompt_msgs = [{"role": "user", "content": raw_prompt}] if isinstance(raw_prompt, str) else \
                 _messages_text(raw_prompt, "prompt")
+            prompt_msgs, chosen_msgs, rejected_msgs = _explicit_prompt(prompt_msgs, chosen_msgs, rejected_msgs)
+        chosen_msg, rejected_msg = _single_answers(chosen_msgs, rejected_msgs)
         prompt = _render_turns(prompt_msgs)
-        chosen, rejected = chosen_msgs[-1]["content"], rejected_msgs[-1]["content"]
-        if chosen_msgs[-1]["role"] != "assistant" or rejected_msgs[-1]["role"] != "assistant":
-            raise ShapeError("the last message of 'chosen' and 'rejected' must be the assistant's")
+        chosen, rejected = chosen_msg["content"], rejected_msg["content"]
     elif shape == "hh":
         c_prefix, chosen = _split_hh(_text(obj, "chosen"), "chosen")
         r_prefix, rejected = _split_hh(_text(obj, "rejected"), "rejected")
@@ -211,9 +249,10 @@ def normalise(obj: Any, shape: str, source: str, line: int) -> RawRow:
         if image_severity not in ("minor", "moderate", "severe"):
             raise ShapeError(f"field 'image_severity' must be minor, moderate or severe, got {extras['image_severity']!r}")
     return RawRow(
-        id=str(obj["id"]) if isinstance(obj.get("id"), (str, int)) and str(obj["id"]).strip()
-        else (content_id(prompt, chosen, rejected, response) if image is None
-              else content_id(prompt, chosen, rejected, response, image)),
+        # Always the content hash (the contract's "stable content hash of the source row"): an id given in the row
+        # could repeat across rows or files. The pool has no column to keep it in, so it is not kept.
+        id=content_id(prompt, chosen, rejected, response) if image is None
+        else content_id(prompt, chosen, rejected, response, image),
         source=obj["source"] if isinstance(obj.get("source"), str) and obj["source"].strip() else source,
         source_line=line,
         shape=shape,
@@ -229,24 +268,161 @@ def normalise(obj: Any, shape: str, source: str, line: int) -> RawRow:
     )
 
 
-def _open_lines(path: str) -> Iterator[bytes]:
-    """Raw lines of a file (gzip by magic number) or stdin, as bytes."""
+def missing_input_reason(path: str) -> str:
+    """Why ``path`` cannot be opened although it was named: a symlink loop and a dangling symlink say so (both
+    look like "no such file" to :meth:`Path.exists`)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop (the link leads back to itself): point it at the JSONL file"
+        if Path(path).is_symlink():
+            return f"broken symlink (it points to {os.readlink(path)!r}, which does not exist)"
+        if exc.errno == errno.EACCES:
+            return "permission denied"
+        return "no such file"
+    return "cannot be opened"
+
+
+#: Formats an input may be in that equi does not read, by their first bytes: (pattern, what it is, what to do).
+#: ``FILE`` in the advice is replaced by the file's name. Gzip is read as it is; a UTF-8 byte-order mark is skipped.
+_TO_UTF8 = "convert it to UTF-8 first (iconv -f {enc} -t UTF-8 FILE > FILE.utf8.jsonl)"
+_FOREIGN_FORMATS: tuple[tuple[re.Pattern, str, str], ...] = tuple(
+    (re.compile(pattern, re.DOTALL), what, advice) for pattern, what, advice in (
+        (rb"\x00\x00\xfe\xff", "UTF-32 text (byte-order mark 00 00 FE FF)", _TO_UTF8.format(enc="UTF-32")),
+        (rb"\xff\xfe\x00\x00", "UTF-32 text (byte-order mark FF FE 00 00)", _TO_UTF8.format(enc="UTF-32")),
+        (rb"\xff\xfe", "UTF-16 text (byte-order mark FF FE)", _TO_UTF8.format(enc="UTF-16")),
+        (rb"\xfe\xff", "UTF-16 text (byte-order mark FE FF)", _TO_UTF8.format(enc="UTF-16")),
+        (rb"[\x01-\x7f]\x00\x00\x00", "UTF-32LE text (no byte-order mark)", _TO_UTF8.format(enc="UTF-32LE")),
+        (rb"\x00\x00\x00[\x01-\x7f]", "UTF-32BE text (no byte-order mark)", _TO_UTF8.format(enc="UTF-32BE")),
+        (rb"[\x01-\x7f]\x00[\x01-\x7f]\x00", "UTF-16LE text (no byte-order mark)", _TO_UTF8.format(enc="UTF-16LE")),
+        (rb"\x00[\x01-\x7f]\x00[\x01-\x7f]", "UTF-16BE text (no byte-order mark)", _TO_UTF8.format(enc="UTF-16BE")),
+        (rb"BZh[1-9]", "bzip2-compressed", "decompress it first (bunzip2 -k FILE), or recompress it with gzip, "
+                                          "which equi reads as it is"),
+        (rb"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first (zstd -d FILE), or recompress it with gzip, "
+                                                "which equi reads as it is"),
+        (rb"\xfd7zXZ\x00", "xz-compressed", "decompress it first (xz -dk FILE), or recompress it with gzip, which "
+                                          "equi reads as it is"),
+        (rb"PK(\x03\x04|\x05\x06)", "a zip archive", "unzip it and pass the JSONL files in it"),
+        (rb"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", "extract it and pass the JSONL files in it"),
+        (rb"PAR1", "a Parquet file", "equi curate reads JSONL: write it out as JSON lines first (e.g. "
+                                     "pandas.read_parquet(FILE).to_json(OUT, orient='records', lines=True))"),
+    ))
+_GZIP_MAGIC = b"\x1f\x8b"
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def foreign_format(head: bytes, name: str, gunzipped: bool = False) -> str | None:
+    """What is wrong with an input whose first bytes are ``head`` (a compressed file, an archive, UTF-16 text …), as
+    one sentence naming ``name`` and what to do; None for what may be UTF-8 JSONL. Read per line, such a file would
+    give one puzzling "not valid UTF-8" reject per line instead. ``gunzipped``: ``head`` is the start of the gzip
+    file ``name``'s content."""
+    for pattern, what, advice in _FOREIGN_FORMATS:
+        if pattern.match(head):
+            if not gunzipped:
+                return f"{name}: is {what}, not UTF-8 JSONL: {advice.replace('FILE', name)}"
+            inner = name[:-3] if name.endswith(".gz") else f"{name}.gunzipped"
+            return f"{name}: once gunzipped, is {what}, not UTF-8 JSONL: gunzip it, then {advice.replace('FILE', inner)}"
+    return None
+
+
+def _peek(handle: IO[bytes], n: int) -> bytes:
+    """Up to ``n`` first bytes of a buffered handle, not consumed (fewer where a pipe has not sent them yet)."""
+    peek = getattr(handle, "peek", None)
+    return peek(n)[:n] if peek is not None else b""
+
+
+def _text_stream(handle: IO[bytes], name: str, stack: ExitStack) -> IO[bytes]:
+    """``handle`` ready to be read as JSONL bytes: gunzipped when it is gzip (by magic number, not by name), past a
+    UTF-8 byte-order mark; :class:`InputError` for a format equi does not read (:func:`foreign_format`)."""
+    head = _peek(handle, 8)
+    gunzipped = head.startswith(_GZIP_MAGIC)
+    if gunzipped:
+        # GzipFile is buffered already; a second buffer on top would lose its lines at a truncation.
+        handle = stack.enter_context(gzip.GzipFile(fileobj=handle, mode="rb"))
+        head = _peek(handle, 8)
+    problem = foreign_format(head, name, gunzipped)
+    if problem:
+        raise InputError(problem)
+    if head.startswith(_UTF8_BOM):
+        handle.read(len(_UTF8_BOM))
+    return handle
+
+
+def check_input(path: str) -> None:
+    """Raise :class:`InputError` for an input file that cannot be read as JSONL at all (missing, a directory, a
+    symlink loop, compressed other than with gzip, UTF-16 …), before any line of any input is read: a bad second
+    file is then named at once, not after the first one was curated. A gzip stream that breaks this early is left
+    to the reader, which rejects its broken tail like any other."""
     if path == "-":
-        yield from sys.stdin.buffer
         return
     p = Path(path)
     if not p.exists():
-        raise InputError(f"{path}: no such file")
+        raise InputError(f"{path}: {missing_input_reason(path)}")
     if p.is_dir():
         raise InputError(f"{path}: is a directory, expected a JSONL file")
-    with open(p, "rb") as fh:
-        magic = fh.read(2)
-    if magic == b"\x1f\x8b":
-        with gzip.open(p, "rb") as fh:  # buffered already; a second buffer would lose its lines at a truncation
-            yield from fh
-    else:
-        with open(p, "rb") as fh:
-            yield from fh
+    try:
+        with ExitStack() as stack:
+            _text_stream(stack.enter_context(open(p, "rb")), path, stack)
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        pass
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+
+
+def _open_lines(path: str, max_line_bytes: int) -> Iterator[bytes | _LongLine]:
+    """Raw lines of a file or stdin, as bytes (see :func:`_text_stream` and :func:`_bounded_lines`)."""
+    with ExitStack() as stack:
+        if path == "-":
+            handle, name = sys.stdin.buffer, "<stdin>"
+            if not hasattr(handle, "peek"):  # a replaced stdin (a BytesIO): buffered, so its head can be sniffed
+                handle = io.BufferedReader(handle)
+        else:
+            check_input(path)
+            handle, name = stack.enter_context(open(path, "rb")), path
+        yield from _bounded_lines(_text_stream(handle, name, stack), max_line_bytes)
+
+
+#: How much of a line over ``max_line_bytes`` its reject keeps (characters), and the chunk it is read past in.
+REJECT_RAW_CHARS = 1_000
+_SKIP_CHUNK = 1 << 20
+_HEAD_BYTES = 4 * REJECT_RAW_CHARS  # a UTF-8 character is at most 4 bytes
+
+
+@dataclass(frozen=True)
+class _LongLine:
+    """A line over the byte limit: its length in bytes (newline not counted) and its first bytes only."""
+
+    size: int
+    head: bytes
+
+
+def _bounded_lines(handle: IO[bytes], limit: int) -> Iterator[bytes | _LongLine]:
+    """The lines of ``handle``; one longer than ``limit`` bytes comes as a :class:`_LongLine`, read past in chunks
+    and never held whole, so one huge line costs no more memory than ``limit``."""
+    while True:
+        line = handle.readline(limit + 1)
+        if not line:
+            return
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line
+            continue
+        size, head = len(line), line[:_HEAD_BYTES]
+        while line and not line.endswith(b"\n"):
+            line = handle.readline(_SKIP_CHUNK)
+            size += len(line)
+            if len(head) < _HEAD_BYTES:
+                head += line[:_HEAD_BYTES - len(head)]
+        newline = 1 if line.endswith(b"\n") else 0
+        yield _LongLine(size - newline, head[:size - newline])
+
+
+def _long_line_reject(item: _LongLine, name: str, line_no: int, limit: int) -> Reject:
+    """The reject of a line over ``--max-line-bytes``: not parsed, its raw text cut so rejects.jsonl stays small."""
+    text = item.head.decode("utf-8", errors="replace")[:REJECT_RAW_CHARS]
+    return Reject(name, line_no, f"line is {item.size:,} bytes, over --max-line-bytes {limit:,}: not read "
+                                 "(raise --max-line-bytes to take it)",
+                  f"{text}… [cut: first {len(text):,} characters of {item.size:,} bytes]")
 
 
 @dataclass(frozen=True)
@@ -258,24 +434,29 @@ class RawLine:
     raw: bytes
 
 
-def read_rows(paths: list[str], shape: str = "auto", strict: bool = False,
-              stats: ReadStats | None = None) -> Iterator[RawRow | Reject]:
+def read_rows(paths: list[str], shape: str = "auto", strict: bool = False, stats: ReadStats | None = None,
+              max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[RawRow | Reject]:
     """Yield a :class:`RawRow` or a :class:`Reject` for every line of every input.
 
     With ``strict`` the first bad line raises :class:`InputError` (``file:line: reason``).
     ``stats.lines_by_file`` counts the lines seen per file (a truncated gzip counts its broken tail as one).
+    A line over ``max_line_bytes`` is a Reject, never parsed.
     """
-    return parse_lines(read_lines(paths, strict, stats), shape, strict)
+    return parse_lines(read_lines(paths, strict, stats, max_line_bytes), shape, strict)
 
 
-def read_lines(paths: list[str], strict: bool = False, stats: ReadStats | None = None) -> Iterator[RawLine | Reject]:
-    """:func:`read_rows` without the parsing: every line as a :class:`RawLine` (a corrupt gzip tail as a Reject)."""
+def read_lines(paths: list[str], strict: bool = False, stats: ReadStats | None = None,
+               max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[RawLine | Reject]:
+    """:func:`read_rows` without the parsing: every line as a :class:`RawLine` (a corrupt gzip tail and a line over
+    ``max_line_bytes`` as a Reject). Every input file is checked (:func:`check_input`) before the first line."""
     stats = stats if stats is not None else ReadStats()
+    for path in paths:
+        check_input(path)
     for path in paths:
         name = "<stdin>" if path == "-" else path
         line_no = 0
         stats.lines_by_file[name] = 0
-        lines = _open_lines(path)
+        lines = _open_lines(path, max_line_bytes)
         while True:
             try:
                 raw = next(lines)
@@ -291,6 +472,12 @@ def read_lines(paths: list[str], strict: bool = False, stats: ReadStats | None =
                 break
             line_no += 1
             stats.lines_by_file[name] = line_no
+            if isinstance(raw, _LongLine):
+                reject = _long_line_reject(raw, name, line_no, max_line_bytes)
+                if strict:
+                    raise InputError(f"{name}:{line_no}: {reject.reason}")
+                yield reject
+                continue
             yield RawLine(name, line_no, raw)
 
 
@@ -349,7 +536,7 @@ def _check_unicode(obj: Any) -> None:
                                  "(half of an escaped UTF-16 pair): not valid Unicode") from None
 
 
-_READ_FIELDS = ("id", "source", "prompt", "chosen", "rejected", "response", "category", "severity", "image",
+_READ_FIELDS = ("source", "prompt", "chosen", "rejected", "response", "category", "severity", "image",
                 "image_severity")
 
 

@@ -20,6 +20,8 @@ from equi.schema import SAFETY_GROUPS
 DEFAULT_RATIOS: dict[str, float] = {"EHD": 10.0, "IHD": 3.0, "MHD": 1.0}
 INPUT_FORMATS = ("auto", "pair", "conversation", "hh", "single", "prompt")
 ENGINES = ("local", "ray")
+#: Default ``--max-line-bytes``: a longer input line is rejected unparsed (one 50 MB line took minutes and 10 GB).
+DEFAULT_MAX_LINE_BYTES = 1 << 20
 
 
 class ConfigError(ValueError):
@@ -70,6 +72,9 @@ class CurateConfig:
         inputs: JSONL files (``.jsonl``/``.jsonl.gz``) or ``-`` for stdin.
         input_format: force one input shape (see the contract); ``auto`` detects it per line.
         strict: stop at the first bad line instead of writing it to ``rejects.jsonl``.
+        max_line_bytes: a line longer than this (in bytes, its newline not counted) is rejected without being
+            parsed, and only its first 1,000 characters go to ``rejects.jsonl``: one huge line costs no more
+            than reading past it.
     Categorising:
         embedder: sentence-transformers model name or path; ``None`` = the bundled all-MiniLM-L6-v2.
         embedding_cache: reuse prompt embeddings cached by (embedder, text hash) under ``$EQUI_CACHE``
@@ -107,6 +112,7 @@ class CurateConfig:
     out: str
     input_format: str = "auto"
     strict: bool = False
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     embedder: str | None = None
     categoriser: str | None = None
     embedding_cache: bool = True
@@ -135,6 +141,8 @@ class CurateConfig:
         self.out = str(self.out)
         if self.input_format not in INPUT_FORMATS:
             raise ConfigError(f"unknown --format {self.input_format!r}; choose one of {', '.join(INPUT_FORMATS)}")
+        if self.max_line_bytes < 1:
+            raise ConfigError("--max-line-bytes must be at least 1")
         if self.clusters is not None and self.clusters < 1:
             raise ConfigError("--clusters must be at least 1")
         if not 0.0 < self.dup_threshold <= 1.0:

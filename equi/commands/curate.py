@@ -51,6 +51,8 @@ def curate_command(
     shard_rows: int = typer.Option(50_000, help="Rows per Parquet shard."),
     license: str = typer.Option("other", help="Licence id for the data card (the sources' licences apply)."),
     strict: bool = typer.Option(False, help="Stop at the first bad line (file:line: reason) instead of rejecting it."),
+    max_line_bytes: int = typer.Option(1 << 20, help="A longer input line (in bytes) is rejected without being "
+                                       "parsed, its first 1,000 characters kept in rejects.jsonl."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Pick up an interrupted run of the same "
                                 "command (kept in .OUT.partial beside --out); the result is byte-identical to "
@@ -68,11 +70,13 @@ def curate_command(
 
     Every input line ends up in the mixture, the pool or rejects.jsonl, counted in manifest.json.
     """
+    from curation.readers import missing_input_reason
     from equi.config import ConfigError, CurateConfig, parse_ratios
 
     try:
         config = CurateConfig(
-            inputs=inputs, out=str(out), input_format=input_format, strict=strict, embedder=embedder,
+            inputs=inputs, out=str(out), input_format=input_format, strict=strict, max_line_bytes=max_line_bytes,
+            embedder=embedder,
             categoriser=str(categoriser) if categoriser else None, embedding_cache=cache, clusters=clusters,
             dup_threshold=dup_threshold, batch_size=batch_size, workers=workers, size=size,
             ratios=parse_ratios(ratios),
@@ -86,7 +90,7 @@ def curate_command(
             fail(f"{path}: is a directory; pass the JSONL files in it" if Path(path).is_dir() else
                  f"{path}: not a regular file (a pipe or <(…)?): pass it on standard input as -, or save it to a "
                  "file first (equi reads each input file twice: to curate it and to record its checksum)"
-                 if Path(path).exists() else f"{path}: no such file", code=2)
+                 if Path(path).exists() else f"{path}: {missing_input_reason(path)}", code=2)
 
     from curation.embed import EmbedderError
     from curation.pipeline import curate
