@@ -52,12 +52,39 @@ def parse_scales(text: str) -> list[float]:
             value = float(part)
         except ValueError:
             raise ConfigError(f"bad scale {part!r}: expected a number such as 0.1 or 500") from None
-        if value <= 0 or (value > 1 and not value.is_integer()):
+        if not valid_scale(value):
             raise ConfigError(f"bad scale {part!r}: use a fraction in (0, 1] or a whole number of rows")
         scales.append(value)
     if not scales:
         raise ConfigError("--scales needs at least one value, e.g. 0.1,0.3,1.0")
     return sorted(set(scales))
+
+
+def valid_scale(value: float) -> bool:
+    """A fraction in (0, 1] or a whole number of rows; ``nan`` and ``inf`` are neither (``nan`` passes every
+    comparison-based check, so it is ruled out first)."""
+    return math.isfinite(value) and value > 0 and (value <= 1 or float(value).is_integer())
+
+
+def check_scales_fit(scales: list[float], n_ranked: int) -> None:
+    """Refuse scales that would train the same rows twice, or more rows than the mix ranks: such rungs train
+    identical subsets under different names, and the curve would show a flat step that is not data.
+
+    Raises ``ConfigError`` naming the scales and the mix's number of ranked rows.
+    """
+    beyond = [s for s in scales if s > 1 and s > n_ranked]
+    if beyond:
+        labels = ", ".join(scale_label(s) for s in beyond)
+        raise ConfigError(f"--scales {labels} asks for more rows than the mix ranks ({n_ranked}): every such rung "
+                          f"would train on the whole mix; use at most {n_ranked} (or 1.0 for all of it)")
+    by_limit: dict[int, list[float]] = {}
+    for scale in scales:
+        by_limit.setdefault(rank_limit(scale, n_ranked), []).append(scale)
+    for limit, same in sorted(by_limit.items()):
+        if len(same) > 1:
+            names, each = " and ".join(scale_label(s) for s in same), "both" if len(same) == 2 else "all"
+            raise ConfigError(f"--scales {names} {each} select rank < {limit} of the mix's {n_ranked} ranked rows: "
+                              "their rungs would be identical; keep one")
 
 
 def ranked_rows(mix_dir: str | Path) -> int:
@@ -130,7 +157,7 @@ class ScaleConfig:
         if not self.scales:
             raise ConfigError("--scales needs at least one value, e.g. 0.1,0.3,1.0")
         for scale in self.scales:
-            if scale <= 0 or (scale > 1 and not float(scale).is_integer()):
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not valid_scale(scale):
                 raise ConfigError(f"bad scale {scale}: use a fraction in (0, 1] or a whole number of rows")
         self.scales = sorted(set(float(s) for s in self.scales))
         if self.groups is not None:
@@ -264,6 +291,7 @@ def run_ladder(config: ScaleConfig) -> LadderResult:
     n_ranked = ranked_rows(config.mix)
     if n_ranked == 0:
         raise ConfigError(f"mix {config.mix} has no ranked mixture rows to scale")
+    check_scales_fit(config.scales, n_ranked)
     out = Path(config.out)
     rungs = plan_ladder(config, n_ranked)
     # Validate every rung's settings, and that what is already in --out is what this ladder would make,

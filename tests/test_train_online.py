@@ -261,7 +261,7 @@ def test_ppo_lag_updates_lambda_every_k_steps_with_guards_and_resumes_with_it(ma
     shutil.rmtree(out / "checkpoint-2")
     shutil.rmtree(out / "final")
     (out / "summary.json").unlink()
-    resumed = invoke("--out", str(out), "--resume", "--quiet")
+    resumed = invoke("--out", str(out), "--resume", "--model", str(model), "--quiet")
     assert resumed.exit_code == 0, resumed.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"].endswith("checkpoint-1") and summary["steps"] == 2

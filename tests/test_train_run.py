@@ -103,7 +103,7 @@ def test_resume_continues_from_the_last_complete_checkpoint(material, tmp_path, 
     shutil.rmtree(out / "final")
     (out / "summary.json").unlink()
     monkeypatch.chdir(mix.parent)  # the same mix, spelled differently: still the run's mix
-    result = invoke("--out", str(out), "--resume", "--mix", f"./{mix.name}/", "--quiet")
+    result = invoke("--out", str(out), "--resume", "--mix", f"./{mix.name}/", "--model", str(model), "--quiet")
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 4
@@ -112,19 +112,19 @@ def test_resume_continues_from_the_last_complete_checkpoint(material, tmp_path, 
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # steps 3-4 ran twice but are logged once
     # A finished run is not trained, evaluated or summarised again.
     before = (out / "summary.json").read_bytes()
-    result = invoke("--out", str(out), "--resume", "--quiet")
+    result = invoke("--out", str(out), "--resume", "--model", str(model), "--quiet")
     assert result.exit_code == 2 and "already finished" in result.output
     assert (out / "summary.json").read_bytes() == before
     # Killed after the last checkpoint (step 4 of 4) but before final/: restored, not trained a fifth step.
     shutil.rmtree(out / "final")
     (out / "summary.json").unlink()
-    assert invoke("--out", str(out), "--resume", "--quiet").exit_code == 0
+    assert invoke("--out", str(out), "--resume", "--model", str(model), "--quiet").exit_code == 0
     summary = json.loads((out / "summary.json").read_text())
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert summary["steps"] == 4 and len(losses) == 4 and not (out / "checkpoint-5").exists()
     assert summary["train_loss"] == pytest.approx(sum(losses) / 4)  # the whole run's, not this session's
     # A changed setting is named, not just "the settings differ".
-    result = invoke("--out", str(out), "--resume", "--max-steps", "9", "--quiet")
+    result = invoke("--out", str(out), "--resume", "--model", str(model), "--max-steps", "9", "--quiet")
     assert result.exit_code == 2 and "--max-steps 9 (run: 4)" in result.output, result.output
 
 
@@ -148,7 +148,7 @@ def test_dual_resume_continues_from_the_round_it_was_in(material, tmp_path, monk
     out = tmp_path / "cut"
     assert invoke(*common(mix, model, out, *dual)).exit_code != 0
     monkeypatch.setattr(train.dual, "expected_cost", measure)
-    result = invoke("--out", str(out), "--resume", "--quiet")
+    result = invoke("--out", str(out), "--resume", "--model", str(model), "--quiet")
     assert result.exit_code == 0, result.output
 
     def rounds(run):

@@ -31,6 +31,55 @@ AMA_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 DEFAULT_SEVERITY_WEIGHTS: dict[str, float] = {"minor": 1.0, "moderate": 2.0, "severe": 4.0}
 
 
+#: Settings that choose code or weights to load (``trust_remote_code`` runs a model folder's Python). ``--resume``
+#: never takes them from a run folder's ``config.json``, which anyone could have written: the user restates them.
+CODE_SETTINGS: dict[str, str] = {"model": "--model", "trust_remote_code": "--trust-remote-code",
+                                 "reward_model": "--reward-model", "cost_model": "--cost-model"}
+
+
+def _same_setting(saved: Any, given: Any) -> bool:
+    """Whether a saved and a given value name the same thing: unset (None, False, "") on both sides, equal, or two
+    spellings of one local path (``m`` and ``./m``)."""
+    if not saved and not given:
+        return True
+    if saved == given:
+        return True
+    if isinstance(saved, str) and isinstance(given, str):
+        try:
+            return Path(saved).exists() and Path(given).exists() and Path(saved).resolve() == Path(given).resolve()
+        except OSError:
+            return False
+    return False
+
+
+def _as_flag(name: str, value: Any) -> str:
+    """``--model '/models/x'`` or ``--trust-remote-code``: how the user would restate a code setting."""
+    import shlex
+
+    flag = CODE_SETTINGS[name]
+    return flag if isinstance(value, bool) or name == "trust_remote_code" else f"{flag} {shlex.quote(str(value))}"
+
+
+def unrestated_code_settings(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """The :data:`CODE_SETTINGS` a ``--resume`` would take from the run folder (``saved``) without the user having
+    given the same now (``given``: the command line and ``--config``), each in words naming the flag.
+
+    Empty when they agree, so resuming loads only what the user asked for on this command.
+    """
+    problems = []
+    for name in CODE_SETTINGS:
+        before, now = saved.get(name), given.get(name)
+        if _same_setting(before, now):
+            continue
+        if before and not now:
+            problems.append(f"restate {_as_flag(name, before)}")
+        elif now and not before:
+            problems.append(f"{_as_flag(name, now)} was not a setting of the run")
+        else:
+            problems.append(f"{_as_flag(name, now)} differs from the run's {_as_flag(name, before)}")
+    return problems
+
+
 def normalised_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """:meth:`TrainConfig.training_settings` of a saved ``train_config`` (or of a live one's ``to_dict``)."""
     kept = {k: v for k, v in settings.items() if k not in ("out", "resume", "quiet", "mix")}

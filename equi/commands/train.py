@@ -17,6 +17,7 @@ Example:
   equi train --mix mix/ --algo dpo --scale 1000 --groups EHD,IHD,BENIGN --lora-r 16
 
   equi train --mix mix/ --out runs/ama --resume        # continue an interrupted run
+  (give --model, --reward-model, --cost-model, --trust-remote-code again if the run used them: never read from it)
 
   equi train --mix mix/ --algo ppo-lag --num-generations 4 --lambda-update-every 4 --cost-threshold 0
 
@@ -100,12 +101,10 @@ def train_command(
     """
     from equi.config import ConfigError
     from equi.schema import saved_train_config
-    from train.config import TrainConfig
+    from train.config import CODE_SETTINGS, TrainConfig
 
+    saved = saved_train_config(out) if resume and out is not None else None
     values: dict[str, Any] = {}
-    if resume and out is not None and (saved := saved_train_config(out)) is not None:
-        # Resuming re-uses the run's own settings; flags given now still win (and must agree, see prepare_run_dir).
-        values.update(saved)
     if config_file is not None:
         values.update(_load_config_file(config_file))
     if scale is not None and limit is not None and scale != limit:
@@ -149,6 +148,12 @@ def train_command(
                            ("quiet", quiet)):
             if flag:
                 values[name] = True
+        if saved is not None:
+            check_resume_restates(saved, values, out)
+            # Resuming re-uses the run's own settings, but never what loads code (checked above to equal what was
+            # given now); flags given now still win (and must agree, see prepare_run_dir).
+            known = TrainConfig.field_names() - set(CODE_SETTINGS)
+            values = {**{k: v for k, v in saved.items() if k in known}, **values}
         unknown = sorted(set(values) - TrainConfig.field_names())
         if unknown:
             fail(f"unknown option(s) {', '.join(unknown)} in --config", code=2)
@@ -157,6 +162,10 @@ def train_command(
         config = TrainConfig(**values)
     except ConfigError as exc:
         fail(str(exc), code=2)
+    except (TypeError, ValueError) as exc:
+        # A value of the wrong kind in the run's config.json (--resume) or --config, e.g. a list for a number.
+        where = f"{out}/config.json or --config" if saved is not None else "--config"
+        fail(f"bad setting in {where} ({exc})", code=2)
 
     from train.mixdata import MixError, MixVerificationFailed
     from train.models import ModelError
@@ -174,6 +183,18 @@ def train_command(
         console.print(f"[yellow]warning:[/yellow] {dropped} of {result.summary.get('train_rows')} training pairs were "
                       f"dropped: their prompt alone is longer than --max-length {config.max_length} tokens "
                       "(n_safety/n_benign count the pairs trained on)", soft_wrap=True)
+
+
+def check_resume_restates(saved: dict[str, Any], given: dict[str, Any], out: Path) -> None:
+    """Refuse (exit 2) a ``--resume`` whose run folder names a model, reward/cost model or ``trust_remote_code``
+    that this command does not: a run folder is just files, and taking those from it would let whoever wrote its
+    config.json choose what code and weights equi loads."""
+    from train.config import unrestated_code_settings
+
+    problems = unrestated_code_settings(saved, given)
+    if problems:
+        fail(f"--resume: {'; '.join(problems)}. equi takes no model or code setting from {out}/config.json: give "
+             "the run's own on the command line (once you trust them), or train into a new --out", code=2)
 
 
 def print_summary(result) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -20,6 +21,19 @@ class Generation:
     truncated: bool  # stopped at max_new_tokens rather than at an end-of-sequence token
 
 
+def local_only(path_or_id: str) -> bool:
+    """Whether to load ``path_or_id`` from local files only (``local_files_only``): the hub is off
+    (``HF_HUB_OFFLINE``), or it is a local path, which must never turn into a hub download."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or Path(path_or_id).exists()
+
+
+def adapter_base_model(adapter_dir: str) -> str | None:
+    """The base model a LoRA adapter folder names (``adapter_config.json``), which PEFT loads under it."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return str(base) if base else None
+
+
 def load_model(path_or_id: str, device: str | None = None, trust_remote_code: bool = False, quiet: bool = False):
     """``(model, tokenizer)`` from a local directory or hub id, in eval mode, tokenizer left-padded."""
     import torch
@@ -29,7 +43,7 @@ def load_model(path_or_id: str, device: str | None = None, trust_remote_code: bo
     if quiet:
         hf_logging.disable_progress_bar()
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or Path(path_or_id).exists()
+    offline = local_only(path_or_id)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code,
                                                   local_files_only=offline)
@@ -38,7 +52,12 @@ def load_model(path_or_id: str, device: str | None = None, trust_remote_code: bo
                 from peft import AutoPeftModelForCausalLM
             except ImportError:
                 raise ModelLoadError(f"{path_or_id} holds a LoRA adapter; install peft: pip install 'equi[lora]'") from None
-            model = AutoPeftModelForCausalLM.from_pretrained(path_or_id, dtype=torch.float32).merge_and_unload()
+            # PEFT passes these on to the base model's from_pretrained: the same offline rule and remote-code
+            # consent as a plain model, applied to the base the adapter names.
+            base = adapter_base_model(path_or_id)
+            model = AutoPeftModelForCausalLM.from_pretrained(
+                path_or_id, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                local_files_only=local_only(base) if base else offline).merge_and_unload()
         else:
             model = AutoModelForCausalLM.from_pretrained(path_or_id, trust_remote_code=trust_remote_code,
                                                          local_files_only=offline, dtype=torch.float32)

@@ -34,12 +34,32 @@ def embed_png(path: Path, alt: str) -> str:
     return f'<img alt="{_e(alt)}" title="{_e(alt)}" src="data:image/png;base64,{data}">'
 
 
+#: A backslash escape (``\*``) or a code span fenced by one or more backticks (CommonMark): both are literal text.
+_LITERAL = re.compile(r"\\([!-/:-@\[-`{-~])|(`+)(.+?)(?<!`)\2(?!`)", re.DOTALL)
+
+
+def markdown_inline(text: str) -> str:
+    """One line of the summary's Markdown as HTML: **bold**, `code` and backslash escapes, the way summary.md
+    writes run names (escaped, or in code spans fenced past any backtick inside) so they show as typed."""
+    literals: list[str] = []
+
+    def keep(match: re.Match) -> str:
+        if match.group(1) is not None:
+            literals.append(_e(match.group(1)))
+        else:
+            code = match.group(3)
+            if code.startswith(" ") and code.endswith(" ") and code.strip():
+                code = code[1:-1]
+            literals.append(f"<code>{_e(code)}</code>")
+        return f"\x00{len(literals) - 1}\x00"
+
+    html_text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", _e(_LITERAL.sub(keep, text.replace("\x00", ""))))
+    return re.sub("\x00(\\d+)\x00", lambda m: literals[int(m.group(1))], html_text)
+
+
 def markdown_to_html(text: str) -> str:
-    """Enough Markdown for the summary: headings, bullets, paragraphs, **bold** and `code`."""
-    def inline(s: str) -> str:
-        s = _e(s)
-        s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
-        return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+    """Enough Markdown for the summary: headings, bullets, paragraphs, **bold**, `code` and backslash escapes."""
+    inline = markdown_inline
 
     out, in_list = [], False
     for line in text.splitlines():

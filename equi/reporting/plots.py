@@ -66,8 +66,17 @@ def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=110, metadata={"Software": "equi report"})
 
 
+def _literal_legend(ax) -> None:
+    """Draw legend entries as typed: series labels come from run files (group names), and matplotlib would read
+    ``$...$`` in them as mathtext (a ``$`` that is not valid TeX fails the whole report)."""
+    legend = ax.get_legend()
+    for text in legend.get_texts() if legend is not None else []:
+        text.set_parse_math(False)
+
+
 def _finish(plt, fig, ax, path: Path, kind: str, **extra: Any) -> dict[str, Any]:
     """Save the figure and return the data behind it (what the report's tests and report.json read)."""
+    _literal_legend(ax)
     _save(fig, path)
     series = _lines_of(ax) if kind == "line" else _bars_of(ax)
     data = {"file": path.name, "kind": kind, "title": ax.get_title(), "xlabel": ax.get_xlabel(),

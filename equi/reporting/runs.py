@@ -9,6 +9,7 @@ of safety examples) and ``equi eval`` adds
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,12 @@ class RunRecord:
     n_benign: int | None = None
     algo: str | None = None
     baseline: bool = False
-    summary: dict[str, Any] | None = None  # eval/metrics.json "summary"; None = not evaluated
+    summary: dict[str, Any] | None = None  # eval/metrics.json "summary"; None = not evaluated (or eval_error)
     suites: dict[str, Any] = field(default_factory=dict)
     xstest_types: dict[str, Any] = field(default_factory=dict)
     answers: Path | None = None
     problems: list[str] = field(default_factory=list)
+    eval_error: str | None = None  # eval/metrics.json is there but unusable: why (the run is then not on the curves)
 
 
 @dataclass(frozen=True)
@@ -59,15 +61,77 @@ class CurvePoint:
         return getattr(self, metric)
 
 
-def _read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
+def _read_json(path: Path, problems: list[str], name: str | None = None) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None (with a note in ``problems``, naming the file as ``name``) when it is
+    unreadable or not an object."""
     if not path.is_file():
         return None
+    name = name or path.name
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        problems.append(f"{path.name} unreadable ({exc})")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problems.append(f"{name} unreadable ({exc})")
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        problems.append(f"{name} is malformed: it holds a JSON {_json_kind(data)}, not an object")
+        return None
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    """The JSON name of a decoded value's type, for messages (``list`` → ``"array"``)."""
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null",
+             dict: "object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def as_number(value: Any) -> float | None:
+    """``value`` if it is a finite number (not a boolean), else None: a hand-edited or broken file may hold text."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
+
+
+def _count(value: Any, what: str, problems: list[str]) -> int | None:
+    """A row count read from a run file: a whole number >= 0, else None with a note (``"forty"``, -3, 2.5)."""
+    if value is None:
+        return None
+    number = as_number(value)
+    if number is None or number < 0 or not float(number).is_integer():
+        problems.append(f"{what} is {value!r}, not a whole number of rows: not on the curves")
+        return None
+    return int(number)
+
+
+def _summary_metrics(summary: Any, problems: list[str]) -> dict[str, Any] | None:
+    """The ``summary`` of ``eval/metrics.json`` with each metric a number or None; a value that is not a number
+    is dropped with a note (drawing or printing it would fail), a summary that is not an object is malformed."""
+    if summary is None:
+        problems.append(f"{EVAL_DIR}/{METRICS_FILE} is malformed: it has no summary")
+        return None
+    if not isinstance(summary, dict):
+        problems.append(f"{EVAL_DIR}/{METRICS_FILE} is malformed: its summary is a JSON {_json_kind(summary)}, "
+                        "not an object")
+        return None
+    kept = dict(summary)
+    for metric in METRICS:
+        value = summary.get(metric)
+        if value is not None and as_number(value) is None:
+            problems.append(f"{EVAL_DIR}/{METRICS_FILE}: summary {metric} is {value!r}, not a number: left out")
+            kept[metric] = None
+    return kept
+
+
+def _objects(value: Any) -> dict[str, dict[str, Any]]:
+    """``{name: {...}}`` entries of a per-suite table; anything else in a malformed file is skipped."""
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): v for k, v in value.items() if isinstance(v, dict)}
+
+
+def _label(value: Any) -> str | None:
+    """A group or algorithm name as text (a malformed file may hold a number or a list)."""
+    return None if value is None or value == "" else str(value)
 
 
 def group_label(groups: Any) -> str:
@@ -76,7 +140,9 @@ def group_label(groups: Any) -> str:
         return ALL_GROUPS
     if isinstance(groups, str):
         groups = groups.split(",")
-    safety = [g for g in groups if g != "BENIGN"]
+    elif not isinstance(groups, (list, tuple)):  # a malformed config.json: show what it holds
+        return str(groups)
+    safety = [str(g) for g in groups if g != "BENIGN"]
     return "+".join(safety) if safety else "BENIGN"
 
 
@@ -87,22 +153,32 @@ def read_run(path: Path) -> RunRecord:
     ladder = _read_json(path / LADDER_FILE, record.problems) or {}
     trained = _read_json(path / RUN_SUMMARY, record.problems) or {}  # equi train: the rows it trained on
     train = config.get(TRAIN_CONFIG_KEY) or config.get("train") or config  # equi train nests TrainConfig
-    record.algo = ladder.get("algo") or train.get("algo")
-    record.baseline = bool(ladder.get("baseline", False))
-    record.group = BASELINE if record.baseline else ladder.get("group") or group_label(train.get("groups"))
+    if not isinstance(train, dict):
+        train = {}
+    record.algo = _label(ladder.get("algo") or train.get("algo"))
+    record.baseline = ladder.get("baseline", False) is True
+    record.group = BASELINE if record.baseline else _label(ladder.get("group")) or group_label(train.get("groups"))
     record.scale = ladder.get("scale", train.get("scale"))
-    record.n_safety = ladder.get("n_safety", config.get("n_safety", trained.get("n_safety")))
-    record.n_benign = ladder.get("n_benign", config.get("n_benign", trained.get("n_benign")))
-    metrics = _read_json(path / EVAL_DIR / METRICS_FILE, record.problems)
-    if metrics is None:
+    raw_n_safety = ladder.get("n_safety", config.get("n_safety", trained.get("n_safety")))
+    record.n_safety = _count(raw_n_safety, "n_safety", record.problems)
+    record.n_benign = _count(ladder.get("n_benign", config.get("n_benign", trained.get("n_benign"))),
+                             "n_benign", record.problems)
+    metrics_path = path / EVAL_DIR / METRICS_FILE
+    noted = len(record.problems)
+    metrics = _read_json(metrics_path, record.problems, f"{EVAL_DIR}/{METRICS_FILE}")
+    if metrics is None and not metrics_path.is_file():
         record.problems.append("not evaluated (no eval/metrics.json): run `equi eval " + str(path) + "`")
+    elif metrics is None:
+        record.eval_error = record.problems[-1]  # unreadable or not an object: _read_json said which
     else:
-        record.summary = metrics.get("summary")
-        record.suites = metrics.get("suites", {})
-        record.xstest_types = metrics.get("xstest_types", {})
+        record.summary = _summary_metrics(metrics.get("summary"), record.problems)
+        if record.summary is None:
+            record.eval_error = "; ".join(record.problems[noted:])
+        record.suites = _objects(metrics.get("suites"))
+        record.xstest_types = _objects(metrics.get("xstest_types"))
         answers = path / EVAL_DIR / ANSWERS_FILE
         record.answers = answers if answers.is_file() else None
-    if record.n_safety is None and not record.baseline:
+    if raw_n_safety is None and not record.baseline:
         record.problems.append("number of safety examples unknown (no ladder.json, and no n_safety in "
                                "summary.json: trained before equi recorded it, or not finished): not on the curves")
     return record

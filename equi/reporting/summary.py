@@ -2,8 +2,29 @@
 
 from __future__ import annotations
 
+import re
+
 from equi.reporting.mix import MixSummary
 from equi.reporting.runs import BASELINE, CurvePoint, RunRecord, split_label
+
+
+#: Characters that make inline Markdown (emphasis, code, links, HTML, tables, strikethrough, math, entities).
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~$&])")
+
+
+def md_text(value: object) -> str:
+    """``value`` as literal Markdown text: run names and groups come from run files and folder names, and a ``*``,
+    ``_`` or ``[`` in one must not turn the rest of the summary bold or into a link."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(value).splitlines()))
+
+
+def md_code(value: object) -> str:
+    """``value`` as a Markdown code span, fenced with more backticks than any run of them inside (CommonMark), so a
+    backtick in a path cannot close the span early."""
+    text = " ".join(str(value).splitlines())
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text[:1] in ("`", " ") or text[-1:] in ("`", " ") else ""  # one space each side is stripped
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def pct(value: float | None) -> str:
@@ -27,7 +48,7 @@ def _sentence(lead: str, rest: str) -> str:
 
 def _compare_groups(series: dict[str, list[CurvePoint]], algo: str | None) -> list[str]:
     """Which group drives over-refusal, balances best, grows fastest (within one algorithm's series)."""
-    lead = f"With **{algo}**, " if algo else ""
+    lead = f"With **{md_text(algo)}**, " if algo else ""
     lines: list[str] = []
     last = {g: pts[-1] for g, pts in series.items() if g != BASELINE and pts and pts[-1].over_refusal is not None}
     if len(last) >= 2:
@@ -39,11 +60,11 @@ def _compare_groups(series: dict[str, list[CurvePoint]], algo: str | None) -> li
                                          f"({pct(last[worst].over_refusal)} of benign prompts refused): no group "
                                          "drives it here."))
         else:
-            lines.append(_sentence(lead, f"at each group's largest size, **{worst}** drives over-refusal most "
+            lines.append(_sentence(lead, f"at each group's largest size, **{md_text(worst)}** drives over-refusal most "
                                          f"({pct(last[worst].over_refusal)} of benign prompts refused at "
                                          f"n={last[worst].n_safety})."))
         if best is not None:
-            lines.append(_sentence(lead, f"the best balance of safety and helpfulness comes from **{best}** "
+            lines.append(_sentence(lead, f"the best balance of safety and helpfulness comes from **{md_text(best)}** "
                                          f"(balanced {pct(last[best].balanced)} at n={last[best].n_safety})."))
         growth = {g: pts[-1].over_refusal - pts[0].over_refusal for g, pts in series.items()
                   if g != BASELINE and len(pts) >= 2 and pts[0].over_refusal is not None
@@ -51,7 +72,7 @@ def _compare_groups(series: dict[str, list[CurvePoint]], algo: str | None) -> li
         if growth:
             fastest = max(growth, key=growth.get)
             if growth[fastest] > 0:
-                lines.append(_sentence(lead, f"over-refusal grows fastest with more **{fastest}** data "
+                lines.append(_sentence(lead, f"over-refusal grows fastest with more **{md_text(fastest)}** data "
                                              f"({100 * growth[fastest]:+.1f} points across its ladder): more of it "
                                              "makes the model overly safe rather than more truly safe."))
     return lines
@@ -68,13 +89,13 @@ def _compare_algos(series: dict[str, list[CurvePoint]]) -> list[str]:
     for group, last in by_group.items():
         if len(last) < 2:
             continue
-        sides = "; ".join(f"{algo} safety {pct(p.safety)}, over-refusal {pct(p.over_refusal)}, balanced "
+        sides = "; ".join(f"{md_text(algo)} safety {pct(p.safety)}, over-refusal {pct(p.over_refusal)}, balanced "
                           f"{pct(p.balanced)} (n={p.n_safety})" for algo, p in last.items())
-        line = f"**{group}** at each algorithm's largest size: {sides}."
+        line = f"**{md_text(group)}** at each algorithm's largest size: {sides}."
         balanced = {a: p.balanced for a, p in last.items() if p.balanced is not None}
         if len(balanced) >= 2 and len({round(v, 6) for v in balanced.values()}) > 1:
             best = max(balanced, key=balanced.get)
-            line += f" Best balance: **{best}**."
+            line += f" Best balance: **{md_text(best)}**."
         lines.append(line)
     return lines
 
@@ -89,10 +110,10 @@ def findings(series: dict[str, list[CurvePoint]]) -> list[str]:
         parts = [f"{name} {text}" for name, metric in (("safety", "safety"), ("over-refusal", "over_refusal"))
                  if (text := _trend(points, metric))]
         if parts:
-            lines.append(f"**{group}**: " + "; ".join(parts) + ".")
+            lines.append(f"**{md_text(group)}**: " + "; ".join(parts) + ".")
         elif points:
             p = points[-1]
-            lines.append(f"**{group}**: one point (n={p.n_safety}): safety {pct(p.safety)}, over-refusal "
+            lines.append(f"**{md_text(group)}**: one point (n={p.n_safety}): safety {pct(p.safety)}, over-refusal "
                          f"{pct(p.over_refusal)}, balanced {pct(p.balanced)}.")
     per_algo: dict[str | None, dict[str, list[CurvePoint]]] = {}
     for label, points in series.items():
@@ -109,14 +130,18 @@ def render_summary(records: list[RunRecord], series: dict[str, list[CurvePoint]]
     out = ["# equi report", ""]
     evaluated = [r for r in records if r.summary is not None]
     if runs_root is not None:
-        out.append(f"Runs read from `{runs_root}`: {len(records)} found, {len(evaluated)} evaluated.")
+        out.append(f"Runs read from {md_code(runs_root)}: {len(records)} found, {len(evaluated)} evaluated.")
         out.append("")
     if runs_root is not None and not records:
         out += ["No run directories were found, so there are no curves yet. Train with `equi scale` or "
                 "`equi train`, then `equi eval RUN`.", ""]
     for r in records:
-        if r.summary is None:
-            out.append(f"- `{r.name}` is not evaluated yet: run `equi eval {r.path}` to put it on the curves.")
+        if r.summary is None and r.eval_error:
+            out.append(f"- {md_code(r.name)} has a malformed evaluation ({md_text(r.eval_error)}): run "
+                       f"{md_code(f'equi eval {r.path}')} again to put it on the curves.")
+        elif r.summary is None:
+            out.append(f"- {md_code(r.name)} is not evaluated yet: run {md_code(f'equi eval {r.path}')} to put it on "
+                       "the curves.")
     if any(r.summary is None for r in records):
         out.append("")
     lines = findings(series)
@@ -130,9 +155,9 @@ def render_summary(records: list[RunRecord], series: dict[str, list[CurvePoint]]
                 "the tables but not on the curves.", ""]
     if mix is not None:
         total = mix.mixture_rows
-        shares = ", ".join(f"{g} {sum(c.values())} ({100 * sum(c.values()) / total:.0f}%)"
+        shares = ", ".join(f"{md_text(g)} {sum(c.values())} ({100 * sum(c.values()) / total:.0f}%)"
                            for g, c in mix.composition.items()) if total else "empty"
-        out += ["## Mix", "", f"`{mix.path}`: {total} mixture rows: {shares}.",
+        out += ["## Mix", "", f"{md_code(mix.path)}: {total} mixture rows: {shares}.",
                 f"{len(mix.cluster_sizes)} embedding clusters over {sum(mix.cluster_sizes)} pool rows; "
                 f"{mix.rejects} input lines rejected."]
         if mix.accounting_problems:
