@@ -746,9 +746,13 @@ def write_guarded_mix(config: GuardConfig, parent: Path, parent_manifest: dict, 
                 "audit": {"path": "guard/verdicts.parquet", "sha256": sha256_file(audit_path), "rows": len(audit)},
             },
         })
-        write_json_atomic(work / MANIFEST, manifest)
+        from equi.manifest import file_checksums
+
+        # Card first, then the manifest with the sha256 of every non-shard file (equi verify lists them all).
         (work / CARD).write_text(render_card(manifest).rstrip("\n") + "\n\n" + guard_card_section(manifest) + "\n",
                                  encoding="utf-8")
+        manifest["files"] = file_checksums(work, [CARD, REJECTS, "guard/verdicts.parquet"])
+        write_json_atomic(work / MANIFEST, manifest)
     return manifest
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from equi.schema import MIX_SCHEMA, SCHEMA_VERSION, shard_name
+from equi.schema import MIX_SCHEMA, POOL_SCHEMA, SCHEMA_VERSION, shard_name
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HH_HARMLESS = SHARED_DATA / "hh_rlhf_harmless_base" / "test.jsonl.gz"
@@ -136,6 +136,17 @@ def build_hh_mix(out: Path, n_rows: int = 48, n_eval: int = 8) -> Path:
     for r in records:
         counts.setdefault(r["group"], {}).setdefault(r["split"], 0)
         counts[r["group"]][r["split"]] += 1
+    # The pool holds every row (all of them mixed) and the card's default config reads data/: a complete mix that
+    # `equi verify` checks like a curated one.
+    (out / "pool").mkdir(exist_ok=True)
+    pool = out / "pool" / shard_name("pool", 0, 1)
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "rank"} for r in records],
+                                        schema=POOL_SCHEMA), pool)
+    shards.insert(0, {"path": f"pool/{pool.name}", "sha256": _sha256(pool), "rows": n_rows, "split": "pool"})
+    (out / "README.md").write_text("---\nconfigs:\n- config_name: default\n  default: true\n  data_files:\n"
+                                   "  - split: train\n    path: data/train-*.parquet\n"
+                                   "  - split: eval\n    path: data/eval-*.parquet\n---\n\n"
+                                   "# Test fixture: real hh-rlhf text, synthetic labels\n")
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "equi_version": "test-fixture",
@@ -143,12 +154,14 @@ def build_hh_mix(out: Path, n_rows: int = 48, n_eval: int = 8) -> Path:
         "config": {"note": "tests/train_fixtures.py: real hh-rlhf text, synthetic labels"},
         "inputs": [{"path": str(HH_HARMLESS), "sha256": _sha256(HH_HARMLESS)}],
         "shards": shards,
-        "counts": counts,
+        "counts": {"pool": {g: sum(by_split.values()) for g, by_split in counts.items()}, "mixture": counts},
+        "files": {"README.md": _sha256(out / "README.md")},
         "accounting": {
             "input_lines": n_rows,
             "pooled": n_rows,
             "rejected": 0,
             "mixed": n_rows,
+            "mixture_rows": n_rows,
             "not_selected": {},
         },
     }

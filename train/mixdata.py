@@ -42,12 +42,13 @@ def manifest_hash(mix_dir: str | Path) -> str:
 
 def verify_mix_or_raise(mix_dir: str | Path) -> dict[str, Any]:
     """Refuse a tampered or incomplete mix with a one-line error; return the manifest."""
-    manifest = read_manifest(mix_dir)
+    if not (Path(mix_dir) / MANIFEST).is_file():
+        read_manifest(mix_dir)  # no manifest: bad input, named by read_manifest
     problems = verify_mix(mix_dir)  # the one definition of a sound mix, shared with `equi verify`
-    if problems:
+    if problems:  # checked before the manifest is used, so a malformed entry is a failed verification
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise MixVerificationFailed(f"mix {mix_dir} failed verification: {problems[0]}{more}")
-    return manifest
+    return read_manifest(mix_dir)
 
 
 def split_shards(mix_dir: str | Path, manifest: dict[str, Any], split: str) -> list[str]:

@@ -19,7 +19,8 @@ def verify_command(
     mix: Path = typer.Argument(..., help="Mix directory written by `equi curate`."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing when the mix is sound."),
 ) -> None:
-    """Verify shard checksums and row counts, the contract's columns and types, and balanced accounting."""
+    """Check every claim of the manifest against the files: checksums of every file (card and rejects included),
+    no unlisted or outside file, each shard's rows, splits and groups, counts and accounting recomputed from them."""
     from equi.manifest import verify_mix
     from equi.schema import MANIFEST
 
