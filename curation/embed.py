@@ -17,6 +17,14 @@ DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 #: ``--embedder static``: a model2vec static embedder distilled offline from the bundled MiniLM.
 STATIC_EMBEDDER = "static"
 STATIC_PCA_DIMS = 256
+#: Canonical encoding (:meth:`Embedder.encode`): texts are padded to a multiple of this many tokens ...
+LENGTH_STEP = 16
+#: ... and encoded this many at a time, so a text always meets the same tensor shapes.
+CHUNK_ROWS = 16
+#: Characters kept per token of the encoder's limit before tokenising (bounds the cost of a huge text).
+MAX_CHARS_PER_TOKEN = 64
+#: Bumped when the vectors an embedder returns change for the same weights (cached vectors are then stale).
+ENCODING_VERSION = "canonical-1"
 
 
 class EmbedderError(ValueError):
@@ -53,7 +61,6 @@ class Embedder:
 
         self.name = name_or_path or DEFAULT_EMBEDDER
         path = resolve_embedder(name_or_path)
-        self.identity = f"{self.name}|{Path(path).resolve() if Path(path).exists() else path}|{max_seq_length}"
         is_local = Path(path).exists()
         try:
             self.model = SentenceTransformer(
@@ -68,6 +75,9 @@ class Embedder:
         self.model.max_seq_length = min(self.model.max_seq_length or max_seq_length, max_seq_length)
         self.dim = int(self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension")
                        else self.model.get_sentence_embedding_dimension())
+        # What the embedding cache and a resume key on: the weights and tokenizer themselves, not the path
+        # (new weights at the same path must not return stale vectors), and how vectors are computed.
+        self.identity = f"{self.name}|{model_digest(self.model)}|{self.model.max_seq_length}|{ENCODING_VERSION}"
 
     @property
     def fills_every_core(self) -> bool:
@@ -77,15 +87,50 @@ class Embedder:
         return self.model.device.type == "cpu" and torch.get_num_threads() >= usable_cores()
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised float32 vectors, one per text, each a function of its own text alone.
+
+        sentence-transformers pads each internal batch to its longest text, so a text's vector moved in the
+        last float digits with its neighbours (a cache that encodes only the misses, a resumed batch). Here
+        every text is padded to a fixed length bucket (:data:`LENGTH_STEP` tokens) and every forward pass
+        has :data:`CHUNK_ROWS` rows (a short chunk is filled with copies of its first text), so the same text
+        always meets the same tensor shapes: its vector does not depend on the batch, the cache or the order
+        (on one CPU and torch thread count). Texts are cut to :data:`MAX_CHARS_PER_TOKEN` characters a token
+        before tokenising, so a huge line costs no more than the encoder's token limit needs.
+        """
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
+        limit = self.model.max_seq_length or 512
+        unique = list(dict.fromkeys(t[:limit * MAX_CHARS_PER_TOKEN] for t in texts))
+        tokenizer = getattr(self.model, "tokenizer", None)
+        vectors = (self._encode_canonical(unique, tokenizer, limit) if tokenizer is not None
+                   else self._encode_plain(unique))
+        position = {text: i for i, text in enumerate(unique)}
+        return vectors[[position[t[:limit * MAX_CHARS_PER_TOKEN]] for t in texts]]
+
+    def _encode_canonical(self, texts: list[str], tokenizer, limit: int) -> np.ndarray:
+        import torch
+
+        lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=True, max_length=limit)["input_ids"]])
+        buckets = np.minimum(-(-lengths // LENGTH_STEP) * LENGTH_STEP, limit)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        device = self.model.device
+        with torch.inference_mode():
+            for length in np.unique(buckets):
+                members = np.flatnonzero(buckets == length)
+                for start in range(0, len(members), CHUNK_ROWS):
+                    chunk = members[start:start + CHUNK_ROWS]
+                    rows = [texts[i] for i in chunk] + [texts[chunk[0]]] * (CHUNK_ROWS - len(chunk))
+                    features = self.model.preprocess(
+                        rows, processing_kwargs={"text": {"padding": "max_length", "max_length": int(length)}})
+                    features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+                    embedded = self.model(features)["sentence_embedding"][:len(chunk)]
+                    out[chunk] = torch.nn.functional.normalize(embedded.float(), p=2, dim=1).cpu().numpy()
+        return out
+
+    def _encode_plain(self, texts: list[str]) -> np.ndarray:
+        """A model without a text tokenizer (e.g. a static sentence-transformers module): its own batching."""
+        vectors = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                    normalize_embeddings=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)
 
 
@@ -106,7 +151,7 @@ class StaticEmbedder:
             distil_static_model(folder)
         self.model = StaticModel.from_pretrained(str(folder))
         self.name = STATIC_EMBEDDER
-        self.identity = f"{STATIC_EMBEDDER}|{folder.resolve()}"
+        self.identity = f"{STATIC_EMBEDDER}|{files_digest(folder)}"
         self.dim = int(self.model.dim)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -114,6 +159,41 @@ class StaticEmbedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         vectors = self.model.encode(list(texts), normalize=True, use_multiprocessing=False)
         return np.asarray(vectors, dtype=np.float32)
+
+
+def model_digest(model) -> str:
+    """sha256 of a torch module's parameters and buffers (names, dtypes, shapes, bytes) and of its tokenizer."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch_uint8()).numpy().tobytes() if tensor.numel() else b"")
+    tokenizer = getattr(model, "tokenizer", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    return digest.hexdigest()[:32]
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8
+
+
+def files_digest(folder: Path) -> str:
+    """sha256 over every file of a model folder (relative names and contents)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:32]
 
 
 def static_model_dir() -> Path:

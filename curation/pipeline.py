@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from equi.config import CurateConfig, config_hash
-from equi.manifest import equi_version, resumable_directory, sha256_file, shard_entry, utc_now, write_json_atomic
+from equi.manifest import (check_writable, equi_version, resumable_directory, sha256_file, shard_entry, utc_now,
+                           write_json_atomic)
 from equi.schema import (CARD, DATA_DIR, GROUPS, MANIFEST, MIX_SCHEMA, POOL_DIR, POOL_SCHEMA, REJECTS,
                          SCHEMA_VERSION, shard_name)
 
@@ -295,11 +296,13 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
     from curation.mixer import select_mixture
 
     clock = _Laps()
+    check_writable(config.out, config.overwrite, _read_paths(config))  # before the models' load, not after it
+    files = input_files(config)
     given_embedder = embedder
     embedder, categoriser = load_models(config, embedder, categoriser)
     clock.lap("load_models")
     # A Ray run is not resumed: its actors score the whole input again.
-    fingerprint = run_fingerprint(config, embedder) if config.resume and config.engine == "local" else None
+    fingerprint = run_fingerprint(config, embedder, files) if config.resume and config.engine == "local" else None
     with resumable_directory(config.out, fingerprint, overwrite=config.overwrite, inputs=_read_paths(config)) as run:
         work = run.path
         if config.engine == "ray":
@@ -325,6 +328,7 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
         mixture = build_mixture_rows(scored.stage_files, selection.mixture, config.eval_fraction)
         data_files = write_mixture(work / DATA_DIR, mixture, config.shard_rows)
         scored.remove_stage()
+        unchanged_since_start(files)
         clock.lap("mix")
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -335,7 +339,7 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
             "embedder": embedder.name,
             "categoriser": config.categoriser or "bundled",
             "clusters": int(k),
-            "inputs": [{"path": name, "sha256": sha256_file(name) if name != "<stdin>" else None, "lines": lines}
+            "inputs": [{"path": name, "sha256": files[name]["sha256"] if name in files else None, "lines": lines}
                        for name, lines in scored.stats.lines_by_file.items()],
             "shards": [shard_entry(work, p, rows, "pool") for p, rows, _ in pool_files]
             + [shard_entry(work, p, rows, split, group) for p, rows, (split, group) in data_files],
@@ -355,8 +359,12 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
             # Wall-clock seconds per phase (manifest and card writing excluded); read_and_score includes encoding.
             "timings_s": clock.laps,
         }
-        write_json_atomic(work / MANIFEST, manifest)
+        # Card first, then the manifest with the card's and rejects' sha256 (the card never needs the manifest's).
+        from equi.manifest import file_checksums
+
         (work / CARD).write_text(_render_card(manifest), encoding="utf-8")
+        manifest["files"] = file_checksums(work, [CARD, REJECTS])
+        write_json_atomic(work / MANIFEST, manifest)
     return CurateResult(out=Path(config.out), manifest=manifest, warnings=manifest["warnings"],
                         resumed_batches=scored.resumed_batches)
 
@@ -401,20 +409,39 @@ def _read_paths(config: CurateConfig) -> list[str]:
     return list(config.inputs) + ([config.categoriser] if config.categoriser else [])
 
 
-def run_fingerprint(config: CurateConfig, embedder) -> dict | None:
+def input_files(config: CurateConfig) -> dict[str, dict]:
+    """Every file the run reads (not stdin), as given → its sha256, size and modification time, taken once at
+    the start: the resume fingerprint and the manifest record these, and :func:`unchanged_since_start` checks
+    at the end that no file changed while it was read (its checksum would then describe another file)."""
+    files = {}
+    for name in _read_paths(config):
+        if name != "-":
+            stat = Path(name).stat()
+            files[name] = {"sha256": sha256_file(name), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return files
+
+
+def unchanged_since_start(files: dict[str, dict]) -> None:
+    for name, seen in files.items():
+        stat = Path(name).stat()
+        if (stat.st_size, stat.st_mtime_ns) != (seen["size"], seen["mtime_ns"]):
+            raise InputError(f"{name} changed while it was being curated; run again once it is complete "
+                             "(nothing was written)")
+
+
+def run_fingerprint(config: CurateConfig, embedder, files: dict[str, dict]) -> dict | None:
     """What an interrupted run must share with this one to be resumed; ``None`` (never resume) for stdin.
 
-    Inputs are identified by size and modification time (hashing a large input again would cost a read).
+    Inputs are identified by content (sha256): an input edited in place with its size and time kept must not
+    reuse the batches staged from its old content.
     """
     if "-" in config.inputs:
         return None
-    files = [Path(p) for p in _read_paths(config)]
     return {
         "equi_version": equi_version(),
         "config_hash": _config_hash(config),
         "embedder": getattr(embedder, "identity", embedder.name),
-        "files": [{"path": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
-                  for f in files],
+        "files": [{"path": str(Path(name).resolve()), "sha256": files[name]["sha256"]} for name in files],
     }
 
 
@@ -592,8 +619,8 @@ def _score_here(config: CurateConfig, stage_dir: Path, stats: ReadStats, embedde
     """
     from curation.embed import fills_every_core
 
-    batches = enumerate(_batched(read_rows(config.inputs, config.input_format, config.strict, stats),
-                                 config.batch_size))
+    rows = read_rows(config.inputs, config.input_format, config.strict, stats, config.max_line_bytes)
+    batches = enumerate(_batched(rows, config.batch_size))
     with (_InlineExecutor() if fills_every_core(embedder) else ThreadPoolExecutor(1)) as encoder:
 
         def start(item: tuple[int, list]) -> tuple[_Staged, list[RawRow], Future | None]:
@@ -655,7 +682,8 @@ def _score_in_workers(config: CurateConfig, stage_dir: Path, stats: ReadStats, g
 
     from curation.embed import usable_cores
 
-    batches = enumerate(_batched(read_lines(config.inputs, config.strict, stats), config.batch_size))
+    batches = enumerate(_batched(read_lines(config.inputs, config.strict, stats, config.max_line_bytes),
+                                 config.batch_size))
     threads = max(1, usable_cores() // config.workers)
     pending: deque[Future] = deque()
     with ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
@@ -711,12 +739,24 @@ def _stage_lines(lines: list, path: Path, resume: bool) -> _Staged:
 
 
 def _staged_batch(path: Path, expected_rows: int) -> pl.DataFrame | None:
-    """A batch an earlier run finished: its metadata (its embeddings stay on disk), or ``None`` to score it again."""
+    """A batch an earlier run finished: its metadata (its embeddings stay on disk), or ``None`` to score it again.
+
+    A staged file that cannot be read whole (cut short by a power loss or a full disk) is removed and its batch
+    scored again; it never costs the other batches' work.
+    """
     vectors_path = path.with_suffix(".npy")
     if not (path.is_file() and vectors_path.is_file()):
         return None
-    frame = pl.read_parquet(path, columns=list(_META_COLUMNS))
-    vectors = np.load(vectors_path, mmap_mode="r", allow_pickle=False)  # the header only: its shape
+    try:
+        frame = pl.read_parquet(path, columns=list(_META_COLUMNS))
+        pq.ParquetFile(path).read()  # every column decodes (the footer alone can survive a cut)
+        vectors = np.load(vectors_path, mmap_mode="r", allow_pickle=False)  # the header only: its shape
+        if vectors.nbytes > vectors_path.stat().st_size:
+            raise ValueError("truncated .npy")
+    except (OSError, ValueError, pl.exceptions.PolarsError, pa.ArrowException):
+        path.unlink(missing_ok=True)
+        vectors_path.unlink(missing_ok=True)
+        return None
     if frame.height != expected_rows or vectors.shape[0] != expected_rows:
         raise InputError(f"{path.parent.parent} holds an interrupted run that does not match this input "
                          f"(batch {path.stem}: {frame.height} staged rows, {expected_rows} read); "
@@ -730,10 +770,26 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write beside ``path``, flush it to the disk, then rename it into place (and flush the rename): a staged
+    batch that exists survives a power loss whole."""
     # The pid keeps two writers apart (a worker orphaned by a killed run may still finish its batch).
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_pool(stage_files: list, clusters: np.ndarray, folder: Path, config: CurateConfig) -> list:

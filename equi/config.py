@@ -155,8 +155,8 @@ class CurateConfig:
             raise ConfigError("--size must be at least 1 (leave it out for all the pairs the ratios allow)")
         if set(self.ratios) - set(SAFETY_GROUPS):
             raise ConfigError(f"ratios name unknown groups: {sorted(set(self.ratios) - set(SAFETY_GROUPS))}")
-        if not all(math.isfinite(v) for v in self.ratios.values()):
-            raise ConfigError(f"--ratios must be finite numbers, got {self.ratios}")
+        if not all(math.isfinite(v) for v in self.ratios.values()) or not math.isfinite(sum(self.ratios.values())):
+            raise ConfigError(f"--ratios must be finite numbers with a finite sum, got {self.ratios}")
         if any(v < 0 for v in self.ratios.values()) or not any(v > 0 for v in self.ratios.values()):
             raise ConfigError("--ratios must be non-negative with at least one positive group")
         self.ratios = {g: float(self.ratios.get(g, 0.0)) for g in SAFETY_GROUPS}

@@ -256,6 +256,7 @@ def test_prompt_only_input_writes_the_pool_and_an_empty_mixture(shared_data, tmp
     (["{prompts}", "--ratios", "EHD=1,XYZ=2"], "bad ratio"),
     (["{prompts}", "--ratios", "EHD=inf"], "--ratios must be finite"),  # crashed after scoring every line
     (["{prompts}", "--ratios", "EHD=nan,IHD=1"], "--ratios must be finite"),  # dropped EHD silently
+    (["{prompts}", "--ratios", "EHD=1e308,IHD=1e308"], "finite sum"),  # their sum overflowed: a traceback
     (["{prompts}", "{prompts}"], "is given twice"),  # read twice, counted once: unbalanced accounting
     (["{prompts}", "{prompts_again}"], "are the same file"),
     (["{prompts}", "--categoriser", "{list_json}"], "not a categoriser JSON file"),

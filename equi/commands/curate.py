@@ -95,13 +95,15 @@ def curate_command(
     from curation.embed import EmbedderError
     from curation.pipeline import curate
     from curation.readers import InputError
-    from equi.manifest import Interrupted
+    from equi.manifest import Interrupted, WorkKept
 
     try:
         with _sigterm_as_interrupt():
             result = curate(config)
-    except (InputError, EmbedderError, ConfigError, FileExistsError) as exc:
+    except (InputError, EmbedderError, ConfigError, FileExistsError, PermissionError) as exc:
         fail(str(exc), code=2)
+    except WorkKept as exc:  # disk full, an I/O error: the machine's fault, and the scored batches are kept
+        fail(str(exc), code=1)
     except Interrupted as exc:
         if config.engine == "ray":  # its actors' work is not kept: the next run scores everything again
             fail("interrupted: a --engine ray run is not resumed; the same command starts afresh", code=130)
