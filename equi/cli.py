@@ -23,9 +23,25 @@ app = typer.Typer(
         "The loop: equi curate raw.jsonl --out mix/  →  equi train --mix mix/  →  equi eval runs/NAME  →  equi report"
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from equi.manifest import equi_version
+
+        typer.echo(f"equi {equi_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print equi's version and exit."),
+) -> None:
+    """equi: balanced safety-data mixtures and AMA/RePO/dual training."""
 
 for _module in COMMAND_MODULES:
     _module.register(app)
