@@ -8,6 +8,7 @@ Prints the refusal detector's accuracy (XSTest human labels) and the categoriser
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ def main() -> dict:
 
     print("== refusal detector ==")
     refusal = quality_refusal.main()
+    print(json.dumps(refusal, indent=2))  # its main() returns the numbers without printing them
     print("\n== categoriser ==")
     categoriser = quality_categoriser.main()
     return {"refusal": refusal, "categoriser": categoriser}
