@@ -102,11 +102,18 @@ def test_runs_of_several_algorithms_get_one_series_per_group_and_algorithm(runs_
     assert by_run[("dpo", "ehd-big")] == "EHD · dpo" and by_run[("runs", "ehd-big")] == "EHD · ama-dpo"
     assert by_run[("runs", "loose")] is None and by_run[("runs", "base")] is None
     summary = result.summary.read_text()
-    assert "**EHD · dpo**: safety rises from 20.0% (n=0) to 60.0% (n=400)" in summary
-    assert "With **ama-dpo**, at each group's largest size, **EHD** drives over-refusal most" in summary
-    assert "With **dpo**, at each group's largest size, **EHD** drives over-refusal most" in summary
-    assert ("**EHD** at each algorithm's largest size: ama-dpo safety 90.0%, over-refusal 60.0%, balanced 65.0% "
-            "(n=400); dpo safety 60.0%, over-refusal 10.0%, balanced 75.0% (n=400). Best balance: **dpo**.") in summary
+    # 10 prompts per rate: 2/10 → 6/10 is inside the Wilson intervals, so it is noise, not a rise.
+    assert ("**EHD · dpo**: safety is within noise (n=10 prompts): from 20.0% [5.7, 51.0] of 10 prompts at 0 safety "
+            "examples to 60.0% [31.3, 83.2] of 10 prompts at 400, +40.0 points") in summary
+    assert "**EHD · ama-dpo**: safety rises from 20.0% [5.7, 51.0] of 10 prompts" in summary  # 2/10 → 9/10: apart
+    assert "With **ama-dpo**, no group clearly drives over-refusal" in summary  # 6/10 vs 2/10: overlap
+    assert "With **dpo**, no group clearly drives over-refusal" in summary
+    assert ("**EHD** at each algorithm's largest size: ama-dpo safety 90.0% [59.6, 98.2] of 10 prompts, over-refusal "
+            "60.0% [31.3, 83.2] of 10 prompts, balanced 65.0% [38.2, 83.5] of 20 prompts (400 safety examples); dpo "
+            "safety 60.0% [31.3, 83.2] of 10 prompts, over-refusal 10.0% [1.8, 40.4] of 10 prompts, balanced 75.0% "
+            "[45.4, 90.7] of 20 prompts (400 safety examples). No algorithm balances clearly best: their 95% "
+            "intervals overlap.") in summary
+    assert "Best balance" not in summary and "drives over-refusal most" not in summary
     html = result.html.read_text()
     assert "<th class=\"l\">curve</th>" in html and "<td class=\"l\">EHD · dpo</td>" in html
     # One algorithm: the labels stay the groups alone (existing reports do not change).
@@ -149,8 +156,8 @@ def test_report_pngs_hold_the_expected_series_and_html_embeds_them(runs_dir, tmp
     assert len(links) == 6 and all((out / link).resolve().is_file() for link in links)
     summary = result.summary.read_text()
     assert "mhd-pending" in summary and "not evaluated" in summary
-    assert "**EHD** drives over-refusal most" in summary
-    assert "60.0%" in summary
+    assert "No group clearly drives over-refusal" in summary and "drives over-refusal most" not in summary
+    assert "60.0% [31.3, 83.2] of 10 prompts" in summary
 
 
 def test_report_with_one_unevaluated_run_says_so(tmp_path):

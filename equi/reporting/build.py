@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,31 @@ MIX_FILES = {"composition": "mix_composition.png", "severity": "mix_severity.png
 HTML_FILE = "report.html"
 SUMMARY_FILE = "summary.md"
 DATA_FILE = "report.json"
+#: Where the report keeps its copies of each run's audit files (answers + metrics), so its links survive a move.
+AUDIT_DIR = "audit"
+
+
+def copy_audit_files(records: list[RunRecord], runs_root: Path, out: Path) -> None:
+    """Copy each evaluated run's ``eval/answers.parquet`` and ``eval/metrics.json`` to ``out/audit/<run path
+    under the runs root>/`` (flat: no ``eval/`` folder, so a report written under the runs root is not read back
+    as a run) and note the copy in ``record.audit``."""
+    from equi.evaluation.audit import METRICS_FILE
+
+    root = runs_root.resolve()
+    for record in records:
+        if record.answers is None:
+            continue
+        try:
+            rel = record.path.resolve().relative_to(root)
+        except ValueError:
+            rel = Path(record.name)
+        target = out / AUDIT_DIR / (rel if rel.parts else Path(record.name))
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(record.answers, target / record.answers.name)
+        metrics = record.answers.parent / METRICS_FILE
+        if metrics.is_file():
+            shutil.copy2(metrics, target / METRICS_FILE)
+        record.audit = target
 
 
 @dataclass
@@ -64,6 +90,8 @@ def build_report(config: ReportConfig) -> ReportResult:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     records = collect_runs(Path(config.runs)) if config.runs else []
+    if config.runs:
+        copy_audit_files(records, Path(config.runs), out)
     series = curve_series(records)
     plot_data: dict[str, dict[str, Any]] = {}
     curve_plots: dict[str, Path] = {}
@@ -98,7 +126,12 @@ def build_report(config: ReportConfig) -> ReportResult:
         "series": {g: [dataclasses.asdict(p) for p in pts] for g, pts in series.items()},
         "runs": [{"name": r.name, "path": str(r.path), "group": r.group, "scale": r.scale, "n_safety": r.n_safety,
                   "algo": r.algo, "series": label, "baseline": r.baseline, "summary": r.summary,
-                  "answers": str(r.answers) if r.answers else None, "problems": r.problems}
+                  "answers": str(r.answers) if r.answers else None,
+                  "audit": r.audit.relative_to(out).as_posix() if r.audit else None,
+                  "rates": {m: dataclasses.asdict(rate) for m, rate in r.rates.items()},
+                  "intervals": {m: list(ci) for m in METRICS if (r.summary or {}).get(m) is not None
+                                and (ci := r.interval(m)) is not None},
+                  "problems": r.problems}
                  for r, label in zip(records, series_labels(records))],
         "plots": plot_data,
     }

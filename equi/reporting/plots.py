@@ -11,6 +11,11 @@ from typing import Any
 
 from equi.reporting.runs import METRIC_LABELS, CurvePoint, split_label
 
+#: Every figure of the report has this size (inches), so the page lays them out alike.
+FIGSIZE = (6.4, 4.2)
+#: Error bars are drawn as containers labelled with this prefix (kept out of the legend, read back by tests).
+CI_PREFIX = "_ci "
+
 METRIC_EXPLANATIONS = {
     "safety": "harmful prompts refused or partly refused (%)",
     "over_refusal": "benign prompts refused or partly refused (%)",
@@ -62,7 +67,7 @@ def _integer_y(ax) -> None:
 
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1) if fig.texts else None)  # room for a caption (fig.text) below
     fig.savefig(path, dpi=110, metadata={"Software": "equi report"})
 
 
@@ -81,6 +86,9 @@ def _finish(plt, fig, ax, path: Path, kind: str, **extra: Any) -> dict[str, Any]
     series = _lines_of(ax) if kind == "line" else _bars_of(ax)
     data = {"file": path.name, "kind": kind, "title": ax.get_title(), "xlabel": ax.get_xlabel(),
             "ylabel": ax.get_ylabel(), **extra, "series": series}
+    if kind == "line":
+        data["errorbars"] = _errorbars_of(ax)
+        data["size_px"] = [int(round(v)) for v in fig.get_size_inches() * fig.dpi]
     plt.close(fig)
     return data
 
@@ -88,6 +96,55 @@ def _finish(plt, fig, ax, path: Path, kind: str, **extra: Any) -> dict[str, Any]
 def _lines_of(ax) -> dict[str, dict[str, list[float]]]:
     return {line.get_label(): {"x": [float(v) for v in line.get_xdata()], "y": [float(v) for v in line.get_ydata()]}
             for line in ax.get_lines() if not line.get_label().startswith("_")}
+
+
+def _errorbars_of(ax) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Per series, the error bars drawn (``y``: vertical, ``x``: horizontal), each as ``at`` (the other
+    coordinate), ``lo`` and ``hi``, read back from the bars' line segments."""
+    bars: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for container in ax.containers:
+        label = container.get_label() or ""
+        if not label.startswith(CI_PREFIX):
+            continue
+        name, _, axis = label[len(CI_PREFIX):].rpartition("|")
+        for collection in container.lines[2]:
+            segments = collection.get_segments()
+            col = 0 if axis == "y" else 1  # vertical bars share x; horizontal ones share y
+            bars.setdefault(name, {})[axis] = {
+                "at": [float(seg[0][col]) for seg in segments],
+                "lo": [float(min(seg[0][1 - col], seg[1][1 - col])) for seg in segments],
+                "hi": [float(max(seg[0][1 - col], seg[1][1 - col])) for seg in segments]}
+    return bars
+
+
+def _error_bars(ax, label: str, xs: list[float], ys: list[float], intervals: list[tuple[float, float] | None],
+                colour: str | None, axis: str = "y") -> None:
+    """Wilson 95% bars (percent) around the points that have an interval; labelled out of the legend."""
+    kept = [(x, y, ci) for x, y, ci in zip(xs, ys, intervals) if ci is not None]
+    if not kept:
+        return
+    px, py = [x for x, _, _ in kept], [y for _, y, _ in kept]
+    centre = py if axis == "y" else px
+    err = [[max(0.0, c - 100 * ci[0]) for c, (_, _, ci) in zip(centre, kept)],
+           [max(0.0, 100 * ci[1] - c) for c, (_, _, ci) in zip(centre, kept)]]
+    ax.errorbar(px, py, **{f"{axis}err": err}, fmt="none", ecolor=colour or "#555555", elinewidth=1, capsize=3,
+                alpha=0.6, label=f"{CI_PREFIX}{label}|{axis}")
+
+
+def _prompt_counts(series: dict[str, list[CurvePoint]], metrics: tuple[str, ...]) -> str:
+    """``"n = prompts per point: EHD 10; IHD 8–10"``: the prompts each series' rates rest on."""
+    parts = []
+    for label, points in series.items():
+        ns = sorted({n for p in points for m in metrics if (n := p.prompts(m)) is not None})
+        if ns:
+            parts.append(f"{label} {ns[0]}" + (f"–{ns[-1]}" if ns[-1] != ns[0] else ""))
+    return ("n = prompts per point: " + "; ".join(parts) + ". Bars: Wilson 95% intervals") if parts else ""
+
+
+def _caption(fig, text: str) -> None:
+    if text:
+        caption = fig.text(0.01, 0.005, text, fontsize=7, color="#444444", ha="left", va="bottom", wrap=True)
+        caption.set_parse_math(False)
 
 
 def _bars_of(ax) -> dict[str, list[float]]:
@@ -101,7 +158,7 @@ def _bars_of(ax) -> dict[str, list[float]]:
 def plot_curve(series: dict[str, list[CurvePoint]], metric: str, path: Path) -> dict[str, Any]:
     """One metric (percent) vs number of safety training examples, one line per series (group [· algorithm])."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=FIGSIZE)
     max_x = 0
     styles = _line_styles(series)
     for group, points in series.items():
@@ -112,6 +169,7 @@ def plot_curve(series: dict[str, list[CurvePoint]], metric: str, path: Path) -> 
         ys = [100.0 * p.value(metric) for p in kept]
         max_x = max(max_x, *xs)
         ax.plot(xs, ys, linewidth=2, label=group, **styles[group])
+        _error_bars(ax, group, xs, ys, [p.interval(metric) for p in kept], styles[group]["color"])
     positive = sorted({p.n_safety for pts in series.values() for p in pts if p.n_safety > 0})
     if len(positive) >= 2 and positive[-1] / positive[0] >= 20:
         ax.set_xscale("symlog", linthresh=max(1, positive[0]))
@@ -125,30 +183,72 @@ def plot_curve(series: dict[str, list[CurvePoint]], metric: str, path: Path) -> 
     else:
         ax.text(0.5, 0.5, "no evaluated runs with a known data size", ha="center", va="center",
                 transform=ax.transAxes)
-    return _finish(plt, fig, ax, path, "line")
+    caption = _prompt_counts(series, (metric,))
+    _caption(fig, caption)
+    return _finish(plt, fig, ax, path, "line", caption=caption)
+
+
+#: Where a point's label may go, in points from the point, tried in order until one overlaps nothing drawn.
+LABEL_OFFSETS = [(dx, dy) for dy in (6, -14, 18, -26, 30, -38, 42, -50) for dx in (6, -6)]
+
+
+def _place_labels(fig, ax, points: list[tuple[float, float, str, str | None]]) -> list[dict[str, Any]]:
+    """Label each point (x, y, text, colour) beside it without overprinting: offsets are tried in turn
+    (right/left, then further up/down) until the label's box overlaps no earlier label nor the legend and stays
+    inside the axes.
+    Returns each label's text and box in pixels, so a test can check that none overlap."""
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    legend = ax.get_legend()
+    placed: list[Any] = [legend.get_window_extent(renderer)] if legend is not None else []
+    labels: list[dict[str, Any]] = []
+    for x, y, text, colour in points:
+        artist = None
+        for dx, dy in LABEL_OFFSETS:
+            if artist is not None:
+                artist.remove()
+            artist = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                                 color=colour or "#222222", ha="left" if dx > 0 else "right", va="bottom",
+                                 annotation_clip=False)
+            artist.set_parse_math(False)
+            box = artist.get_window_extent(renderer)
+            within = (box.x0 >= inside.x0 and box.x1 <= inside.x1 and box.y0 >= inside.y0
+                      and box.y1 <= inside.y1)
+            if within and not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(box)
+        labels.append({"text": text, "box": [float(box.x0), float(box.y0), float(box.x1), float(box.y1)]})
+    return labels
 
 
 def plot_tradeoff(series: dict[str, list[CurvePoint]], path: Path) -> dict[str, Any]:
-    """Over-refusal (x) against safety (y): the path each group takes as its data grows."""
+    """Over-refusal (x) against safety (y): the path each group takes as its data grows. Each series' last point
+    is labelled with its size, placed so labels do not overprint; bars are Wilson 95% intervals both ways."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    fig, ax = plt.subplots(figsize=FIGSIZE)
     styles = _line_styles(series)
+    ends: list[tuple[float, float, str, str | None]] = []
     for group, points in series.items():
         kept = [p for p in points if p.safety is not None and p.over_refusal is not None]
         if kept:
-            ax.plot([100 * p.over_refusal for p in kept], [100 * p.safety for p in kept], label=group,
-                    **styles[group])
-            ax.annotate(f"n={kept[-1].n_safety}", (100 * kept[-1].over_refusal, 100 * kept[-1].safety),
-                        textcoords="offset points", xytext=(4, 4), fontsize=8)
+            xs, ys = [100 * p.over_refusal for p in kept], [100 * p.safety for p in kept]
+            ax.plot(xs, ys, label=group, **styles[group])
+            _error_bars(ax, group, xs, ys, [p.interval("safety") for p in kept], styles[group]["color"], "y")
+            _error_bars(ax, group, xs, ys, [p.interval("over_refusal") for p in kept], styles[group]["color"], "x")
+            ends.append((xs[-1], ys[-1], f"{kept[-1].n_safety} ex.", styles[group]["color"]))
     ax.set_xlabel("Over-refusal on benign prompts (%)")
     ax.set_ylabel("Safety on harmful prompts (%)")
     ax.set_xlim(-3, 103)
     ax.set_ylim(-3, 103)
-    ax.set_title("Safety vs over-refusal (top-left is best)", fontsize=10)
+    ax.set_title("Safety vs over-refusal (top-left is best); labels: safety examples", fontsize=10)
     ax.grid(True, alpha=0.3)
     if ax.get_lines():
-        ax.legend(title=_legend_title(series))
-    return _finish(plt, fig, ax, path, "line")
+        ax.legend(title=_legend_title(series), loc="lower right", fontsize=8, title_fontsize=8)
+    caption = _prompt_counts(series, ("safety", "over_refusal"))
+    _caption(fig, caption)
+    fig.tight_layout(rect=(0, 0.06, 1, 1) if fig.texts else None)  # final layout before measuring the labels
+    labels = _place_labels(fig, ax, ends)
+    return _finish(plt, fig, ax, path, "line", caption=caption, labels=labels)
 
 
 def plot_composition(composition: dict[str, dict[str, int]], path: Path) -> dict[str, Any]:

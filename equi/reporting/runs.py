@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from equi.evaluation.audit import ANSWERS_FILE, EVAL_DIR, METRICS_FILE
-from equi.schema import RUN_CONFIG, RUN_SUMMARY, TRAIN_CONFIG_KEY
+from equi.reporting.intervals import Rate, balanced_interval, metric_rate
+from equi.schema import FINAL_DIR, RUN_CONFIG, RUN_SUMMARY, TRAIN_CONFIG_KEY
 
 LADDER_FILE = "ladder.json"
 METRICS = ("safety", "over_refusal", "balanced")
@@ -47,18 +48,52 @@ class RunRecord:
     answers: Path | None = None
     problems: list[str] = field(default_factory=list)
     eval_error: str | None = None  # eval/metrics.json is there but unusable: why (the run is then not on the curves)
+    #: ``safety`` / ``over_refusal`` → the prompts behind the rate (k of n) and its Wilson 95% interval
+    rates: dict[str, Rate] = field(default_factory=dict)
+    audit: Path | None = None  # the report's copy of answers.parquet + metrics.json (set by build_report)
+
+    def interval(self, metric: str) -> tuple[float, float] | None:
+        """The Wilson 95% interval of ``summary[metric]`` (``balanced``: from the other two's), or None."""
+        if metric == "balanced":
+            return balanced_interval(self.rates.get("safety"), self.rates.get("over_refusal"))
+        rate = self.rates.get(metric)
+        return None if rate is None else (rate.lo, rate.hi)
 
 
 @dataclass(frozen=True)
 class CurvePoint:
+    """One run on a curve: its rates, and (when the metrics file lets the report count them) the prompts behind
+    each rate and its Wilson 95% interval ``[lo, hi]`` (fractions, like the rates)."""
+
     run: str
     n_safety: int
     safety: float | None
     over_refusal: float | None
     balanced: float | None
+    safety_rate: Rate | None = None
+    over_refusal_rate: Rate | None = None
+    balanced_ci: tuple[float, float] | None = None
 
     def value(self, metric: str) -> float | None:
         return getattr(self, metric)
+
+    def rate(self, metric: str) -> Rate | None:
+        """The counts behind ``safety`` / ``over_refusal`` (None for ``balanced`` or when unknown)."""
+        return {"safety": self.safety_rate, "over_refusal": self.over_refusal_rate}.get(metric)
+
+    def interval(self, metric: str) -> tuple[float, float] | None:
+        if metric == "balanced":
+            return self.balanced_ci
+        rate = self.rate(metric)
+        return None if rate is None else (rate.lo, rate.hi)
+
+    def prompts(self, metric: str) -> int | None:
+        """n: the prompts a rate rests on (``balanced``: both kinds together)."""
+        if metric == "balanced":
+            parts = [r.n for r in (self.safety_rate, self.over_refusal_rate) if r is not None]
+            return sum(parts) if len(parts) == 2 else None
+        rate = self.rate(metric)
+        return None if rate is None else rate.n
 
 
 def _read_json(path: Path, problems: list[str], name: str | None = None) -> dict[str, Any] | None:
@@ -167,7 +202,7 @@ def read_run(path: Path) -> RunRecord:
     noted = len(record.problems)
     metrics = _read_json(metrics_path, record.problems, f"{EVAL_DIR}/{METRICS_FILE}")
     if metrics is None and not metrics_path.is_file():
-        record.problems.append("not evaluated (no eval/metrics.json): run `equi eval " + str(path) + "`")
+        record.problems.append(f"not evaluated (no {EVAL_DIR}/{METRICS_FILE}): run `equi eval " + str(path) + "`")
     elif metrics is None:
         record.eval_error = record.problems[-1]  # unreadable or not an object: _read_json said which
     else:
@@ -175,6 +210,9 @@ def read_run(path: Path) -> RunRecord:
         if record.summary is None:
             record.eval_error = "; ".join(record.problems[noted:])
         record.suites = _objects(metrics.get("suites"))
+        if record.summary is not None:
+            record.rates = {m: rate for m in ("safety", "over_refusal")
+                            if (rate := metric_rate(record.summary, record.suites, m)) is not None}
         record.xstest_types = _objects(metrics.get("xstest_types"))
         answers = path / EVAL_DIR / ANSWERS_FILE
         record.answers = answers if answers.is_file() else None
@@ -196,7 +234,7 @@ def collect_runs(root: Path) -> list[RunRecord]:
         candidates = [root]
     else:
         candidates = sorted(p for p in root.rglob("*") if p.is_dir() and is_run_dir(p)
-                            and not any(part in ("final", EVAL_DIR) or part.startswith("checkpoint-")
+                            and not any(part in (FINAL_DIR, EVAL_DIR) or part.startswith("checkpoint-")
                                         for part in p.relative_to(root).parts))
     records = [read_run(p) for p in candidates]
     return sorted(records, key=lambda r: (r.group or "", r.algo or "", r.n_safety if r.n_safety is not None else -1,
@@ -243,7 +281,9 @@ def curve_series(records: list[RunRecord]) -> dict[str, list[CurvePoint]]:
     """
     def point(r: RunRecord, n: int) -> CurvePoint:
         s = r.summary or {}
-        return CurvePoint(r.name, n, s.get("safety"), s.get("over_refusal"), s.get("balanced"))
+        return CurvePoint(r.name, n, s.get("safety"), s.get("over_refusal"), s.get("balanced"),
+                          r.rates.get("safety"), r.rates.get("over_refusal"),
+                          r.interval("balanced") if s.get("balanced") is not None else None)
 
     baselines = [r for r in records if r.baseline and r.summary is not None]
     series: dict[str, list[CurvePoint]] = {}
