@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from equi.config import ConfigError
-from equi.schema import DATA_DIR, RUN_CONFIG, RUN_SUMMARY, SAFETY_GROUPS, run_record
+from equi.schema import DATA_DIR, EVAL_DIR, EVAL_METRICS, FINAL_DIR, RUN_CONFIG, RUN_SUMMARY, SAFETY_GROUPS, run_record
 
 LADDER_FILE = "ladder.json"
 LADDER_CONFIG_FILE = "ladder-config.json"
@@ -236,10 +236,10 @@ def _train_config(config: ScaleConfig, rung: Rung):
 def rung_differences(train_config, run_dir: Path, mix_hash: str) -> list[str]:
     """What ``train_config`` would train that differs from the run already in ``run_dir`` ([] = the same run).
 
-    :func:`train.run.run_differences` (the check ``equi train --resume`` makes) on the run's ``config.json``, plus
+    :func:`train.rundir.run_differences` (the check ``equi train --resume`` makes) on the run's ``config.json``, plus
     a config hash that differs only because another equi version wrote it (``--resume`` would refuse it).
     """
-    from train.run import run_differences
+    from train.rundir import run_differences
 
     record = run_record(run_dir)
     if record is None:
@@ -253,7 +253,7 @@ def rung_differences(train_config, run_dir: Path, mix_hash: str) -> list[str]:
 
 def _baseline_model(baseline_dir: Path) -> str | None:
     """The model the baseline evaluation answered with (eval/metrics.json, else ladder.json); None if unknown."""
-    for path in (baseline_dir / "eval" / "metrics.json", baseline_dir / LADDER_FILE):
+    for path in (baseline_dir / EVAL_DIR / EVAL_METRICS, baseline_dir / LADDER_FILE):
         try:
             model = json.loads(path.read_text(encoding="utf-8")).get("model")
         except (OSError, ValueError, AttributeError):
@@ -284,7 +284,7 @@ def run_ladder(config: ScaleConfig) -> LadderResult:
     """
     from equi.evaluation import evaluate
     from train.mixdata import manifest_hash, verify_mix_or_raise
-    from train.run import FINAL_DIR, train
+    from train.run import train
 
     verify_mix_or_raise(config.mix)
     mix_hash = manifest_hash(config.mix)
@@ -305,14 +305,14 @@ def run_ladder(config: ScaleConfig) -> LadderResult:
                 what = "holds a run trained" if finished else "holds an unfinished run started"
                 conflicts.append((rung.run_dir, f"{what} with other settings", differences))
         if config.evaluate:
-            _eval_config(config, None, rung.run_dir / "eval")
+            _eval_config(config, None, rung.run_dir / EVAL_DIR)
     baseline_dir = model_path = None
     if config.evaluate and config.baseline:
         from train.models import resolve_model
 
         baseline_dir = out / BASELINE_RUN
         model_path = resolve_model(config.model, quiet=config.quiet)
-        if (baseline_dir / "eval" / "metrics.json").is_file():
+        if (baseline_dir / EVAL_DIR / EVAL_METRICS).is_file():
             evaluated = _baseline_model(baseline_dir)
             if evaluated is not None and evaluated != model_path and not _same_place(evaluated, model_path):
                 conflicts.insert(0, (baseline_dir, "holds the evaluation of another untrained model",
@@ -327,7 +327,7 @@ def run_ladder(config: ScaleConfig) -> LadderResult:
     if baseline_dir is not None:
         record = {"mix": str(Path(config.mix).resolve()), "mix_manifest_hash": mix_hash, "group": BASELINE_RUN,
                   "baseline": True, "n_safety": 0, "n_benign": 0, "n_train": 0, "model": model_path}
-        eval_config = _eval_config(config, model_path, baseline_dir / "eval")
+        eval_config = _eval_config(config, model_path, baseline_dir / EVAL_DIR)
         if _kept_evaluation(baseline_dir, eval_config, notes):
             if not (baseline_dir / LADDER_FILE).is_file():  # evaluated with `equi eval --out BASELINE/eval`
                 _write_json(baseline_dir / LADDER_FILE, record)
@@ -384,7 +384,7 @@ def _kept_evaluation(run_dir: Path, eval_config, notes: list[str]) -> bool:
     """
     from equi.evaluation.audit import read_metrics
 
-    metrics = read_metrics(run_dir / "eval")
+    metrics = read_metrics(run_dir / EVAL_DIR)
     if metrics is None:
         return False
     saved, now = metrics.get("config") or {}, eval_config.to_dict()

@@ -86,10 +86,18 @@ DATA_DIR = "data"
 POOL_DIR = "pool"
 
 # An ``equi train`` run directory: RUN_CONFIG records, under TRAIN_CONFIG_KEY, the settings it was started with;
-# RUN_SUMMARY, written when training ends, what it trained (steps, loss, the pairs trained on).
+# RUN_SUMMARY, written when training ends, what it trained (steps, loss, the pairs trained on); METRICS_FILE one
+# JSON object per logging step; FINAL_DIR the trained model; EVAL_DIR its evaluation (``equi eval``, ``equi scale``).
 RUN_CONFIG = "config.json"
 TRAIN_CONFIG_KEY = "train_config"
 RUN_SUMMARY = "summary.json"
+METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"
+EVAL_DIR = "eval"
+
+# An eval directory (a run's EVAL_DIR, or ``equi eval --out``): every answer, and the metrics computed from them.
+EVAL_ANSWERS = "answers.parquet"
+EVAL_METRICS = "metrics.json"
 
 
 def run_record(run_dir: str | Path) -> dict | None:

@@ -31,12 +31,13 @@ def invoke(*args: str):
 def recorded_train(monkeypatch):
     """Replace the training itself: record the TrainConfig `equi train` would train with (nothing is loaded)."""
     import train.run
+    import train.rundir
 
     calls = []
 
     def fake_train(config):
         calls.append(config)
-        return train.run.RunResult(Path(config.out), Path(config.out) / "final", steps=0, summary={})
+        return train.rundir.RunResult(Path(config.out), Path(config.out) / "final", steps=0, summary={})
 
     monkeypatch.setattr(train.run, "train", fake_train)
     return calls

@@ -139,13 +139,14 @@ def fake_ladder(tmp_path, monkeypatch):
     (a ``final/`` folder, a metrics.json naming the model), so each ladder takes well under a second."""
     import equi.evaluation
     import train.run
+    import train.rundir
     from train.mixdata import manifest_hash
     from train_fixtures import build_hh_mix
 
     trained: list[tuple[str, bool]] = []
 
     def fake_train(config):
-        run_dir = train.run.prepare_run_dir(config, manifest_hash(config.mix))  # checks --resume like train
+        run_dir = train.rundir.prepare_run_dir(config, manifest_hash(config.mix))  # checks --resume like train
         (run_dir / "final").mkdir()
         # What train records of the pairs it trained on (fewer than selected when prompts are over --max-length).
         (run_dir / "summary.json").write_text(json.dumps({"n_safety": 7, "n_benign": 3}))

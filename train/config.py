@@ -1,7 +1,7 @@
 """``TrainConfig``: everything ``equi train`` needs, validated in ``__post_init__`` (TRL style).
 
 One dataclass spans all algorithms because they share the mix, model and run settings; the TRL configs
-(``DPOConfig``, ``GRPOConfig``, ``RewardConfig``) are built from it in ``train/run.py`` with CPU-sane
+(``DPOConfig``, ``GRPOConfig``, ``RewardConfig``) are built from it with ``train/trl_setup.py``'s CPU-sane
 values, so TRL's GPU-oriented defaults (bf16, gradient checkpointing, ``logging_steps=10``) never leak in.
 """
 

@@ -19,16 +19,28 @@ reference, and an interrupted round continues from its own last checkpoint.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import shutil
 from pathlib import Path
 from typing import Any
 
+from equi.schema import FINAL_DIR, METRICS_FILE
 from train.config import TrainConfig
+from train.dpo import build_dpo_trainer, precompute_pays
 from train.lagrangian import severity_scaled_costs, update_lambda
-from train.mixdata import group_sizes
-from train.models import save_model_atomic
+from train.mixdata import group_sizes, load_pairs
+from train.models import ModelError, load_policy, save_model_atomic
+from train.rundir import (
+    RunResult,
+    append_metrics,
+    checkpoint_step,
+    keep_metrics,
+    last_checkpoint,
+    read_metrics,
+    save_final,
+    train_from,
+)
+from train.trl_setup import metrics_callback
 
 
 def rerank_pairs(dataset, lam: float, severity_weights: dict[str, float]):
@@ -74,22 +86,7 @@ def expected_cost(trainer, dataset, severity_weights: dict[str, float], batch_si
     return sum(expectations) / len(expectations) if expectations else float("nan")
 
 
-def run_dual(config: TrainConfig, manifest: dict[str, Any], run_dir: Path):
-    from train.run import (
-        FINAL_DIR,
-        METRICS_FILE,
-        RunResult,
-        build_dpo_trainer,
-        checkpoint_step,
-        last_checkpoint,
-        load_pairs,
-        load_policy,
-        metrics_callback,
-        precompute_pays,
-        save_final,
-        train_from,
-    )
-
+def run_dual(config: TrainConfig, manifest: dict[str, Any], run_dir: Path) -> RunResult:
     train_split, eval_split = load_pairs(config, manifest)
     measure_on = eval_split.dataset if len(eval_split.dataset) else train_split.dataset
     lam = config.lambda_init
@@ -137,8 +134,7 @@ def run_dual(config: TrainConfig, manifest: dict[str, Any], run_dir: Path):
             "steps": steps,
         }
         history.append(record)
-        with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"dual": True, **record}, default=float) + "\n")
+        append_metrics(run_dir / METRICS_FILE, {"dual": True, **record})
         if round_index:  # the round before is done for good: its model is no longer a resume point
             shutil.rmtree(run_dir / f"round-{round_index - 1}" / ROUND_MODEL, ignore_errors=True)
         lam = update.value
@@ -172,8 +168,6 @@ def _save_round_model(trainer, model, tokenizer, round_dir: Path) -> None:
 
 def _round_model(round_dir: Path) -> Path:
     """A finished round's saved policy, to continue from."""
-    from train.models import ModelError
-
     if not (round_dir / ROUND_MODEL).is_dir():
         raise ModelError(f"--resume: {round_dir} finished but its {ROUND_MODEL}/ is missing; train again with a new --out")
     return round_dir / ROUND_MODEL
@@ -184,8 +178,6 @@ def _resume_rounds(run_dir: Path) -> tuple[list[dict[str, Any]], Path | None]:
 
     ``metrics.jsonl`` keeps the finished rounds' records and the interrupted round's up to its checkpoint.
     """
-    from train.run import checkpoint_step, keep_metrics, last_checkpoint, read_metrics
-
     history = [{k: v for k, v in m.items() if k != "dual"} for m in read_metrics(run_dir) if m.get("dual")]
     current = history[-1]["round"] + 1 if history else 0
     checkpoint = last_checkpoint(run_dir / f"round-{current}")

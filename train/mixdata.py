@@ -12,6 +12,7 @@ from typing import Any
 
 from equi.manifest import sha256_file, verify_mix
 from equi.schema import DATA_DIR, MANIFEST, MIX_SCHEMA, check_schema
+from train.config import TrainConfig
 
 
 class MixError(ValueError):
@@ -137,3 +138,15 @@ def load_split(
             "no chosen/rejected pair",
         )
     return LoadedSplit(dataset, total, dropped)
+
+
+def load_pairs(config: TrainConfig, manifest: dict[str, Any]) -> tuple[LoadedSplit, LoadedSplit]:
+    """The train and eval pairs of the mix after ``--scale`` / ``--groups``; a one-line error when none are left."""
+    train = load_split(config.mix, "train", config.scale, config.groups, need_pairs=True, manifest=manifest,
+                       skip_images=config.skip_images)
+    if len(train.dataset) == 0:
+        why = ", ".join(f"{n} {reason}" for reason, n in train.dropped.items()) or "the split is empty"
+        raise MixError(f"mix {config.mix} has no preference pairs to train {config.algo} on ({why})")
+    evaluation = load_split(config.mix, "eval", None, config.groups, need_pairs=True, manifest=manifest,
+                            skip_images=config.skip_images)
+    return train, evaluation

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from equi.cache import cache_dir
+from train.config import TrainConfig
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -149,3 +150,15 @@ def bf16_supported() -> bool:
     import torch
 
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def load_policy(config: TrainConfig, weights: str | Path | None = None):
+    """The policy and its tokenizer, from ``--model`` or the bundled default; ``weights``: a folder to take the
+    policy's weights from instead (a ``dual`` round's saved policy), the tokenizer still ``--model``'s."""
+    import torch
+
+    path = resolve_model(config.model, quiet=config.quiet)
+    tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
+    dtype = torch.bfloat16 if bf16_supported() else torch.float32
+    model = load_causal_lm(str(weights or path), dtype=dtype, trust_remote_code=config.trust_remote_code)
+    return path, model, tokenizer

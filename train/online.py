@@ -32,10 +32,16 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 
+from equi.schema import METRICS_FILE
 from train.lagrangian import update_lambda
-from train.rewards import LambdaState, prompt_harm
+from train.mixdata import MixError, load_split
+from train.models import load_policy
+from train.rewards import LambdaState, SafetyScorer, make_constrained_reward, make_safety_reward, prompt_harm
+from train.rundir import RunResult, append_metrics, fit, read_metrics, resume_checkpoint
+from train.scorers import ModelScorer
+from train.trl_setup import metrics_callback, peft_config_for, quiet_trainer, trl_common_kwargs
 
 #: (prompt_harm, response) -> [(start, end, score in [-1, 1])], as ``curation.segments.segment_scores``.
 SegmentFn = Callable[[float, str], Sequence[tuple[int, int, float]]]
@@ -167,8 +173,7 @@ class LambdaCallback(TrainerCallback):
         self.lam.history.append(record)
         self.lam.value = update.value
         if state.is_world_process_zero:
-            with open(self.metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record, default=float) + "\n")
+            append_metrics(self.metrics_path, record)
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -206,9 +211,6 @@ def prompt_dataset(dataset, tokenizer):
 
 def build_scorer(config):
     """The reward/cost scorers the online reward functions use: equi's detector, or the models passed."""
-    from train.rewards import SafetyScorer
-    from train.scorers import ModelScorer
-
     reward = ModelScorer(config.reward_model, trust_remote_code=config.trust_remote_code) if config.reward_model else None
     cost = ModelScorer(config.cost_model, trust_remote_code=config.trust_remote_code) if config.cost_model else None
     return SafetyScorer(reward_scorer=reward, cost_scorer=cost, severity_weights=config.severity_weights)
@@ -217,11 +219,6 @@ def build_scorer(config):
 def build_online_trainer(config, model, tokenizer, train_dataset, run_dir: Path, callbacks=None, scorer=None,
                          segment_fn: SegmentFn | None = None, lam: LambdaState | None = None):
     """An :class:`EquiGRPOTrainer` for ``config.algo`` and the λ state it shares with its reward function."""
-    from trl import GRPOConfig
-
-    from train.rewards import make_constrained_reward, make_safety_reward
-    from train.run import METRICS_FILE, peft_config_for, quiet_trainer, trl_common_kwargs
-
     scorer = scorer or build_scorer(config)
     lam = lam or LambdaState(config.lambda_init)
     if config.algo in ("repo", "ppo-lag"):
@@ -259,11 +256,7 @@ def build_online_trainer(config, model, tokenizer, train_dataset, run_dir: Path,
     return trainer, lam
 
 
-def run_online(config, manifest: dict[str, Any], run_dir: Path):
-    from train.mixdata import MixError, load_split
-    from train.run import (METRICS_FILE, RunResult, load_policy, metrics_callback, read_metrics, resume_checkpoint,
-                           save_final, train_from)
-
+def run_online(config, manifest: dict[str, Any], run_dir: Path) -> RunResult:
     split = load_split(config.mix, "train", config.scale, config.groups, need_pairs=False, manifest=manifest,
                        skip_images=config.skip_images)
     if not any(p and p.strip() for p in split.dataset["prompt"]):  # before the model is loaded
@@ -278,22 +271,16 @@ def run_online(config, manifest: dict[str, Any], run_dir: Path):
     trainer, lam = build_online_trainer(
         config, model, tokenizer, prompts, run_dir, callbacks=[metrics_callback(run_dir / METRICS_FILE)], lam=lam
     )
-    train_loss = train_from(trainer, checkpoint, run_dir)
-    final_dir = save_final(trainer, tokenizer, run_dir)
-    summary = {
+    rows = {
         "train_prompts": len(prompts),
         **split.group_sizes(),
         "mix_rows": split.total_rows,
         "rows_left_out": split.dropped,
-        "steps": trainer.state.global_step,
-        "resumed_from": str(checkpoint) if checkpoint else None,
-        "train_loss": train_loss,
-        "reward_model": config.reward_model,
-        "cost_model": config.cost_model,
     }
+    result = fit(trainer, tokenizer, run_dir, checkpoint, rows,
+                 lambda: {"reward_model": config.reward_model, "cost_model": config.cost_model})
     if config.algo in ("repo", "ppo-lag"):
-        summary["final_lambda"] = lam.value
+        result.summary["final_lambda"] = lam.value
         # Counted in metrics.jsonl, so the updates made before a --resume count too.
-        summary["lambda_updates"] = sum(1 for m in read_metrics(run_dir) if "lambda_update" in m)
-    return RunResult(run_dir, final_dir, trainer.state.global_step, summary=summary)
-
+        result.summary["lambda_updates"] = sum(1 for m in read_metrics(run_dir) if "lambda_update" in m)
+    return result

@@ -17,7 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from equi.schema import METRICS_FILE
 from train.lagrangian import severity_scaled_costs
+from train.mixdata import MixError, load_pairs
+from train.models import bf16_supported, check_is_scorer, load_sequence_classifier, load_tokenizer, resolve_model
+from train.rundir import RunResult, fit, resume_checkpoint
+from train.trl_setup import metrics_callback, peft_config_for, quiet_trainer, trl_common_kwargs
 
 #: TRL's ``center_rewards_coefficient`` (the value its docs suggest): keeps scores near 0 on average.
 CENTER_REWARDS = 0.01
@@ -50,15 +55,10 @@ def _preference_rows(dataset, tokenizer):
     return dataset
 
 
-def run_scorer_training(config, manifest: dict[str, Any], run_dir: Path):
+def run_scorer_training(config, manifest: dict[str, Any], run_dir: Path) -> RunResult:
     """``equi train --algo reward-model|cost-model``: a ``RewardTrainer`` run saving the classifier in ``final/``."""
     import torch
     from trl import RewardConfig, RewardTrainer
-
-    from train.mixdata import MixError
-    from train.models import bf16_supported, load_sequence_classifier, load_tokenizer, resolve_model
-    from train.run import METRICS_FILE, RunResult, load_pairs, metrics_callback, peft_config_for, resume_checkpoint, \
-        quiet_trainer, save_final, train_from, trl_common_kwargs
 
     train_split, eval_split = load_pairs(config, manifest)
     pairs, ties = train_split.dataset, 0
@@ -87,17 +87,8 @@ def run_scorer_training(config, manifest: dict[str, Any], run_dir: Path):
     )
     quiet_trainer(trainer, config.quiet)
     checkpoint = resume_checkpoint(config, run_dir)
-    train_loss = train_from(trainer, checkpoint, run_dir)
-    final_dir = save_final(trainer, tokenizer, run_dir)
-    summary = {
-        "train_pairs": len(pairs),
-        "pairs_left_out_equal_cost": ties,
-        "rows_left_out": train_split.dropped,
-        "steps": trainer.state.global_step,
-        "resumed_from": str(checkpoint) if checkpoint else None,
-        "train_loss": train_loss,
-        "scorer": config.algo,
-    }
+    rows = {"train_pairs": len(pairs), "pairs_left_out_equal_cost": ties, "rows_left_out": train_split.dropped}
+    result = fit(trainer, tokenizer, run_dir, checkpoint, rows, lambda: {"scorer": config.algo})
     if len(eval_split.dataset):
         eval_pairs = eval_split.dataset
         if config.algo == "cost-model":
@@ -106,16 +97,14 @@ def run_scorer_training(config, manifest: dict[str, Any], run_dir: Path):
             scorer = ModelScorer.from_loaded(trainer.accelerator.unwrap_model(trainer.model), tokenizer)
             high = scorer(eval_pairs["prompt"], eval_pairs["chosen"])
             low = scorer(eval_pairs["prompt"], eval_pairs["rejected"])
-            summary["eval_pairwise_accuracy"] = sum(h > l for h, l in zip(high, low)) / len(high)
-    return RunResult(run_dir, final_dir, trainer.state.global_step, summary=summary)
+            result.summary["eval_pairwise_accuracy"] = sum(h > l for h, l in zip(high, low)) / len(high)
+    return result
 
 
 class ModelScorer:
     """A sequence-classification checkpoint as a ``(prompts, completions) -> scores`` function."""
 
     def __init__(self, path: str, trust_remote_code: bool = False, batch_size: int = 8):
-        from train.models import check_is_scorer, load_sequence_classifier, load_tokenizer
-
         check_is_scorer(path, trust_remote_code)
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         model = load_sequence_classifier(path, trust_remote_code=trust_remote_code)

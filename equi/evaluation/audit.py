@@ -17,9 +17,11 @@ from typing import Any, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-ANSWERS_FILE = "answers.parquet"
-METRICS_FILE = "metrics.json"
-EVAL_DIR = "eval"
+from equi.schema import EVAL_ANSWERS, EVAL_DIR, EVAL_METRICS
+
+# This package's names for the eval directory's files (spelled in equi.schema).
+ANSWERS_FILE = EVAL_ANSWERS
+METRICS_FILE = EVAL_METRICS
 
 AUDIT_SCHEMA = pa.schema([
     pa.field("suite", pa.string(), nullable=False),

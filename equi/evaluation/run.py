@@ -13,7 +13,7 @@ from equi.evaluation.audit import EVAL_DIR, write_answers, write_metrics
 from equi.evaluation.generation import generate_answers, load_model
 from equi.evaluation.metrics import LABELS, compute_metrics
 from equi.evaluation.suites import Suite, SuiteError, load_suites, parse_suite_names, resolve_data_dir
-from equi.schema import saved_train_config
+from equi.schema import FINAL_DIR, saved_train_config
 
 
 @dataclass
@@ -67,9 +67,9 @@ class EvalConfig:
             if (algo := (saved_train_config(target) or {}).get("algo")) in ("reward-model", "cost-model"):
                 raise ConfigError(f"{target} is a {algo} run: it scores answers and "
                                   "writes none; evaluate a policy run (or pass it to --reward-model/--cost-model)")
-            if (target / "final").is_dir():
+            if (target / FINAL_DIR).is_dir():
                 self.run_dir = str(target)
-                self.model_path = str(target / "final")
+                self.model_path = str(target / FINAL_DIR)
             elif _is_run_dir(target):
                 raise ConfigError(f"{target} is a training run without a final/ model: training has not finished "
                                   f"(`equi train --out {target} --resume` finishes it)")
