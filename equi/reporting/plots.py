@@ -244,6 +244,7 @@ def plot_tradeoff(series: dict[str, list[CurvePoint]], path: Path) -> dict[str, 
     ax.grid(True, alpha=0.3)
     if ax.get_lines():
         ax.legend(title=_legend_title(series), loc="lower right", fontsize=8, title_fontsize=8)
+        _literal_legend(ax)  # before tight_layout measures the legend's text
     caption = _prompt_counts(series, ("safety", "over_refusal"))
     _caption(fig, caption)
     fig.tight_layout(rect=(0, 0.06, 1, 1) if fig.texts else None)  # final layout before measuring the labels
