@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from equi.errors import UsageError
 from equi.schema import SAFETY_GROUPS
 
 DEFAULT_RATIOS: dict[str, float] = {"EHD": 10.0, "IHD": 3.0, "MHD": 1.0}
@@ -24,7 +25,7 @@ ENGINES = ("local", "ray")
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config value a user can fix; the message says how."""
 
 

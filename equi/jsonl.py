@@ -10,8 +10,10 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+from equi.errors import UsageError
 
-class BadJSON(ValueError):
+
+class BadJSON(UsageError):
     """Why a line is not JSON Python can read: ``reason`` (and the ``column``, where the parser says)."""
 
     def __init__(self, reason: str, column: int | None = None):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
+from equi.errors import EquiError, OutputExistsError, OutputNotWritable, VerificationError
 from equi.schema import (CARD, DATA_DIR, MANIFEST, MIX_SCHEMA, POOL_DIR, POOL_SCHEMA, REJECTS, SCHEMA_VERSION,
                           check_schema)
 
@@ -129,7 +130,7 @@ def resumable_directory(target: str | Path, fingerprint: dict | None, overwrite:
 RESUME_FILE = ".resume.json"
 
 
-class WorkKept(Exception):
+class WorkKept(EquiError):
     """An error of the machine, not of the input (disk full, a file that could not be written), inside
     :func:`resumable_directory`: the work so far is kept at ``work`` and the same command resumes it."""
 
@@ -149,10 +150,10 @@ def check_writable(target: str | Path, overwrite: bool = False, inputs: Iterable
         probe = target.with_name(f".{target.name}.probe-{os.getpid()}")
         probe.mkdir()
         probe.rmdir()
-    except FileExistsError:
+    except OutputExistsError:
         raise
     except OSError as exc:
-        raise PermissionError(f"cannot write --out {target}: {exc.strerror or exc} "
+        raise OutputNotWritable(f"cannot write --out {target}: {exc.strerror or exc} "
                               f"({Path(os.path.abspath(target)).parent})") from None
 
 
@@ -166,19 +167,19 @@ def _check_target(target: str | Path, overwrite: bool, inputs: Iterable[str | Pa
     given = target
     target = Path(os.path.abspath(target))
     if not target.name:
-        raise FileExistsError(f"--out {given}: cannot write to the root directory; choose a new directory")
+        raise OutputExistsError(f"--out {given}: cannot write to the root directory; choose a new directory")
     if target.exists() or target.is_symlink():
         if not overwrite:
-            raise FileExistsError(f"{given} exists; pass --overwrite to replace it")
+            raise OutputExistsError(f"{given} exists; pass --overwrite to replace it")
         if not (target.is_dir() and (target / MANIFEST).is_file()):
-            raise FileExistsError(f"{given} is not an equi output (no {MANIFEST}); --overwrite replaces only what "
+            raise OutputExistsError(f"{given} is not an equi output (no {MANIFEST}); --overwrite replaces only what "
                                   "equi wrote: choose a new --out, or remove it yourself")
         real, here = target.resolve(), Path.cwd().resolve()
         if real == here or real in here.parents:
-            raise FileExistsError(f"--out {given} holds the current directory; choose another --out")
+            raise OutputExistsError(f"--out {given} holds the current directory; choose another --out")
         for path in inputs:
             if str(path) != "-" and real in Path(path).resolve().parents:
-                raise FileExistsError(f"the input {path} lies inside --out {given}, which this run would replace; "
+                raise OutputExistsError(f"the input {path} lies inside --out {given}, which this run would replace; "
                                       "choose another --out")
     target.parent.mkdir(parents=True, exist_ok=True)
     return target
@@ -203,7 +204,7 @@ def _exclusive(lock_path: Path, target: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FileExistsError(f"another run is writing {target} (lock {lock_path})") from None
+            raise OutputExistsError(f"another run is writing {target} (lock {lock_path})") from None
         try:
             yield
         finally:
@@ -224,12 +225,12 @@ def shard_entry(root: Path, path: Path, rows: int, split: str, group: str | None
     return entry
 
 
-class MixVerificationError(Exception):
-    """A mix does not match its manifest; ``problems`` lists every mismatch, first one first."""
+class MixVerificationError(VerificationError):
+    """A mix does not match its manifest; ``problems`` lists every mismatch, first one first; ``message`` (default:
+    the first problem) is what the user reads."""
 
-    def __init__(self, problems: list[str]):
-        super().__init__(problems[0] if problems else "mix verification failed")
-        self.problems = problems
+    def __init__(self, problems: list[str], message: str | None = None):
+        super().__init__(message or (problems[0] if problems else "mix verification failed"), problems)
 
 
 def load_manifest(mix_dir: str | Path) -> dict[str, Any]:

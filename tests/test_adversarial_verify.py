@@ -292,12 +292,13 @@ def test_older_manifest_without_files_is_refused(copy):
 
 
 def test_train_and_guard_refuse_a_malformed_entry_with_exit_3(copy, tmp_path):
-    from train.mixdata import MixVerificationFailed, verify_mix_or_raise
+    from equi.manifest import MixVerificationError
+    from train.mixdata import verify_mix_or_raise
 
     manifest = _manifest(copy)
     manifest["shards"][0] = "pool/pool-00000-of-00001.parquet"  # synthetic damage: an entry that is no object
     _write_manifest(copy, manifest)
-    with pytest.raises(MixVerificationFailed, match="shard entry 0"):
+    with pytest.raises(MixVerificationError, match="shard entry 0"):
         verify_mix_or_raise(copy)
     result = _invoke("guard", copy, "--out", tmp_path / "guarded", "--rounds", "0", "--quiet")
     assert result.exit_code == 3 and "shard entry 0" in result.output

@@ -10,17 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from equi.manifest import sha256_file, verify_mix
+from equi.errors import UsageError
+from equi.manifest import MixVerificationError, sha256_file, verify_mix
 from equi.schema import DATA_DIR, MANIFEST, MIX_SCHEMA, check_schema
 from train.config import TrainConfig
 
 
-class MixError(ValueError):
+class MixError(UsageError):
     """The mix is missing, incomplete, tampered with or unusable for the chosen algorithm (one-line message)."""
-
-
-class MixVerificationFailed(MixError):
-    """The shards do not match the manifest (tampered or incomplete): the CLI exits 3 for this one."""
 
 
 def read_manifest(mix_dir: str | Path) -> dict[str, Any]:
@@ -48,7 +45,7 @@ def verify_mix_or_raise(mix_dir: str | Path) -> dict[str, Any]:
     problems = verify_mix(mix_dir)  # the one definition of a sound mix, shared with `equi verify`
     if problems:  # checked before the manifest is used, so a malformed entry is a failed verification
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise MixVerificationFailed(f"mix {mix_dir} failed verification: {problems[0]}{more}")
+        raise MixVerificationError(problems, f"mix {mix_dir} failed verification: {problems[0]}{more}")
     return read_manifest(mix_dir)
 
 

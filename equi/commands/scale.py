@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from equi.commands._console import console, fail
+from equi.commands._console import console, fail, reported_errors
 
 HELP = """Train one run per (group, scale) on nested subsets of a mix, evaluate each, and the untrained baseline.
 
@@ -54,15 +54,10 @@ def register(app: typer.Typer) -> None:
         data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Shared data directory for the eval suites."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ) -> None:
-        from equi.config import ConfigError
-        from equi.evaluation import SuiteError
-        from equi.evaluation.generation import ModelLoadError
         from equi.ladder import ScaleConfig, parse_scales, run_ladder
-        from train.mixdata import MixError, MixVerificationFailed
-        from train.models import ModelError
 
         options = _train_options(train_config, max_length=max_length, save_steps=save_steps)
-        try:
+        with reported_errors():
             config = ScaleConfig(mix=str(mix), scales=parse_scales(scales), groups=_split([groups]) if groups else None,
                                  out=str(out), algo=algo, model=model, max_steps=max_steps, epochs=epochs,
                                  batch_size=batch_size, lr=lr, beta=beta, seed=seed, lora_r=lora_r,
@@ -70,10 +65,6 @@ def register(app: typer.Typer) -> None:
                                  eval_limit=eval_limit, max_new_tokens=max_new_tokens, data_dir=data_dir, quiet=quiet,
                                  train_options=options)
             result = run_ladder(config)
-        except MixVerificationFailed as exc:
-            fail(str(exc), code=3)
-        except (ConfigError, SuiteError, MixError, ModelError, ModelLoadError) as exc:
-            fail(str(exc), code=2)
         if not quiet:
             for note in result.notes:
                 console.print(f"note: {note}")

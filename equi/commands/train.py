@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from equi.commands._console import console, fail
+from equi.commands._console import console, fail, reported_errors
 
 EXAMPLE = """
 Example:
@@ -167,16 +167,10 @@ def train_command(
         where = f"{out}/config.json or --config" if saved is not None else "--config"
         fail(f"bad setting in {where} ({exc})", code=2)
 
-    from train.mixdata import MixError, MixVerificationFailed
-    from train.models import ModelError
     from train.run import train
 
-    try:
+    with reported_errors():
         result = train(config)
-    except MixVerificationFailed as exc:
-        fail(str(exc), code=3)
-    except (MixError, ConfigError, ModelError) as exc:
-        fail(str(exc), code=2)
     if not quiet:
         print_summary(result)
     if dropped := result.summary.get("rows_dropped_prompt_too_long"):  # on stderr even with --quiet

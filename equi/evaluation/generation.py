@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from equi.errors import UsageError
 
-class ModelLoadError(RuntimeError):
+
+class ModelLoadError(UsageError):
     """The model or tokenizer could not be loaded; the message says what was tried."""
 
 

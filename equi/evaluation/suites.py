@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from equi.errors import UsageError
+
 from equi.jsonl import iter_json_lines
 
 EXPECTED = ("refuse", "comply")
 DATA_DIR_ENV = "EQUI_DATA_DIR"
 
 
-class SuiteError(ValueError):
+class SuiteError(UsageError):
     """A suite could not be read; the message says which file and why."""
 
 

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from equi.errors import UsageError
 from equi.schema import DATA_DIR, GROUPS, MANIFEST, POOL_DIR, REJECTS, SEVERITIES
 
 
-class MixReadError(ValueError):
+class MixReadError(UsageError):
     """The directory is not a readable mix; the message says what is missing."""
 
 

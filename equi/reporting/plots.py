@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from equi.errors import EquiError
 from equi.reporting.runs import METRIC_LABELS, CurvePoint, split_label
 
 #: Every figure of the report has this size (inches), so the page lays them out alike.
@@ -44,8 +45,8 @@ def _legend_title(series: dict[str, list[CurvePoint]]) -> str:
     return "training group · algorithm" if any(split_label(label)[1] for label in series) else "training group"
 
 
-class PlottingUnavailable(ImportError):
-    pass
+class PlottingUnavailable(EquiError, ImportError):
+    """matplotlib is missing: the report cannot draw its plots."""
 
 
 def _pyplot():
