@@ -10,6 +10,12 @@ With ``--embedder static`` (``pip install -e ".[fast]"``) a categoriser for the 
 the Equilibrate relabelled BeaverTails prompts (``shared/data/equilibrate_relabel_dev``) and cached in
 ``$EQUI_CACHE/bench``. Targets (issue 6, 2 cores): static ≥ 20,000 rows/s end to end, MiniLM pipeline ≥ 0.9×
 the raw encoder, peak RSS < 2 GiB at 1,000,000 rows.
+
+    python bench/curate_throughput.py --heuristics-only [--repeats 5]
+
+prints the CPU cost a row of each per-row heuristic (refusal detector on every response, AMA segment spans,
+the categoriser's prompt lexicon) on ~5,700 distinct real rows (~7,500 responses), no encoder and no GPU: the
+ceiling those heuristics put on rows/s per core, whatever the encoder.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ def build_input(rows: int, seed: int, path: Path) -> None:
 def encoder_rows_per_s(raw: Path, embedder: str | None, limit: int | None = None) -> float:
     """The raw encoder alone on exactly the texts the pipeline embeds (the first ``limit`` of them)."""
     from curation.embed import get_embedder
-    from curation.pipeline import text_for_embedding
+    from curation.steps import text_for_embedding
     from curation.readers import RawRow, read_rows
 
     texts = [text_for_embedding(row.prompt) for row in read_rows([str(raw)]) if isinstance(row, RawRow)]
@@ -82,7 +88,13 @@ def main() -> None:
                         help="time the raw encoder on the first N texts only (default: all; MiniLM takes ~2 h "
                              "for 1,000,000 on 2 cores)")
     parser.add_argument("--build-only", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--heuristics-only", action="store_true",
+                        help="time only the per-row heuristics (no encoder), µs a row by heuristic")
+    parser.add_argument("--repeats", type=int, default=5, help="--heuristics-only: timings taken (the min is shown)")
     args = parser.parse_args()
+    if args.heuristics_only:
+        heuristics_only(args.repeats)
+        return
     if args.build_only:
         build_input(args.rows, args.seed, args.build_only)
         return
@@ -138,6 +150,74 @@ def main() -> None:
     print(f"| {args.embedder or 'all-MiniLM-L6-v2'} | {args.workers} | {args.rows:,} | {rate:,.0f} rows/s | {raw_rate:,.0f} rows/s "
           f"| {rate / raw_rate:.2f}x | {1000 * cpu_s / args.rows:.2f} s | {peak_mib / 1024:.2f} GiB "
           f"| {tree.peak_mib / 1024:.2f} GiB |")
+
+
+def distinct_rows() -> list[str]:
+    """Every real row once (no resampling, so no repeated text is scored from a cache): HH-RLHF harmless-base pairs,
+    XSTest completions of all five models, refusal-direction completions and AdvBench targets, as JSON lines."""
+    from tests.realdata import advbench_rows, hh_lines, xstest_single_responses
+
+    shared = REPO.parent / "shared" / "data"
+    lines = hh_lines(shared, 10**6)
+    models = sorted(p.name.removeprefix("xstest_v2_completions_").removesuffix(".csv") for p in
+                    (shared / "xstest_completions_dev" / "model_completions").glob("xstest_v2_completions_*.csv"))
+    lines += [json.dumps(r) for m in models for r in xstest_single_responses(shared, m)]
+    for path in sorted((shared / "refusal_direction_completions").glob("*/*_evaluations.json")):
+        lines += [json.dumps({"prompt": r["prompt"], "response": r["response"], "source": "refusal_direction"})
+                  for r in json.loads(path.read_text(encoding="utf-8"))["completions"]]
+    lines += [json.dumps(r) for r in advbench_rows(shared)]
+    return lines
+
+
+def heuristics_only(repeats: int) -> None:
+    """CPU µs a row of each per-row heuristic, called as ``equi curate`` calls them (min of ``repeats``)."""
+    import numpy as np
+
+    from curation import refusal
+    from curation.categorise import lexicon_features
+    from curation.readers import RawRow, read_rows
+    from curation.segments import pair_span_columns, split_segments
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.jsonl"
+        raw.write_text("\n".join(distinct_rows()) + "\n", encoding="utf-8")
+        rows = [r for r in read_rows([str(raw)]) if isinstance(r, RawRow)]
+    n = len(rows)
+    prompts = [r.prompt for r in rows]
+    # as curation.steps calls them: the refusal detector once over every response column, spans over the pairs'
+    # chosen and rejected answers (single-response rows are paired up later; here their response stands in)
+    responses = [t for c in ("chosen", "rejected", "response") for t in (getattr(r, c) for r in rows) if t is not None]
+    harm = list(np.random.default_rng(0).random(n).astype(np.float32))
+    chosen = [r.chosen if r.chosen is not None else r.response for r in rows]
+    rejected = [r.rejected for r in rows]
+    distinct = list(dict.fromkeys(responses))
+    refusal.load_heads()
+    parts = {
+        "refusal: heuristic features": lambda: refusal.refusal_features(distinct),
+        "refusal: hashed n-grams": lambda: refusal._ngram_features(distinct),
+        "refusal: whole (refusal_scores)": lambda: refusal.refusal_scores(responses),
+        "spans: split_segments": lambda: [split_segments(t) for t in dict.fromkeys(chosen + rejected) if t],
+        "spans: whole (pair_span_columns)": lambda: pair_span_columns(harm, chosen, rejected),
+        "categoriser lexicon (prompts)": lambda: lexicon_features(prompts),
+    }
+    wholes = ("refusal: whole (refusal_scores)", "spans: whole (pair_span_columns)", "categoriser lexicon (prompts)")
+    print(f"{n:,} distinct real rows, {len(responses):,} responses, {sum(t is not None for t in rejected):,} pairs; "
+          f"CPU time (all threads) and wall, min of {repeats}")
+    total_cpu = total_wall = 0.0
+    for name, fn in parts.items():
+        fn()  # warm-up: compiled patterns, polars' regex cache
+        cpu, wall = [], []
+        for _ in range(repeats):
+            c, w = time.process_time(), time.perf_counter()
+            fn()
+            cpu.append(time.process_time() - c)
+            wall.append(time.perf_counter() - w)
+        print(f"  {name:<34} {1e6 * min(cpu) / n:7.1f} µs/row CPU  {1e6 * min(wall) / n:7.1f} µs/row wall")
+        if name in wholes:
+            total_cpu += min(cpu)
+            total_wall += min(wall)
+    print(f"  {'all heuristics':<34} {1e6 * total_cpu / n:7.1f} µs/row CPU  {1e6 * total_wall / n:7.1f} µs/row wall"
+          f"  -> ceiling {n / total_cpu:,.0f} rows/s per CPU-second")
 
 
 class TreeRss:

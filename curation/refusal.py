@@ -96,6 +96,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     + _STRUCTURE_NAMES
 )
 _REFUSAL_CORE = ("cannot", "cannot_object", "apology", "as_an_ai")
+#: Any core refusal phrase (:func:`has_refusal_phrase`): the four core patterns as one alternation.
+_CORE = _I + "(?:" + "|".join(_REFUSAL_PATTERNS[k].removeprefix(_I) for k in _REFUSAL_CORE) + ")"
 
 
 def _as_strings(texts: Sequence[str | None]) -> list[str]:
@@ -109,35 +111,44 @@ def refusal_features(texts: Sequence[str | None]) -> np.ndarray:
     first core refusal phrase starts, as a fraction of the length (1 when there is none): a refusal at the
     very start means refuse, one after a long answer is a disclaimer.
     """
+    return _heuristics(_as_strings(texts))[0]
+
+
+def _heuristics(strings: list[str], extra: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`refusal_features`, whether each text holds a core refusal phrase (:func:`has_refusal_phrase`), and
+    the count of each ``extra`` pattern (Rust dialect) over each whole stripped text, ``(n, len(extra))`` int64."""
     import polars as pl
 
-    strings = _as_strings(texts)
     if not strings:
-        return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
+        return (np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32), np.zeros(0, dtype=bool),
+                np.zeros((0, len(extra)), dtype=np.int64))
     text, ascii_text = pl.col("t"), pl.col("a")
     counts = [
         part.str.count_matches(_stand_in_pattern(pattern)).fill_null(0).alias(f"{name}_{k}")
         for name, part in (("head", pl.col("head")), ("rest", pl.col("rest")))
         for k, pattern in enumerate(_REFUSAL_PATTERNS.values())
     ]
-    core = "|".join(_REFUSAL_PATTERNS[k].removeprefix(_I) for k in _REFUSAL_CORE)
-    first = ascii_text.str.find(_I + "(?:" + core + ")")
+    counts += [ascii_text.str.count_matches(_stand_in_pattern(p)).fill_null(0).alias(f"extra_{k}")
+               for k, p in enumerate(extra)]
+    first = ascii_text.str.find(_CORE)
     # str.find gives a byte offset; on the stand-in it is the character offset, so measure those characters' bytes.
     first_byte = (
         pl.when(first.is_null()).then(None)
         .when(pl.col("kept")).then(first)
         .otherwise(text.str.slice(0, first).str.len_bytes())
     )
+    stripped = pl.Series("t", strings, dtype=pl.String).str.strip_chars()
     frame = (
-        pl.DataFrame({"t": strings}, schema={"t": pl.String})
-        .select(text.str.strip_chars())
-        .with_columns(_ascii_stand_in(text).alias("a"), text.str.contains(_KEEP_UNICODE).alias("kept"))
+        _with_stand_in(stripped)
         .with_columns(ascii_text.str.slice(0, HEAD_CHARS).alias("head"), ascii_text.str.slice(HEAD_CHARS).alias("rest"))
         # One select: polars runs every pattern (on the opening and on the rest) in parallel.
         .select(*counts, text.str.len_chars().alias("chars"), text.str.count_matches("\n").alias("lines"),
                 first_byte.alias("first"))
     )
-    columns = [np.log1p(frame[:, k].to_numpy().astype(np.float32)) for k in range(len(counts))]
+    n_counts = len(counts) - len(extra)
+    columns = [np.log1p(frame[:, k].to_numpy().astype(np.float32)) for k in range(n_counts)]
+    extra_counts = np.stack([frame[:, n_counts + k].to_numpy().astype(np.int64) for k in range(len(extra))], axis=1) \
+        if extra else np.zeros((len(strings), 0), dtype=np.int64)
     chars = frame["chars"].to_numpy().astype(np.float32)
     lines = frame["lines"].to_numpy().astype(np.float32)
     first = frame["first"].to_numpy()
@@ -151,7 +162,27 @@ def refusal_features(texts: Sequence[str | None]) -> np.ndarray:
         refusal_pos,
         (has_refusal & (chars < 300)).astype(np.float32),
     ]
-    return np.stack(columns, axis=1).astype(np.float32)
+    return np.stack(columns, axis=1).astype(np.float32), has_refusal, extra_counts
+
+
+def _with_stand_in(series):
+    """A frame of ``t`` (the texts), ``a`` (their ASCII stand-in, below) and ``kept`` (``a`` keeps the original
+    characters). The stand-in is computed only for the texts that need one: a text of ASCII without ``\\x02`` is
+    its own stand-in."""
+    import polars as pl
+
+    text = pl.col("t")
+    series = series.alias("t")
+    needs = series.str.contains(r"[^\x00\x01\x03-\x7F]").fill_null(False).to_numpy()
+    kept = np.zeros(len(series), dtype=bool)
+    stand_in = series
+    if needs.any():
+        index = np.flatnonzero(needs)
+        sub = series.gather(index).to_frame().select(_ascii_stand_in(text).alias("a"),
+                                                     text.str.contains(_KEEP_UNICODE).alias("kept"))
+        stand_in = series.clone().scatter(index, sub["a"])
+        kept[index] = sub["kept"].to_numpy()
+    return pl.DataFrame([series, stand_in.alias("a"), pl.Series("kept", kept)])
 
 
 # Rust's regex gives up its fast DFA for a Unicode \b over non-ASCII text (about 40× slower, and many responses hold
@@ -191,82 +222,161 @@ EMBED_HEAD_C = 10.0
 
 
 def _ngram_features(strings: list[str]):
-    """Hashed word 1–3-grams of each response's opening, L2-normalised (scipy CSR). Stateless: no vocabulary.
+    r"""Hashed word 1–3-grams of each response's opening, L2-normalised (scipy CSR). Stateless: no vocabulary.
 
     Bit for bit ``HashingVectorizer(n_features=NGRAM_BUCKETS, ngram_range=(1, 3), alternate_sign=False,
     norm="l2", lowercase=True).transform(...)`` (the shipped heads were fit on it): the same tokens and n-grams,
-    hashed with the same MurmurHash3 (seed 0) by :func:`_murmurhash3_32` over the whole batch at once instead
-    of one Python generator step per n-gram.
+    hashed with the same MurmurHash3 (seed 0), over the whole batch at once. The tokens come from one polars
+    (Rust regex) pass wherever Rust's ``\w`` reads every character of the opening as Python's does (else from
+    ``re``); each row's tokens are joined by single spaces into one buffer, where every n-gram is already a
+    contiguous byte range, so :func:`_murmurhash3_32` hashes ranges of that buffer and no n-gram string is built.
     """
     import pyarrow as pa
     from scipy import sparse
     from sklearn.preprocessing import normalize
 
-    tokenize = _TOKEN.findall
-    grams: list[str] = []
-    lengths = np.zeros(len(strings), dtype=np.int64)
-    for row, s in enumerate(strings):
-        tokens = tokenize(s.strip()[:NGRAM_CHARS].lower())
-        before = len(grams)
-        grams += tokens
-        grams += map(" ".join, zip(tokens, tokens[1:]))
-        grams += map(" ".join, zip(tokens, tokens[1:], tokens[2:]))
-        lengths[row] = len(grams) - before
-    array = pa.array(grams, type=pa.large_string())
-    _, offsets, data = array.buffers()
-    offsets = np.frombuffer(offsets, dtype=np.int64)[array.offset : array.offset + len(grams) + 1]
+    openings = [s.strip()[:NGRAM_CHARS].lower() for s in strings]
+    tokens = _tokens(openings)
+    counts = tokens.list.len().to_numpy().astype(np.int64)
+    joined = tokens.list.join(" ").rechunk().to_arrow()
+    if isinstance(joined, pa.ChunkedArray):
+        joined = joined.combine_chunks()
+    _, offsets, data = joined.buffers()
+    row_offsets = np.frombuffer(offsets, dtype=np.int64)[joined.offset : joined.offset + len(openings) + 1]
     data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)
-    h = _murmurhash3_32(data, offsets).astype(np.int64)
+    token_bytes = tokens.explode(empty_as_null=False).str.len_bytes().to_numpy().astype(np.int64)
+    token_row = np.repeat(np.arange(len(openings)), counts)
+    # a token's start: its row's start in the buffer plus the bytes (and separating spaces) of the tokens before it
+    step = np.cumsum(token_bytes + 1) - (token_bytes + 1)
+    first_of_row = np.repeat(np.cumsum(counts) - counts, counts)
+    token_start = row_offsets[:-1][token_row] + step - step[first_of_row]
+    token_end = token_start + token_bytes
+    starts, lengths, rows = [token_start], [token_bytes], [token_row]
+    for n in (2, 3):  # an n-gram runs from its first token's start to its last token's end, in the same row
+        i = np.flatnonzero(token_row[: len(token_row) - n + 1] == token_row[n - 1 :])
+        starts.append(token_start[i])
+        lengths.append(token_end[i + n - 1] - token_start[i])
+        rows.append(token_row[i])
+    h = _murmurhash3_32(data, np.concatenate(starts), np.concatenate(lengths)).astype(np.int64)
     # sklearn's FeatureHasher: abs(h) % n_features, with its own rule for h = -2**31 (abs would overflow).
     columns = np.where(h == -(2**31), (2**31 - 1 - (NGRAM_BUCKETS - 1)) % NGRAM_BUCKETS, np.abs(h) % NGRAM_BUCKETS)
-    rows = np.repeat(np.arange(len(strings)), lengths)
-    x = sparse.csr_matrix((np.ones(len(grams)), (rows, columns)), shape=(len(strings), NGRAM_BUCKETS),
+    rows = np.concatenate(rows)
+    x = sparse.csr_matrix((np.ones(len(rows)), (rows, columns)), shape=(len(strings), NGRAM_BUCKETS),
                           dtype=np.float64)
     x.sum_duplicates()
     return normalize(x, norm="l2", copy=False)
 
 
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")  # HashingVectorizer's default token_pattern
+# The same tokens in Rust's dialect: a maximal run of two or more word characters (no \b, which would cost Rust
+# its fast DFA on non-ASCII text; for a run, \b\w\w+\b and \w{2,} find the same matches).
+_RUST_TOKEN = r"\w{2,}"
+#: Per non-ASCII character: do Rust's and Python's ``\w`` agree on it (learnt as characters turn up).
+_WORD_AGREES: dict[str, bool] = {}
+_PY_WORD = re.compile(r"\w")
 
 
-def _murmurhash3_32(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Signed MurmurHash3_x86_32 (seed 0) of each byte string ``data[offsets[i]:offsets[i + 1]]``, vectorised."""
-    lengths = np.diff(offsets)
+def _tokens(openings: list[str]):
+    r"""Each opening's ``_TOKEN`` tokens as a polars ``list[str]`` Series: polars' regex where it reads the text as
+    ``re`` does (Rust and Python disagree on ``\w`` for some characters: combining marks, superscript digits,
+    ...), ``re`` for the rest."""
+    import polars as pl
+
+    series = pl.Series("t", openings, dtype=pl.String)
+    slow = _word_disagrees(series)
+    if not slow.any():
+        return series.str.extract_all(_RUST_TOKEN)
+    index = np.flatnonzero(slow)
+    fast = series.scatter(index, "").str.extract_all(_RUST_TOKEN)
+    python = pl.Series("t", [_TOKEN.findall(openings[i]) for i in index], dtype=pl.List(pl.String))
+    order = np.arange(len(openings))
+    order[index] = len(openings) + np.arange(len(index))
+    return pl.concat([fast, python]).gather(order)
+
+
+def _word_disagrees(series) -> np.ndarray:
+    r"""Boolean per string: holds a character whose ``\w`` Rust's regex and Python's ``re`` read differently."""
+    import polars as pl
+
+    present = set(series.str.replace_all(r"[\x00-\x7F]+", "").str.join("").item())
+    new = sorted(c for c in present if c not in _WORD_AGREES)
+    if new:
+        rust = pl.Series("c", new, dtype=pl.String).str.contains(r"^\w$").to_list()
+        for char, word in zip(new, rust):
+            _WORD_AGREES[char] = word == bool(_PY_WORD.match(char))
+    bad = [c for c in present if not _WORD_AGREES[c]]
+    if not bad:
+        return np.zeros(len(series), dtype=bool)
+    return series.str.contains("[" + "".join(f"\\x{{{ord(c):X}}}" for c in sorted(bad)) + "]").to_numpy()
+
+
+def _murmurhash3_32(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+    """Signed MurmurHash3_x86_32 (seed 0) of byte ranges of ``data``, vectorised: ``data[offsets[i]:offsets[i + 1]]``
+    or, with ``lengths``, ``data[offsets[i]:offsets[i] + lengths[i]]``.
+
+    The n-grams are sorted by their count of 4-byte blocks, longest first, so the blocks still to mix at each step
+    are a prefix of the array (a slice, not a gather); every block is read at once from an unaligned little-endian
+    uint32 view of the bytes.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if lengths is None:
+        starts, lengths = offsets[:-1], np.diff(offsets)
+    else:
+        starts, lengths = offsets, np.asarray(lengths, dtype=np.int64)
     n = len(lengths)
-    data = np.concatenate([data, np.zeros(4, dtype=np.uint8)]).astype(np.uint32)
+    index = np.int32 if len(data) < 2**31 - 8 else np.int64
+    padded = np.zeros(len(data) + 8, dtype=np.uint8)
+    padded[: len(data)] = data
+    # word_at[p] = the 4 bytes at p, little-endian (a view: byte stride 1)
+    word_at = np.ndarray((len(data) + 4,), dtype="<u4", buffer=padded, offset=0, strides=(1,))
     c1, c2 = np.uint32(0xCC9E2D51), np.uint32(0x1B873593)
-
-    def rotl(x, r):
-        return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
-
-    def word(pos, size):  # little-endian, the first ``size`` (1-4) bytes
-        k = data[pos].copy()
-        for b in range(1, size):
-            k |= data[pos + b] << np.uint32(8 * b)
-        return k
-
-    h = np.zeros(n, dtype=np.uint32)
-    blocks = lengths // 4
-    starts = offsets[:-1]
+    blocks = (lengths // 4).astype(index)
+    most = int(blocks.max()) if n else 0
+    order = np.argsort(-blocks.astype(np.int16 if most < 2**15 else np.int64), kind="stable")  # int16: radix sort
+    starts, lengths, blocks = starts.astype(index)[order], lengths.astype(np.uint32)[order], blocks[order]
+    live = np.bincount(blocks, minlength=most + 1)[::-1].cumsum()[::-1][1:]  # live[j]: how many have > j blocks
+    # every block's k at once, block-major: block j of the first live[j] strings, then block j + 1, ...
+    first = np.cumsum(live) - live
+    position = np.empty(int(live.sum()), dtype=index)
+    for j in range(most):
+        np.add(starts[: live[j]], 4 * j, out=position[first[j] : first[j] + live[j]])
+    k = word_at[position].astype(np.uint32)
     with np.errstate(over="ignore"):
-        for j in range(int(blocks.max()) if n else 0):
-            live = np.flatnonzero(blocks > j)
-            k = rotl(word(starts[live] + 4 * j, 4) * c1, 15) * c2
-            h[live] = rotl(h[live] ^ k, 13) * np.uint32(5) + np.uint32(0xE6546B64)
-        tail = lengths % 4
-        k = np.zeros(n, dtype=np.uint32)
-        for size in (1, 2, 3):
-            live = np.flatnonzero(tail == size)
-            k[live] = word(starts[live] + 4 * blocks[live], size)
-        live = np.flatnonzero(tail > 0)
-        h[live] ^= rotl(k[live] * c1, 15) * c2
-        h ^= lengths.astype(np.uint32)
+        k *= c1
+        k = _rotl(k, 15)
+        k *= c2
+        h = np.zeros(n, dtype=np.uint32)
+        for j in range(most):
+            m = int(live[j])
+            x = h[:m]
+            x ^= k[first[j] : first[j] + m]
+            x[:] = _rotl(x, 13)
+            x *= np.uint32(5)
+            x += np.uint32(0xE6546B64)
+        tail = lengths % np.uint32(4)
+        t = word_at[starts + 4 * blocks].astype(np.uint32)
+        t &= (np.uint32(1) << (np.uint32(8) * tail)) - np.uint32(1)
+        t *= c1
+        t = _rotl(t, 15)
+        t *= c2
+        t[tail == 0] = 0
+        h ^= t
+        h ^= lengths
         h ^= h >> np.uint32(16)
         h *= np.uint32(0x85EBCA6B)
         h ^= h >> np.uint32(13)
         h *= np.uint32(0xC2B2AE35)
         h ^= h >> np.uint32(16)
-    return h.view(np.int32)
+    out = np.empty(n, dtype=np.uint32)
+    out[order] = h
+    return out.view(np.int32)
+
+
+def _rotl(x: np.ndarray, r: int) -> np.ndarray:
+    high = x >> np.uint32(32 - r)
+    x = x << np.uint32(r)
+    x |= high
+    return x
 
 
 @dataclass(frozen=True)
@@ -279,10 +389,11 @@ class RefusalHead:
     intercept: np.ndarray  # (len(CLASSES),)
     embedding_dim: int  # 0 = text-only head
 
-    def design(self, strings: list[str], embeddings: np.ndarray | None):
+    def design(self, strings: list[str], embeddings: np.ndarray | None, features: np.ndarray | None = None):
         from scipy import sparse
 
-        heuristics = (refusal_features(strings) - self.feature_mean) / self.feature_scale
+        features = refusal_features(strings) if features is None else features
+        heuristics = (features - self.feature_mean) / self.feature_scale
         blocks = [_ngram_features(strings), sparse.csr_matrix(HEURISTIC_WEIGHT * heuristics)]
         if self.embedding_dim:
             if embeddings is None:
@@ -290,8 +401,9 @@ class RefusalHead:
             blocks.append(sparse.csr_matrix(np.asarray(embeddings, dtype=np.float32)))
         return sparse.hstack(blocks).tocsr()
 
-    def predict_proba(self, strings: list[str], embeddings: np.ndarray | None = None) -> np.ndarray:
-        logits = np.asarray(self.design(strings, embeddings) @ self.coef.T) + self.intercept
+    def predict_proba(self, strings: list[str], embeddings: np.ndarray | None = None,
+                      features: np.ndarray | None = None) -> np.ndarray:
+        logits = np.asarray(self.design(strings, embeddings, features) @ self.coef.T) + self.intercept
         logits -= logits.max(axis=1, keepdims=True)
         expd = np.exp(logits)
         return (expd / expd.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -468,14 +580,25 @@ def refusal_proba(
         return np.zeros((0, len(CLASSES)), dtype=np.float32)
     if head.embedding_dim:
         proba = head.predict_proba(strings, embeddings)
-    else:  # the text head reads nothing but the text: score each distinct text once (rows are independent)
-        first: dict[str, int] = {}
-        inverse = np.fromiter((first.setdefault(s, len(first)) for s in strings), dtype=np.int64, count=len(strings))
-        proba = head.predict_proba(list(first))[inverse]
+        # "No answer" is not a refusal to score: the contract wants 0.0, and a blank opening has no n-grams to read.
+        proba[np.array([not s.strip() for s in strings])] = np.array([1.0, 0.0, 0.0], dtype=np.float32)
+        return proba
+    return _text_proba(strings, head)[0]
+
+
+def _text_proba(strings: list[str], head: RefusalHead, extra: Sequence[str] = ()):
+    """The text head's probabilities (as :func:`refusal_proba`), :func:`has_refusal_phrase` and the counts of the
+    ``extra`` patterns (:func:`_heuristics`), each distinct text scored once (rows are independent)."""
+    if not strings:
+        return np.zeros((0, len(CLASSES)), np.float32), np.zeros(0, bool), np.zeros((0, len(extra)), np.int64)
+    first: dict[str, int] = {}
+    inverse = np.fromiter((first.setdefault(s, len(first)) for s in strings), dtype=np.int64, count=len(strings))
+    distinct = list(first)
+    features, core, counts = _heuristics(distinct, extra)
+    proba = head.predict_proba(distinct, features=features)
     # "No answer" is not a refusal to score: the contract wants 0.0, and a blank opening has no n-grams to read.
-    empty = np.array([not s.strip() for s in strings])
-    proba[empty] = np.array([1.0, 0.0, 0.0], dtype=np.float32)
-    return proba
+    proba[np.array([not s.strip() for s in distinct], dtype=bool)] = np.array([1.0, 0.0, 0.0], dtype=np.float32)
+    return proba[inverse], core[inverse], counts[inverse]
 
 
 def refusal_scores(
@@ -514,5 +637,6 @@ def has_refusal_phrase(texts: Sequence[str | None]) -> np.ndarray:
     strings = _as_strings(texts)
     if not strings:
         return np.zeros(0, dtype=bool)
-    core = _I + "(?:" + "|".join(_REFUSAL_PATTERNS[k].removeprefix(_I) for k in _REFUSAL_CORE) + ")"
-    return pl.Series("t", strings, dtype=pl.String).str.contains(core).fill_null(False).to_numpy().astype(bool)
+    # On the ASCII stand-in (Rust's fast DFA), which no pattern can tell from the text.
+    frame = _with_stand_in(pl.Series("t", strings, dtype=pl.String))
+    return frame["a"].str.contains(_CORE).fill_null(False).to_numpy().astype(bool)

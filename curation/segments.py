@@ -35,9 +35,13 @@ DEFAULT_LOW = 0.05
 
 _CODE_BLOCK = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
 _LIST_ITEM = re.compile(r"^[ \t]*(?:\d{1,3}[.)]|[-*•+]|[a-zA-Z][.)])[ \t]+", re.MULTILINE)
-# A sentence ends at . ! ? (optionally followed by closing quotes/brackets) before whitespace; the lookbehind
-# keeps common abbreviations and decimals ("e.g. ", "3.5") from ending one.
-_SENTENCE_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)(?<!\bvs)(?<!\bMr)(?<!\bDr)(?<!\bMrs)(?<!\bSt)[.!?]+[\"')\]]*(?=\s)")
+# A sentence ends at . ! ? (optionally followed by closing quotes/brackets) before whitespace; the lookbehinds
+# keep common abbreviations and decimals ("e.g. ", "3.5") from ending one. Written as
+# (?<!\be\.g)...[.!?]+ with the lookbehinds first, re tried all seven at every character (5× the cost of the
+# rest of the splitter); with the first [.!?] in front (each lookbehind then spans it) re jumps from one
+# . ! ? to the next, and the matches are the same.
+_SENTENCE_END = re.compile(r"[.!?](?<!\be\.g[.!?])(?<!\bi\.e[.!?])(?<!\bvs[.!?])(?<!\bMr[.!?])(?<!\bDr[.!?])"
+                           r"(?<!\bMrs[.!?])(?<!\bSt[.!?])[.!?]*[\"')\]]*(?=\s)")
 _CONCRETE = re.compile(
     r"(?i)^\s*(?:\d{1,3}[.)]|[-*•+]|step \d)|```|\b(?:first|then|next|finally|mix|add|combine|heat|install|"
     r"run|use|open|click|type|download|buy|obtain|take|apply|insert|attach|set up|create|write|place|"
@@ -56,25 +60,25 @@ def _trimmed(text: str, start: int, end: int) -> tuple[int, int] | None:
 
 def _split_prose(text: str, start: int, end: int) -> list[tuple[int, int]]:
     """Split a stretch without code into list items (one segment each) and sentences."""
+    # Where a list item starts: re's ^ (MULTILINE) holds at ``start`` only at a line start, and no item spans a
+    # newline, so finditer finds exactly the line starts at which ``_LIST_ITEM.match`` would succeed.
+    items = {m.start() for m in _LIST_ITEM.finditer(text, start, end)}
     pieces: list[tuple[int, int]] = []
-    # Lines first: a list item is one segment even if it holds several sentences.
-    line_start = start
-    block_start = start
-    for match in re.finditer(r"\n", text[start:end]):
-        line_end = start + match.start()
-        next_start = start + match.end()
-        if (
-            _LIST_ITEM.match(text, next_start, end)
-            or _LIST_ITEM.match(text, line_start, line_end)
-            or not text[line_start:line_end].strip()
-        ):
+    # Lines first: a list item is one segment even if it holds several sentences. A piece ends before a line
+    # that starts an item, after a line that is one, and at a blank line.
+    line_start = block_start = start
+    lines = text[start:end].split("\n")
+    for line in lines[:-1]:  # each of these is followed by a newline
+        line_end = line_start + len(line)
+        next_start = line_end + 1
+        if next_start in items or line_start in items or not line.strip():
             pieces.append((block_start, line_end))
             block_start = next_start
         line_start = next_start
     pieces.append((block_start, end))
     segments: list[tuple[int, int]] = []
     for piece_start, piece_end in pieces:
-        if _LIST_ITEM.match(text, piece_start, piece_end):
+        if piece_start in items:
             span = _trimmed(text, piece_start, piece_end)
             if span:
                 segments.append(span)
@@ -111,32 +115,59 @@ def split_segments(text: str) -> list[tuple[int, int]]:
     return segments
 
 
-def _concreteness(segment_texts: list[str]) -> np.ndarray:
-    """0–1: how actionable a segment is (counts of step/list/code/how-to cues, saturating)."""
-    from curation.categorise import _rust_readable
+def _concreteness(segment_texts: list[str], rust_counts: np.ndarray | None = None) -> np.ndarray:
+    """0–1: how actionable a segment is (counts of step/list/code/how-to cues, saturating).
 
+    ``rust_counts``: ``_CONCRETE`` counted by polars over each text's ASCII stand-in (:func:`_segment_signals`
+    counts it with the refusal features); computed here when not given.
+    """
     counts = np.zeros(len(segment_texts), dtype=np.float32)
     if segment_texts:
         # The pattern is Python re; polars (Rust regex) counts it identically wherever the two engines agree on
-        # every character (\b, \w, \s, \d, case folding); the other texts go through re.
-        series, fast = _rust_readable(segment_texts)
-        if fast.any():
-            counts[fast] = series.filter(pl.Series(fast)).str.count_matches(_CONCRETE.pattern).to_numpy()
+        # every character (\b, \w, \s, \d, case folding); the other texts go through re. Rust counts it over the
+        # stripped ASCII stand-in of curation.refusal, which no pattern can tell from the text, and stripping
+        # moves no match (no match starts or ends on whitespace; ^\s* takes a leading run either way).
+        fast = _rust_agrees(segment_texts)
+        if rust_counts is None:
+            from curation.refusal import _heuristics
+
+            rust_counts = np.zeros(len(segment_texts), dtype=np.int64)
+            index = np.flatnonzero(fast)
+            rust_counts[index] = _heuristics([segment_texts[i] for i in index], (_CONCRETE.pattern,))[2][:, 0]
+        counts[fast] = rust_counts[fast]
         for i in np.flatnonzero(~fast):
             counts[i] = len(_CONCRETE.findall(segment_texts[i]))
-    lengths = np.array([len(s) for s in segment_texts], dtype=np.float32)
+    lengths = np.fromiter(map(len, segment_texts), dtype=np.int64, count=len(segment_texts)).astype(np.float32)
     # Long segments carry more content; a two-word fragment is never very concrete.
     return np.clip(0.35 * counts + np.minimum(lengths / 400.0, 0.3), 0.0, 1.0)
 
 
+_PLAIN = re.compile(r"[^\t\n\r\x20-\x7e]")
+
+
+def _rust_agrees(texts: list[str]) -> np.ndarray:
+    """Boolean per text: Rust's regex reads every character as ``re`` does (:func:`curation.categorise._rust_readable`),
+    asked only about texts with a character outside printable ASCII, tab and newlines (on which they agree)."""
+    from curation.categorise import _rust_readable
+
+    ok = np.ones(len(texts), dtype=bool)
+    odd = [i for i, t in enumerate(texts) if not t.isascii() or _PLAIN.search(t)]
+    if odd:
+        ok[odd] = _rust_readable([texts[i] for i in odd])[1]
+    return ok
+
+
 def _score_segments(prompt_harm: np.ndarray, segment_texts: list[str]) -> np.ndarray:
-    from curation.refusal import has_refusal_phrase, refusal_scores
+    from curation.refusal import _text_proba, load_heads
 
     if not segment_texts:
         return np.zeros(0, dtype=np.float32)
-    refusal = refusal_scores(segment_texts).astype(np.float32)
-    refusal = np.where(has_refusal_phrase(segment_texts), np.maximum(refusal, 0.9), refusal).astype(np.float32)
-    concrete = _concreteness(segment_texts)
+    # One pass of the refusal detector's text head over the distinct segments: its probabilities (refusal_scores),
+    # the core-phrase flag (has_refusal_phrase) and the concreteness cues, all from the same polars select.
+    proba, core, counts = _text_proba(segment_texts, load_heads().text, (_CONCRETE.pattern,))
+    refusal = np.clip(1.0 - proba[:, 0], 0.0, 1.0).astype(np.float32)
+    refusal = np.where(core, np.maximum(refusal, 0.9), refusal).astype(np.float32)
+    concrete = _concreteness(segment_texts, counts[:, 0])
     harmful_view = refusal - concrete * (1.0 - refusal)
     benign_view = (1.0 - refusal) * (0.3 + 0.7 * concrete) - refusal
     harm = np.clip(np.asarray(prompt_harm, dtype=np.float32), 0.0, 1.0)
