@@ -38,6 +38,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import polars as pl
 
+from equi.errors import UsageError
 from equi.jsonl import iter_json_lines
 from equi.schema import GROUPS, SAFETY_GROUPS, SEVERITIES
 
@@ -261,7 +262,7 @@ def group_from_label(label: str | None) -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 
-class CategoriserError(ValueError):
+class CategoriserError(UsageError):
     """A categoriser file or training set that cannot be used; the message says why."""
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from equi.errors import UsageError
+
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 #: ``--embedder static``: a model2vec static embedder distilled offline from the bundled MiniLM.
 STATIC_EMBEDDER = "static"
@@ -27,7 +29,7 @@ MAX_CHARS_PER_TOKEN = 64
 ENCODING_VERSION = "canonical-1"
 
 
-class EmbedderError(ValueError):
+class EmbedderError(UsageError):
     """The embedder could not be found or loaded; the message says what to do."""
 
 

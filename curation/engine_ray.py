@@ -8,11 +8,12 @@ What runs where:
   Ray object store as one Arrow table. Reading JSON is cheap next to scoring, and one reader is what makes
   line numbers and rejects exact.
 * **Actors** (a Ray Data ``map_batches`` actor pool, one actor per GPU when the cluster has GPUs, else one
-  single-threaded actor per CPU): each holds the embedder and categoriser and runs the local engine's step
-  function (:func:`curation.pipeline.stage_batch`) on one whole reader batch per call, returning the staged
-  rows with their float16 prompt embeddings.
+  single-threaded actor per CPU): each holds the embedder and categoriser (a :class:`curation.steps.BatchScorer`,
+  as each local worker process does) and runs the local engine's step function
+  (:func:`curation.steps.stage_batch`) on one whole reader batch per call, returning the staged rows with their
+  float16 prompt embeddings.
 * **Driver** again: collects the scored batches in input order (``preserve_order``) into the same staged
-  Parquet, embeddings matrix and slim metadata as :func:`curation.pipeline.read_and_score`; clustering,
+  Parquet, embeddings matrix and slim metadata as :func:`curation.engine_local.read_and_score`; clustering,
   mixing and writing then run as for ``--engine local``.
 
 Each reader batch is one Ray block mapped whole (``batch_size=None``), so batch boundaries — and with them
@@ -37,9 +38,10 @@ import pyarrow as pa
 from equi.config import ConfigError, CurateConfig
 from equi.schema import REJECTS
 
-from curation.pipeline import (_STAGE_SCHEMA, ScoredInput, ShardWriter, _batched, _save_npy, _write_atomic,
-                               batch_meta, stage_batch, take_rows, to_table)
+from curation.embed import STATIC_EMBEDDER, Embedder, get_embedder
 from curation.readers import RawRow, ReadStats, read_rows
+from curation.staging import STAGE_SCHEMA, ScoredInput, ShardWriter, batched, save_npy, to_table, write_atomic
+from curation.steps import BatchScorer, batch_meta, take_rows
 
 #: Per raw row, the number of rows of its reader batch: lets an actor check it got the whole batch.
 BATCH_ROWS = "_reader_batch_rows"
@@ -61,7 +63,7 @@ def import_ray():
 
 
 def read_and_score_ray(config: CurateConfig, work: Path, embedder, categoriser) -> ScoredInput:
-    """Pass 1 on Ray: what :func:`curation.pipeline.read_and_score` returns, scored by a Ray actor pool.
+    """Pass 1 on Ray: what :func:`curation.engine_local.read_and_score` returns, scored by a Ray actor pool.
 
     The actors build their own embedder from ``config.embedder`` (and embedding cache, per node); the
     ``embedder`` given here only supplies the embedding size. ``categoriser`` is shipped to the actors.
@@ -103,7 +105,7 @@ def put_batches(ray, config: CurateConfig, work: Path, stats: ReadStats) -> tupl
     with open(work / REJECTS, "w", encoding="utf-8") as rejects, \
             tqdm(desc="curate: read", unit=" lines", disable=config.quiet, file=sys.stderr) as bar:
         parsed = read_rows(config.inputs, config.input_format, config.strict, stats, config.max_line_bytes)
-        for batch in _batched(parsed, config.batch_size):
+        for batch in batched(parsed, config.batch_size):
             rows = take_rows(batch, rejects)
             n_rejected += len(batch) - len(rows)
             if rows:
@@ -127,24 +129,20 @@ def raw_rows(table: pa.Table) -> list[RawRow]:
     return [RawRow(**record) for record in table.drop_columns([BATCH_ROWS]).to_pylist()]
 
 
-class BatchScorer:
-    """A Ray Data actor: loads the embedder and categoriser once, then stages one reader batch per call."""
+class ActorScorer(BatchScorer):
+    """A Ray Data actor: the per-process :class:`~curation.steps.BatchScorer` (models loaded once, on the actor's GPU
+    when it has one), taking one reader batch per call as an Arrow block and returning it staged."""
 
     def __init__(self, config: CurateConfig, categoriser, on_gpu: bool):
-        from curation.pipeline import load_models
-
-        self.embedder, self.categoriser = load_models(config, base_embedder(config.embedder, on_gpu), categoriser)
-        self.eval_fraction = config.eval_fraction
+        super().__init__(config, base_embedder(config.embedder, on_gpu), categoriser)
 
     def __call__(self, raw: pa.Table) -> pa.Table:
-        frame, vectors = stage_batch(raw_rows(raw), self.embedder.encode, self.categoriser, self.eval_fraction)
-        return to_table(frame, _STAGE_SCHEMA).append_column(EMBEDDING, embedding_column(vectors))
+        frame, vectors = self.stage(raw_rows(raw))
+        return to_table(frame, STAGE_SCHEMA).append_column(EMBEDDING, embedding_column(vectors))
 
 
 def base_embedder(name: str | None, on_gpu: bool):
     """The encoder for an actor: on its GPU when it has one (the static embedder has no GPU code)."""
-    from curation.embed import STATIC_EMBEDDER, Embedder, get_embedder
-
     if on_gpu and name != STATIC_EMBEDDER:
         return Embedder(name, device="cuda")
     return get_embedder(name)
@@ -170,7 +168,7 @@ def score_on_ray(ray, raw_refs: list, config: CurateConfig, categoriser):
     """The scored blocks: each raw block (one reader batch) mapped whole by the actor pool, in input order."""
     size, per_actor = actor_pool(ray.cluster_resources())
     scored = ray.data.from_arrow_refs(raw_refs).map_batches(
-        BatchScorer, batch_size=None, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=size),
+        ActorScorer, batch_size=None, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=size),
         fn_constructor_args=(config, categoriser, "num_gpus" in per_actor), **per_actor)
     scored.context.execution_options.preserve_order = True
     scored.context.enable_progress_bars = not config.quiet
@@ -189,14 +187,14 @@ def collect(scored_blocks, work: Path, dim: int,
     never holds it and every block's vectors at once.
     """
     stage_dir = work / ".stage"
-    stage = ShardWriter(stage_dir, "stage", _STAGE_SCHEMA, rows_per_shard=rows_per_file)
+    stage = ShardWriter(stage_dir, "stage", STAGE_SCHEMA, rows_per_shard=rows_per_file)
     vector_files, meta_parts, n_rows = [], [], 0
     for number, block in enumerate(scored_blocks):
-        table = block.select(_STAGE_SCHEMA.names).cast(_STAGE_SCHEMA)
+        table = block.select(STAGE_SCHEMA.names).cast(STAGE_SCHEMA)
         stage.write(table)
         vectors = block.column(EMBEDDING).combine_chunks().flatten().to_numpy().reshape(-1, dim)
         vector_files.append(stage_dir / f"embeddings-{number:06d}.npy")
-        _write_atomic(vector_files[-1], lambda tmp: _save_npy(tmp, vectors))
+        write_atomic(vector_files[-1], lambda tmp: save_npy(tmp, vectors))
         meta_parts.append(batch_meta(pl.from_arrow(table), n_rows))
         n_rows += table.num_rows
     embeddings = (np.load(path, allow_pickle=False) for path in vector_files)

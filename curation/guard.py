@@ -37,7 +37,11 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import polars as pl
 
+from equi.errors import UsageError
 from equi.schema import SEVERITIES
+
+from curation.staging import write_mixture
+from curation.steps import text_for_embedding
 
 #: Severity levels in increasing order; ``none`` means safe.
 LEVELS: tuple[str, ...] = ("none",) + SEVERITIES
@@ -49,7 +53,7 @@ UNSAFE_AT = 0.5
 MODERATE_AT = 0.7
 
 
-class GuardError(ValueError):
+class GuardError(UsageError):
     """A guard/policy/knowledge problem the user can fix; the message says how."""
 
 
@@ -163,8 +167,6 @@ class DefaultGuard:
 
     def prompt_scores(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(harm, intent_given_harm)`` per prompt, each distinct prompt embedded once per guard."""
-        from curation.pipeline import text_for_embedding
-
         todo = sorted({p for p in prompts if p not in self._prompt_cache})
         if todo:
             embedder, categoriser = self._models()
@@ -286,14 +288,9 @@ def load_guard(guard_model: str | None, embedder=None, trust_remote_code: bool =
 
 def load_policy(policy: str | None, quiet: bool = False):
     """``(model, tokenizer, name)``: ``policy`` as given, or the default SmolLM2-135M-Instruct ``equi train`` uses."""
-    from equi.evaluation.generation import ModelLoadError, load_model
-    from train.models import ModelError, resolve_model
+    from equi.models import load_model, resolve_model
 
-    try:
-        path = resolve_model(policy, quiet=quiet)
-        model, tokenizer = load_model(path, quiet=quiet)
-    except (ModelError, ModelLoadError) as exc:
-        raise GuardError(str(exc)) from None
+    model, tokenizer = load_model(resolve_model(policy, quiet=quiet), quiet=quiet)  # ModelError: exit 2
     return model, tokenizer, policy or "SmolLM2-135M-Instruct (default)"
 
 
@@ -529,7 +526,7 @@ def guard_mix(config: GuardConfig, guard: Guard | None = None, policy=None, embe
     ``guard``/``policy`` (``(model, tokenizer, name)``)/``embedder`` may be passed in (tests, notebooks); otherwise
     they are loaded from the config, the policy only when some row needs candidates.
     """
-    from equi.evaluation.generation import generate_answers
+    from equi.models import generate_answers
     from equi.manifest import MixVerificationError, load_manifest, verify_mix
 
     parent = Path(config.mix)
@@ -599,8 +596,6 @@ def guard_mix(config: GuardConfig, guard: Guard | None = None, policy=None, embe
                 from curation.knowledge import KnowledgeIndex, read_knowledge
 
                 knowledge_index = KnowledgeIndex(read_knowledge(config.knowledge), embedder or get_embedder(None))
-            from curation.pipeline import text_for_embedding
-
             found = knowledge_index.nearest([text_for_embedding(prompts[i]) for i in refine_rows], config.knowledge_k)
             passages = {i: [p.text for p in ps] for i, ps in zip(refine_rows, found)}
         jobs: list[tuple[int, int, bool]] = []  # (row, framing, refine)
@@ -695,7 +690,6 @@ def write_guarded_mix(config: GuardConfig, parent: Path, parent_manifest: dict, 
     """The new mix: re-written mixture shards, the parent's pool shards and rejects copied byte for byte, the audit
     Parquet, a manifest that names the parent, and the data card. Atomic."""
     from curation.card import render_card
-    from curation.pipeline import write_mixture
     from equi.config import config_hash
     from equi.manifest import atomic_directory, equi_version, sha256_file, utc_now, write_json_atomic
     from equi.schema import CARD, DATA_DIR, MANIFEST, POOL_DIR, REJECTS, SCHEMA_VERSION

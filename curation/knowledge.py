@@ -22,12 +22,13 @@ from typing import Sequence
 
 import numpy as np
 
+from equi.errors import UsageError
 from equi.jsonl import iter_json_lines
 
 RESOURCE = "safety_knowledge.jsonl"
 
 
-class KnowledgeError(ValueError):
+class KnowledgeError(UsageError):
     """A knowledge file that cannot be used; the message names the file and line."""
 
 

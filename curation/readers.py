@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
 from equi.config import DEFAULT_MAX_LINE_BYTES
+from equi.errors import UsageError
 from equi.jsonl import BadJSON, loads_line
 
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
 
 
-class InputError(ValueError):
+class InputError(UsageError):
     """An input problem the user must fix (missing file, bad line under --strict)."""
 
 
@@ -78,7 +79,7 @@ def content_id(*parts: str | None) -> str:
     return digest.hexdigest()[:20]
 
 
-class ShapeError(ValueError):
+class ShapeError(UsageError):
     """A JSON object that matches none of the accepted shapes."""
 
 

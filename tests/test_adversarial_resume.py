@@ -46,11 +46,9 @@ def reference(raw, tmp_path_factory):
     return out
 
 
-def _fail_on_call(monkeypatch, name: str, after: int, error: BaseException) -> None:
-    """``curation.pipeline.<name>`` works ``after`` times, then raises ``error``."""
-    import curation.pipeline
-
-    real, calls = getattr(curation.pipeline, name), []
+def _fail_on_call(monkeypatch, module, name: str, after: int, error: BaseException) -> None:
+    """``module.<name>`` works ``after`` times, then raises ``error``."""
+    real, calls = getattr(module, name), []
 
     def wrapper(*args, **kwargs):
         calls.append(1)
@@ -58,15 +56,16 @@ def _fail_on_call(monkeypatch, name: str, after: int, error: BaseException) -> N
             raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(curation.pipeline, name, wrapper)
+    monkeypatch.setattr(module, name, wrapper)
 
 
 def test_a_truncated_staged_file_is_scored_again_and_costs_no_other_batch(raw, reference, tmp_path, monkeypatch):
+    import curation.steps
     from curation.pipeline import curate
 
     out = tmp_path / "mix"
     with monkeypatch.context() as patch:
-        _fail_on_call(patch, "score_rows", 3, KeyboardInterrupt())
+        _fail_on_call(patch, curation.steps, "score_rows", 3, KeyboardInterrupt())
         with pytest.raises(Interrupted):
             curate(_config(raw, out))
     stage = tmp_path / ".mix.partial" / ".stage"
@@ -81,11 +80,12 @@ def test_a_truncated_staged_file_is_scored_again_and_costs_no_other_batch(raw, r
 
 
 def test_a_full_disk_keeps_the_scored_batches_and_the_next_run_resumes_them(raw, reference, tmp_path, monkeypatch):
+    import curation.staging
     from curation.pipeline import curate
 
     out = tmp_path / "mix"
     with monkeypatch.context() as patch:
-        _fail_on_call(patch, "_save_npy", 2, OSError(errno.ENOSPC, "No space left on device"))
+        _fail_on_call(patch, curation.staging, "save_npy", 2, OSError(errno.ENOSPC, "No space left on device"))
         with pytest.raises(WorkKept, match="No space left on device.*run the same command again") as info:
             curate(_config(raw, out))
     assert info.value.work == tmp_path / ".mix.partial" and not out.exists()
@@ -100,9 +100,10 @@ def test_a_full_disk_keeps_the_scored_batches_and_the_next_run_resumes_them(raw,
 def test_a_full_disk_is_one_line_on_the_command_line(raw, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
+    import curation.staging
     from equi.cli import app
 
-    _fail_on_call(monkeypatch, "_save_npy", 1, OSError(errno.ENOSPC, "No space left on device"))
+    _fail_on_call(monkeypatch, curation.staging, "save_npy", 1, OSError(errno.ENOSPC, "No space left on device"))
     result = CliRunner().invoke(app, ["curate", *raw, "--out", str(tmp_path / "mix"), "--quiet", "--no-cache",
                                       "--batch-size", str(BATCH)])
     assert result.exit_code == 1, result.output
@@ -112,16 +113,12 @@ def test_a_full_disk_is_one_line_on_the_command_line(raw, tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("phase", ["fit_assign_clusters", "write_pool", "write_mixture"])
 def test_an_interrupt_in_any_later_phase_resumes_every_batch(raw, reference, tmp_path, monkeypatch, phase):
-    import curation.cluster
     import curation.pipeline
     from curation.pipeline import curate
 
     out = tmp_path / "mix"
     with monkeypatch.context() as patch:
-        if phase == "fit_assign_clusters":  # imported inside curate()
-            patch.setattr(curation.cluster, phase, _raises(KeyboardInterrupt()))
-        else:
-            patch.setattr(curation.pipeline, phase, _raises(KeyboardInterrupt()))
+        patch.setattr(curation.pipeline, phase, _raises(KeyboardInterrupt()))
         with pytest.raises(Interrupted):
             curate(_config(raw, out))
     result = curate(_config(raw, out))
@@ -137,6 +134,7 @@ def _raises(error: BaseException):
 
 
 def test_an_input_edited_in_place_with_its_size_and_time_kept_is_not_resumed(raw, tmp_path, monkeypatch):
+    import curation.steps
     from curation.pipeline import curate
 
     edited = tmp_path / "adv.jsonl"
@@ -144,7 +142,7 @@ def test_an_input_edited_in_place_with_its_size_and_time_kept_is_not_resumed(raw
     inputs = raw[:2] + [str(edited)]
     out = tmp_path / "mix"
     with monkeypatch.context() as patch:
-        _fail_on_call(patch, "score_rows", 2, KeyboardInterrupt())
+        _fail_on_call(patch, curation.steps, "score_rows", 2, KeyboardInterrupt())
         with pytest.raises(Interrupted):
             curate(_config(inputs, out))
     stat = edited.stat()

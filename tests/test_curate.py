@@ -282,7 +282,7 @@ def test_bad_invocations_are_one_line_errors_with_exit_2(raw_inputs, tmp_path, a
 
 
 def test_an_interrupted_run_leaves_no_half_mix(raw_inputs, tmp_path, monkeypatch):
-    import curation.mixer
+    import curation.pipeline
     from equi.config import CurateConfig
     from equi.manifest import Interrupted
     from curation.pipeline import curate
@@ -290,7 +290,7 @@ def test_an_interrupted_run_leaves_no_half_mix(raw_inputs, tmp_path, monkeypatch
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # what Ctrl-C raises in the middle of the run
 
-    monkeypatch.setattr(curation.mixer, "select_mixture", interrupted)
+    monkeypatch.setattr(curation.pipeline, "select_mixture", interrupted)
     out = tmp_path / "mix"
     with pytest.raises(Interrupted):
         curate(CurateConfig(inputs=[str(raw_inputs[2])], out=str(out), quiet=True))
@@ -299,14 +299,14 @@ def test_an_interrupted_run_leaves_no_half_mix(raw_inputs, tmp_path, monkeypatch
 
 
 def test_a_failed_run_keeps_no_work(raw_inputs, tmp_path, monkeypatch):
-    import curation.mixer
+    import curation.pipeline
     from equi.config import CurateConfig
     from curation.pipeline import curate
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(curation.mixer, "select_mixture", broken)
+    monkeypatch.setattr(curation.pipeline, "select_mixture", broken)
     with pytest.raises(RuntimeError):
         curate(CurateConfig(inputs=[str(raw_inputs[2])], out=str(tmp_path / "mix"), quiet=True))
     assert list(tmp_path.iterdir()) == []
@@ -346,7 +346,7 @@ def test_quiet_loads_the_encoder_without_a_bar_and_restores_the_setting(capfd):
     from transformers.utils import logging as hf_logging
 
     from curation.embed import get_embedder
-    from curation.pipeline import load_models
+    from curation.steps import load_models
     from equi.config import CurateConfig
 
     shown = []

@@ -127,8 +127,9 @@ def test_scored_blocks_are_staged_a_batch_per_file(shared_data, tmp_path):
     from curation.categorise import Categoriser
     from curation.embed import get_embedder
     from curation.engine_ray import EMBEDDING, collect, embedding_column
-    from curation.pipeline import _STAGE_SCHEMA, stage_batch, to_table
     from curation.readers import RawRow, read_rows
+    from curation.staging import STAGE_SCHEMA, to_table
+    from curation.steps import stage_batch
     from tests.realdata import write_jsonl, xstest_single_responses
 
     raw = write_jsonl(tmp_path / "raw.jsonl", xstest_single_responses(shared_data, "gpt4", n=50))
@@ -137,7 +138,7 @@ def test_scored_blocks_are_staged_a_batch_per_file(shared_data, tmp_path):
     blocks = []
     for start in (0, 20, 40):  # three scored blocks of 20, 20 and 10 rows, as Ray's actors return them
         frame, vectors = stage_batch(rows[start:start + 20], embedder.encode, categoriser, 0.0)
-        blocks.append(to_table(frame, _STAGE_SCHEMA).append_column(EMBEDDING, embedding_column(vectors)))
+        blocks.append(to_table(frame, STAGE_SCHEMA).append_column(EMBEDDING, embedding_column(vectors)))
     work = tmp_path / "work"
     work.mkdir()
     _, stage_files, embeddings, meta_parts = collect(blocks, work, embedder.dim, rows_per_file=16)

@@ -86,9 +86,9 @@ def test_the_embedding_cache_does_not_change_the_mix(raw, uninterrupted, tmp_pat
 
 
 def _interrupt_after(monkeypatch, batches: int, error=KeyboardInterrupt):
-    import curation.pipeline
+    import curation.steps
 
-    real, calls = curation.pipeline.score_rows, []
+    real, calls = curation.steps.score_rows, []
 
     def score_rows(*args, **kwargs):
         calls.append(1)
@@ -96,7 +96,7 @@ def _interrupt_after(monkeypatch, batches: int, error=KeyboardInterrupt):
             raise error()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(curation.pipeline, "score_rows", score_rows)
+    monkeypatch.setattr(curation.steps, "score_rows", score_rows)
 
 
 def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(raw, uninterrupted, tmp_path, monkeypatch):
@@ -185,7 +185,7 @@ def test_a_killed_cli_run_resumes_byte_identically(raw, uninterrupted, tmp_path,
 def test_shard_bytes_depend_on_the_rows_not_on_how_they_were_written(tmp_path, chunks):
     import pyarrow as pa
 
-    from curation.pipeline import ShardWriter
+    from curation.staging import ShardWriter
 
     schema = pa.schema([("i", pa.int64()), ("text", pa.string())])
     table = pa.table({"i": list(range(700)), "text": [f"row {i}" for i in range(700)]}, schema=schema)
