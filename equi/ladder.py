@@ -308,7 +308,7 @@ def run_ladder(config: ScaleConfig) -> LadderResult:
             _eval_config(config, None, rung.run_dir / EVAL_DIR)
     baseline_dir = model_path = None
     if config.evaluate and config.baseline:
-        from train.models import resolve_model
+        from equi.models import resolve_model
 
         baseline_dir = out / BASELINE_RUN
         model_path = resolve_model(config.model, quiet=config.quiet)

@@ -298,7 +298,7 @@ def _adapter(tmp_path: Path, base: str) -> Path:
     ("1", False, True), ("0", True, True), ("0", False, False)])
 def test_lora_adapter_base_is_loaded_with_the_offline_rule(tmp_path, monkeypatch, fake_loaders, hub_offline,
                                                            base_is_local, expected):
-    from equi.evaluation.generation import load_model
+    from equi.models import load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", hub_offline)
     base = tmp_path / "base-model"

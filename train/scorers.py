@@ -20,7 +20,7 @@ from typing import Any
 from equi.schema import METRICS_FILE
 from train.lagrangian import severity_scaled_costs
 from train.mixdata import MixError, load_pairs
-from train.models import bf16_supported, check_is_scorer, load_sequence_classifier, load_tokenizer, resolve_model
+from equi.models import bf16_supported, check_is_scorer, load_sequence_classifier, load_tokenizer, resolve_model
 from train.rundir import RunResult, fit, resume_checkpoint
 from train.trl_setup import metrics_callback, peft_config_for, quiet_trainer, trl_common_kwargs
 

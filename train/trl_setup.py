@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from train.config import TrainConfig
-from train.models import bf16_supported, lora_config
+from equi.models import bf16_supported, lora_config
 from train.rundir import append_metrics
 
 

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from equi.commands._console import console, fail
+from equi.commands._console import console, fail, reported_errors
 
 EXAMPLE = """
 Example:
@@ -71,9 +71,9 @@ def curate_command(
     Every input line ends up in the mixture, the pool or rejects.jsonl, counted in manifest.json.
     """
     from curation.readers import missing_input_reason
-    from equi.config import ConfigError, CurateConfig, parse_ratios
+    from equi.config import CurateConfig, parse_ratios
 
-    try:
+    with reported_errors():
         config = CurateConfig(
             inputs=inputs, out=str(out), input_format=input_format, strict=strict, max_line_bytes=max_line_bytes,
             embedder=embedder,
@@ -83,8 +83,6 @@ def curate_command(
             benign_share=benign_share, eval_fraction=eval_fraction, seed=seed, overwrite=overwrite, resume=resume,
             shard_rows=shard_rows, license=license, quiet=quiet, engine=engine, ray_address=ray_address,
         )
-    except ConfigError as exc:
-        fail(str(exc), code=2)
     for path in config.inputs:
         if path != "-" and not Path(path).is_file():
             fail(f"{path}: is a directory; pass the JSONL files in it" if Path(path).is_dir() else
@@ -92,18 +90,13 @@ def curate_command(
                  "file first (equi reads each input file twice: to curate it and to record its checksum)"
                  if Path(path).exists() else f"{path}: {missing_input_reason(path)}", code=2)
 
-    from curation.embed import EmbedderError
     from curation.pipeline import curate
-    from curation.readers import InputError
-    from equi.manifest import Interrupted, WorkKept
+    from equi.manifest import Interrupted
 
     try:
-        with _sigterm_as_interrupt():
+        # WorkKept (disk full, an I/O error: the machine's fault) exits 1 with the scored batches kept
+        with reported_errors(), _sigterm_as_interrupt():
             result = curate(config)
-    except (InputError, EmbedderError, ConfigError, FileExistsError, PermissionError) as exc:
-        fail(str(exc), code=2)
-    except WorkKept as exc:  # disk full, an I/O error: the machine's fault, and the scored batches are kept
-        fail(str(exc), code=1)
     except Interrupted as exc:
         if config.engine == "ray":  # its actors' work is not kept: the next run scores everything again
             fail("interrupted: a --engine ray run is not resumed; the same command starts afresh", code=130)

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from equi.commands._console import console, fail
+from equi.commands._console import console, fail, reported_errors
 
 EXAMPLE = """
 Example:
@@ -35,30 +35,25 @@ def fit_categoriser_command(
 ) -> None:
     """Fit the categoriser's explicit, intent, harm and group heads on labelled prompts, print held-out
     macro-F1 and write the parameters for `equi curate --categoriser`."""
-    from curation.categorise import (CategoriserError, FitConfig, LabelledPrompts, cross_validate, fit_arrays,
-                                     read_labelled_jsonl)
-    from curation.embed import EmbedderError, get_embedder
+    from curation.categorise import FitConfig, LabelledPrompts, cross_validate, fit_arrays, read_labelled_jsonl
+    from curation.embed import get_embedder
 
     if out.exists() and not overwrite:
         fail(f"{out} exists; pass --overwrite to replace it", code=2)
     if folds == 1:
         fail("--folds must be 0 (no cross-validation) or at least 2", code=2)
-    try:
+    with reported_errors():
         texts, groups, harmful = read_labelled_jsonl(labelled)
-    except CategoriserError as exc:
-        fail(str(exc), code=2)
     n_grouped = sum(g is not None for g in groups)
     if n_grouped == 0:
         fail("no labelled rows: need rows with 'category' in EHD, IHD, MHD, OTHER, BENIGN or 'No risk'", code=2)
-    try:
+    with reported_errors():
         model_embedder = get_embedder(embedder)
-    except EmbedderError as exc:
-        fail(str(exc), code=2)
 
     config = FitConfig(seed=seed)
     with console.status("embedding prompts", spinner="dots") if not quiet else nullcontext():
         data = LabelledPrompts(texts, model_embedder.encode(texts), groups, harmful)
-    try:
+    with reported_errors():
         if folds >= 2:
             if n_grouped < folds:
                 fail(f"{n_grouped} group-labelled rows are too few for {folds}-fold cross-validation "
@@ -73,8 +68,6 @@ def fit_categoriser_command(
                 )
         with console.status("fitting on all rows", spinner="dots") if not quiet else nullcontext():
             model = fit_arrays(data, config, embedder_name=model_embedder.name)
-    except CategoriserError as exc:
-        fail(str(exc), code=2)
     if folds >= 2:
         model.info["cv"] = {k: cv[k] for k in ("folds", "rows", "macro_f1_ehd_ihd_mhd", "macro_f1_5class", "accuracy")}
     model.info["fit_on"] = [str(p) for p in labelled]

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from equi.commands._console import console, fail
+from equi.commands._console import console, reported_errors
 
 EXAMPLE = """
 Example:
@@ -38,28 +38,14 @@ def guard_command(
     """Guard every response (severity none/minor/moderate/severe and cost), regenerate unsafe chosen answers with
     the policy round after round, and write a new mix whose manifest records every round and the parent's hash.
     """
-    from equi.config import ConfigError
+    from curation.guard import GuardConfig, guard_mix
 
-    from curation.guard import GuardConfig
-
-    try:
+    with reported_errors():
         config = GuardConfig(mix=str(mix), out=str(out), policy=policy, guard_model=guard_model, rounds=rounds,
                              candidates=candidates, refine_ehd=refine_ehd,
                              knowledge=str(knowledge) if knowledge else None, knowledge_k=knowledge_k,
                              max_new_tokens=max_new_tokens, batch_size=batch_size, overwrite=overwrite, quiet=quiet)
-    except ConfigError as exc:
-        fail(str(exc), code=2)
-
-    from curation.guard import GuardError, guard_mix
-    from curation.knowledge import KnowledgeError
-    from equi.manifest import MixVerificationError
-
-    try:
         result = guard_mix(config)
-    except MixVerificationError as exc:
-        fail(str(exc), code=3)
-    except (GuardError, KnowledgeError, FileExistsError) as exc:
-        fail(str(exc), code=2)
     if not quiet:
         print_rounds(result.manifest, result.out)
 

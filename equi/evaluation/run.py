@@ -10,7 +10,7 @@ from typing import Any
 
 from equi.config import ConfigError
 from equi.evaluation.audit import EVAL_DIR, write_answers, write_metrics
-from equi.evaluation.generation import generate_answers, load_model
+from equi.models import generate_answers, load_model
 from equi.evaluation.metrics import LABELS, compute_metrics
 from equi.evaluation.suites import Suite, SuiteError, load_suites, parse_suite_names, resolve_data_dir
 from equi.schema import FINAL_DIR, saved_train_config
@@ -141,7 +141,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     suites = load_suites(config.suites, data_dir, config.limit)
     model_path = config.model_path
     if model_path is None:
-        from train.models import resolve_model
+        from equi.models import resolve_model
 
         model_path = resolve_model(None, quiet=config.quiet)
     model, tokenizer = load_model(model_path, device=config.device, quiet=config.quiet)
