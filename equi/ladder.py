@@ -36,6 +36,7 @@ from typing import Any
 
 from equi.config import ConfigError
 from equi.schema import DATA_DIR, EVAL_DIR, EVAL_METRICS, FINAL_DIR, RUN_CONFIG, RUN_SUMMARY, SAFETY_GROUPS, run_record
+from train.config import TrainConfig
 
 LADDER_FILE = "ladder.json"
 LADDER_CONFIG_FILE = "ladder-config.json"
@@ -130,15 +131,16 @@ class ScaleConfig:
     scales: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])
     groups: list[str] | None = None
     out: str = "runs"
-    algo: str = "ama-dpo"
-    model: str | None = None
-    max_steps: int | None = None
-    epochs: float = 1.0
-    batch_size: int = 4
-    lr: float = 5e-6
-    beta: float = 0.1
-    seed: int = 0
-    lora_r: int = 0
+    # Training settings equi scale sets itself; their defaults are TrainConfig's (set there, once).
+    algo: str = TrainConfig.algo
+    model: str | None = TrainConfig.model
+    max_steps: int | None = TrainConfig.max_steps
+    epochs: float = TrainConfig.epochs
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
+    beta: float = TrainConfig.beta
+    seed: int = TrainConfig.seed
+    lora_r: int = TrainConfig.lora_r
     train_options: dict[str, Any] = field(default_factory=dict)
     evaluate: bool = True
     baseline: bool = True
@@ -219,7 +221,6 @@ def _same_place(a: Any, b: Any) -> bool:
 
 
 def _train_config(config: ScaleConfig, rung: Rung):
-    from train.config import TrainConfig
 
     known = TrainConfig.field_names()
     unknown = sorted(set(config.train_options) - known)

@@ -19,3 +19,26 @@ def test_shell_completion_is_offered():
     result = CliRunner().invoke(app, ["--show-completion", "bash"], prog_name="equi")
     assert result.exit_code == 0, result.output
     assert "complete" in result.output and "equi" in result.output
+
+
+def test_train_and_scale_show_the_training_defaults_of_trainconfig():
+    """One definition of the shared training options: both commands' help prints TrainConfig's own defaults, and
+    equi scale's config starts from them."""
+    import dataclasses
+
+    from equi.ladder import ScaleConfig
+    from train.config import TrainConfig
+
+    defaults = TrainConfig.__new__(TrainConfig)  # the class's defaults, without __post_init__'s checks of a mix
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is not dataclasses.MISSING:
+            setattr(defaults, f.name, f.default)
+    for command in ("train", "scale"):
+        text = " ".join(CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "250"}).output.split())
+        for name in ("lr", "beta", "batch_size", "epochs", "lora_r", "seed", "algo"):
+            assert f"[default: {getattr(defaults, name)}]" in text, (command, name)
+    scale = ScaleConfig.__new__(ScaleConfig)
+    for f in dataclasses.fields(ScaleConfig):
+        if f.default is not dataclasses.MISSING:
+            setattr(scale, f.name, f.default)
+    assert all(getattr(scale, n) == getattr(defaults, n) for n in ("algo", "lr", "beta", "batch_size", "epochs"))

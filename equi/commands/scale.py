@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 
 from equi.commands._console import console, fail, reported_errors
+from equi.commands._options import default_text, training_option
 
 HELP = """Train one run per (group, scale) on nested subsets of a mix, evaluate each, and the untrained baseline.
 
@@ -31,17 +32,18 @@ def register(app: typer.Typer) -> None:
         scales: str = typer.Option("0.1,0.3,1.0", "--scales", help="Fractions in (0,1] or whole numbers of ranked rows."),
         groups: Optional[str] = typer.Option(None, "--groups", help="One ladder per group, e.g. EHD,IHD,MHD \\[default: all together]."),
         out: Path = typer.Option(Path("runs"), "--out", "-o", help="Directory receiving one run directory per rung."),
-        algo: str = typer.Option("ama-dpo", "--algo", help="Training algorithm (see equi train --help)."),
+        algo: Optional[str] = typer.Option(None, "--algo", help=f"Training algorithm (see equi train --help) "
+                                                              f"{default_text('algo')}."),
         model: Optional[str] = typer.Option(None, "--model", help="Hub id or path \\[default: SmolLM2-135M-Instruct]."),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimiser steps per rung \\[default: one epoch]."),
-        epochs: float = typer.Option(1.0, "--epochs", help="Epochs per rung."),
-        batch_size: int = typer.Option(4, "--batch-size", help="Pairs per training step."),
-        lr: float = typer.Option(5e-6, "--lr", help="Learning rate."),
-        beta: float = typer.Option(0.1, "--beta", help="DPO temperature."),
-        seed: int = typer.Option(0, "--seed", help="Random seed."),
-        lora_r: int = typer.Option(0, "--lora-r", help="LoRA rank (0 = full fine-tuning)."),
-        max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per prompt+answer \\[default: equi train's]."),
-        save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps \\[default: equi train's]."),
+        max_steps: Optional[int] = training_option("max_steps"),
+        epochs: Optional[float] = training_option("epochs"),
+        batch_size: Optional[int] = training_option("batch_size"),
+        lr: Optional[float] = training_option("lr"),
+        beta: Optional[float] = training_option("beta"),
+        seed: Optional[int] = training_option("seed"),
+        lora_r: Optional[int] = training_option("lora_r"),
+        max_length: Optional[int] = training_option("max_length"),
+        save_steps: Optional[int] = training_option("save_steps"),
         train_config: Optional[Path] = typer.Option(
             None, "--train-config",
             help="YAML of any other equi train options for every rung (severity_weights, group_weights, lambda_lr, "
@@ -58,9 +60,10 @@ def register(app: typer.Typer) -> None:
 
         options = _train_options(train_config, max_length=max_length, save_steps=save_steps)
         with reported_errors():
+            training = {"algo": algo, "max_steps": max_steps, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                        "beta": beta, "seed": seed, "lora_r": lora_r}  # None: TrainConfig's default
             config = ScaleConfig(mix=str(mix), scales=parse_scales(scales), groups=_split([groups]) if groups else None,
-                                 out=str(out), algo=algo, model=model, max_steps=max_steps, epochs=epochs,
-                                 batch_size=batch_size, lr=lr, beta=beta, seed=seed, lora_r=lora_r,
+                                 out=str(out), model=model, **{k: v for k, v in training.items() if v is not None},
                                  evaluate=not no_eval, baseline=not no_baseline, suites=_split(suite),
                                  eval_limit=eval_limit, max_new_tokens=max_new_tokens, data_dir=data_dir, quiet=quiet,
                                  train_options=options)

