@@ -237,7 +237,9 @@ def spans_for_rows(
 
 
 #: The contract's span column type (``chosen_spans``, ``rejected_spans``: :data:`equi.schema.SPAN_TYPE`) in polars.
-SPAN_DTYPE = pl.from_arrow(pa.array([], SPAN_TYPE)).dtype
+#: Spelled out (pl.from_arrow here imported pandas when the module loaded: ~1 s on every command that imports it);
+#: tests/test_segments.py checks it equals the Arrow type.
+SPAN_DTYPE = pl.List(pl.Struct({"start": pl.Int32, "end": pl.Int32, "sign": pl.Int8}))
 
 
 def span_column(

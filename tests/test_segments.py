@@ -181,3 +181,13 @@ def test_concreteness_equals_the_python_re_reference_on_real_segments(shared_dat
     got = _concreteness(segments)
     assert got.dtype == want.dtype and np.array_equal(got, want)
     assert (counts > 0).mean() > 0.05 and len(set(counts.tolist())) > 3
+
+
+def test_the_polars_span_type_is_the_contracts_arrow_type():
+    import polars as pl
+    import pyarrow as pa
+
+    from curation.segments import SPAN_DTYPE
+    from equi.schema import SPAN_TYPE
+
+    assert pl.from_arrow(pa.array([], SPAN_TYPE)).dtype == SPAN_DTYPE

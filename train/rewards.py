@@ -7,7 +7,7 @@ per completion) plus ``log_metric``; it returns one float per completion. equi's
 - ``r`` = the curation refusal detector's probability that the completion refuses;
 - reward (:func:`safety_reward_values`): on BENIGN prompts ``1 − 2r`` (help, do not refuse); on safety prompts
   (EHD / IHD / MHD / OTHER) ``r − h·(1 − r)`` (refusing earns 1, complying costs in proportion to the harm);
-- cost (:func:`cost_values`): ``C = 2·h·(1 − r) − 1`` as curation computes ``*_cost`` (``curation/pipeline.py:
+- cost (:func:`cost_values`): ``C = 2·h·(1 − r) − 1`` as curation computes ``*_cost`` (``curation/steps.py:
   score_costs``), then scaled by ``--severity-weights`` (only positive, unsafe costs are scaled).
 
 ``--reward-model`` / ``--cost-model`` swap ``r``-based scores for a sequence-classifier's output
