@@ -1,17 +1,25 @@
-"""The mix's data card: Hugging Face dataset-card YAML front matter plus prose.
+"""The mix's data card: a ``huggingface_hub.DatasetCard`` (YAML metadata from ``DatasetCardData``, then prose).
 
 The YAML declares a ``default`` config (every train/eval shard), one config per group (the
 mixture's shards are written one group per shard, so a group config is a list of files) and a
-``pool`` config, so ``datasets.load_dataset("mix/", name)`` works for each.
+``pool`` config, so ``datasets.load_dataset("mix/", name)`` works for each. Beside the configs it carries the
+Hub's dataset metadata: the licence (with ``license_name``/``license_link`` when it is ``other``), the
+``source_datasets`` the rows came from, ``dataset_info`` with each config's split sizes (``datasets`` checks
+them when it loads the mix), and the ``size_categories`` of what the default config serves (the mixture).
 """
 
 from __future__ import annotations
 
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-import yaml
-
 from equi.schema import GROUPS
+
+#: ``license_name``/``license_link`` written when the licence is ``other``: the mix holds rows of several
+#: sources, each under its own licence, listed in the card's "Licences" section (the link's target).
+OTHER_LICENSE_NAME = "equi-mixture-of-source-licences"
+OTHER_LICENSE_LINK = "README.md#licences"
+_FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".gz", ".zst", ".arrow"}
 
 GROUP_MEANING = {
     "EHD": "explicit harmful data: harmful content or terms are present; safety hinges on knowledge",
@@ -32,7 +40,8 @@ def size_category(n: int) -> str:
     return "n>1T" if n >= 10**12 else "1B<n<10B"
 
 
-def card_front_matter(manifest: dict[str, Any]) -> dict[str, Any]:
+def card_configs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``configs`` section: ``equi verify`` checks that the default one serves exactly the mixture shards."""
     shards = manifest["shards"]
     data = [s for s in shards if s["split"] in ("train", "eval")]
     configs = []
@@ -49,24 +58,103 @@ def card_front_matter(manifest: dict[str, Any]) -> dict[str, Any]:
     configs.append({"config_name": "pool", "data_files": [{"split": "train", "path": "pool/pool-*.parquet"}]}
                    if data else {"config_name": "pool", "default": True,
                                  "data_files": [{"split": "train", "path": "pool/pool-*.parquet"}]})
-    total = manifest["accounting"]["pooled"]
-    return {
-        "license": manifest["config"].get("license", "other"),
-        "language": ["en"],
-        "task_categories": ["text-generation"],
-        "tags": ["safety", "preference", "dpo", "equi"],
-        "pretty_name": "equi safety mixture",
-        "size_categories": [size_category(total)],
-        "configs": configs,
-    }
+    return configs
 
 
-def render_card(manifest: dict[str, Any]) -> str:
-    front = yaml.safe_dump(card_front_matter(manifest), sort_keys=False, allow_unicode=True)
+def dataset_info(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """``dataset_info`` per config, in the order of :func:`card_configs`: each split's ``num_examples`` from the
+    manifest's shard rows (no ``features``: the Parquet schema is the source of truth for those)."""
+    shards = manifest["shards"]
+
+    def splits(selected: list[dict[str, Any]], names: tuple[str, ...]) -> list[dict[str, Any]]:
+        return [{"name": name, "num_examples": sum(int(s["rows"]) for s in selected if s["split"] == name)}
+                for name in names if any(s["split"] == name for s in selected)]
+
+    data = [s for s in shards if s["split"] in ("train", "eval")]
+    pool = [s for s in shards if s["split"] == "pool"]
+    infos = []
+    if data:
+        infos.append({"config_name": "default", "splits": splits(data, ("train", "eval"))})
+    for group in GROUPS:
+        files = [s for s in data if s.get("group") == group]
+        if files:
+            infos.append({"config_name": group, "splits": splits(files, ("train", "eval"))})
+    infos.append({"config_name": "pool",
+                  "splits": [{"name": "train", "num_examples": sum(int(s["rows"]) for s in pool)}]})
+    return infos
+
+
+def served_rows(manifest: dict[str, Any]) -> int:
+    """Rows the default config serves: the mixture (train + eval), or the pool when the mixture is empty."""
+    data = [int(s["rows"]) for s in manifest["shards"] if s["split"] in ("train", "eval")]
+    if data:
+        return sum(data)
+    return sum(int(s["rows"]) for s in manifest["shards"] if s["split"] == "pool")
+
+
+def source_datasets(manifest: dict[str, Any], root: str | Path | None = None) -> list[str]:
+    """The sources the mix's rows came from: the distinct ``source`` values of its shards (a row's own
+    ``source`` field, else the input file it was read from) when ``root`` holds them, else the inputs' names."""
+    found: set[str] = set()
+    if root is not None:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        for shard in manifest["shards"]:
+            path = Path(root) / shard["path"]
+            if path.is_file() and "source" in pq.read_schema(path).names:
+                column = pq.read_table(path, columns=["source"]).column("source")
+                found.update(_source_name(v) for v in pc.unique(column).to_pylist() if isinstance(v, str) and v)
+    if not found:
+        found = {Path(item["path"]).name for item in manifest.get("inputs", []) if item.get("path")}
+    return sorted(found)
+
+
+def _source_name(source: str) -> str:
+    """A row's ``source`` as the card names it: an input file by its name alone (no local path in the card), a
+    dataset id (``owner/name``) or a label as given."""
+    path = PurePosixPath(source.replace("\\", "/"))
+    if path.is_absolute() or path.suffix.lower() in _FILE_SUFFIXES or source.endswith(".gz"):
+        return path.name
+    return source
+
+
+def card_data(manifest: dict[str, Any], root: str | Path | None = None):
+    """The card's metadata as ``huggingface_hub.DatasetCardData``."""
+    from huggingface_hub import DatasetCardData
+
+    license_id = manifest["config"].get("license", "other") or "other"
+    extra: dict[str, Any] = {}
+    if license_id == "other":
+        extra = {"license_name": OTHER_LICENSE_NAME, "license_link": OTHER_LICENSE_LINK}
+    return DatasetCardData(
+        license=license_id,
+        **extra,
+        language=["en"],
+        task_categories=["text-generation"],
+        tags=["safety", "preference", "dpo", "equi"],
+        pretty_name="equi safety mixture",
+        size_categories=[size_category(served_rows(manifest))],
+        source_datasets=source_datasets(manifest, root),
+        configs=card_configs(manifest),
+        dataset_info=dataset_info(manifest),
+    )
+
+
+def card_front_matter(manifest: dict[str, Any], root: str | Path | None = None) -> dict[str, Any]:
+    """The card's YAML metadata as a plain dict (what the Hub and ``datasets`` read)."""
+    return card_data(manifest, root).to_dict()
+
+
+def render_card(manifest: dict[str, Any], root: str | Path | None = None) -> str:
+    """The card's text. ``root``: the mix directory being written, read for the rows' sources (optional)."""
+    from huggingface_hub import DatasetCard
+
+    data = card_data(manifest, root)
     acc = manifest["accounting"]
     counts = manifest["counts"]
     cfg = manifest["config"]
-    lines = ["---", front.rstrip(), "---", "", "# equi safety mixture", "",
+    lines = ["# equi safety mixture", "",
              f"Built by `equi curate` (equi {manifest['equi_version']}, schema {manifest['schema_version']}) on "
              f"{manifest['created_at']}; config hash `{manifest['config_hash']}`.", "",
              "## Groups", ""]
@@ -90,7 +178,12 @@ def render_card(manifest: dict[str, Any]) -> str:
               "", "## Sources", ""]
     for item in manifest["inputs"]:
         lines.append(f"- `{item['path']}` — {item['lines']} lines, sha256 `{item['sha256'] or 'n/a (stdin)'}`")
-    lines += ["", "The licences of the source datasets apply to their rows; see each source's own card.",
+    lines += ["", "Row sources (`source_datasets`, from each row's `source` field): "
+              + (", ".join(f"`{s}`" for s in data.source_datasets) or "none") + ".",
+              "", "## Licences", "",
+              f"Licence: `{data.license}`"
+              + (f" (`{data.license_name}`): no single licence covers the mix." if data.get("license_name") else ".")
+              + " The licences of the source datasets apply to their rows; see each source's own card.",
               "", "## Limitations", "",
               "- Groups, severities, refusal probabilities and costs are estimated automatically (heuristics, "
               "embeddings and a small fitted head) unless the input carried labels; expect noise, "
@@ -99,4 +192,4 @@ def render_card(manifest: dict[str, Any]) -> str:
               "- AMA spans are sentence-level heuristics, not human annotations."]
     if manifest.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in manifest["warnings"]]
-    return "\n".join(lines) + "\n"
+    return str(DatasetCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(lines) + "\n"))

@@ -743,8 +743,8 @@ def write_guarded_mix(config: GuardConfig, parent: Path, parent_manifest: dict, 
         from equi.manifest import file_checksums
 
         # Card first, then the manifest with the sha256 of every non-shard file (equi verify lists them all).
-        (work / CARD).write_text(render_card(manifest).rstrip("\n") + "\n\n" + guard_card_section(manifest) + "\n",
-                                 encoding="utf-8")
+        card = render_card(manifest, work).rstrip("\n") + "\n\n" + guard_card_section(manifest) + "\n"
+        (work / CARD).write_text(card, encoding="utf-8")
         manifest["files"] = file_checksums(work, [CARD, REJECTS, "guard/verdicts.parquet"])
         write_json_atomic(work / MANIFEST, manifest)
     return manifest

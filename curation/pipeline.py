@@ -111,7 +111,7 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
             "timings_s": clock.laps,
         }
         # Card first, then the manifest with the card's and rejects' sha256 (the card never needs the manifest's).
-        (work / CARD).write_text(render_card(manifest), encoding="utf-8")
+        (work / CARD).write_text(render_card(manifest, work), encoding="utf-8")
         manifest["files"] = file_checksums(work, [CARD, REJECTS])
         write_json_atomic(work / MANIFEST, manifest)
     return CurateResult(out=Path(config.out), manifest=manifest, warnings=manifest["warnings"],

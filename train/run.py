@@ -14,6 +14,7 @@ from typing import Any
 
 from equi.config import ConfigError
 from equi.progress import no_library_deprecations, quiet_transformers
+from train.card import write_model_card
 from train.config import ONLINE_ALGOS, SCORER_ALGOS, TrainConfig
 from train.mixdata import manifest_hash, verify_mix_or_raise
 from train.rundir import RunResult, prepare_run_dir, read_metrics, remove_unstarted_run, write_summary
@@ -51,6 +52,7 @@ def train(config: TrainConfig) -> RunResult:
             remove_unstarted_run(run_dir, existed)
         raise
     write_summary(run_dir, result.summary)
+    write_model_card(run_dir)  # final/README.md, now with the summary's steps and loss
     result.metrics = read_metrics(run_dir)
     return result
 

@@ -204,6 +204,9 @@ def save_final(trainer, tokenizer, run_dir: Path) -> Path:
     if trainer.accelerator.is_main_process:
         model.save_pretrained(final_dir, safe_serialization=True)
         tokenizer.save_pretrained(final_dir)
+        from train.card import write_model_card
+
+        write_model_card(run_dir)  # written again once summary.json is there (train.run), and by equi eval
     return final_dir
 
 

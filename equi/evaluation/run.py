@@ -13,7 +13,7 @@ from equi.evaluation.audit import EVAL_DIR, write_answers, write_metrics
 from equi.models import generate_answers, load_model
 from equi.evaluation.metrics import LABELS, compute_metrics
 from equi.evaluation.suites import Suite, SuiteError, load_suites, parse_suite_names, resolve_data_dir
-from equi.schema import FINAL_DIR, saved_train_config
+from equi.schema import FINAL_DIR, run_record, saved_train_config
 
 
 @dataclass
@@ -26,9 +26,11 @@ class EvalConfig:
         out: where to write ``answers.parquet`` and ``metrics.json``; required unless ``target`` is a run.
     Prompts:
         suites: built-in suite names, group names (``harmful``, ``benign``, ``xstest``) or ``.jsonl``
-            paths of user suites; empty = every built-in suite.
+            paths of user suites (``hf:OWNER/NAME`` for a hub dataset); empty = every available built-in suite
+            (the ones shipped with equi, plus ``alpaca`` when the data directory holds it).
         limit: at most this many prompts per suite (spread over XSTest types); ``None`` = all.
-        data_dir: the shared data directory (else ``$EQUI_DATA_DIR``, else ``../shared/data``).
+        data_dir: a folder laid out like the workspace's ``shared/data`` (else ``$EQUI_DATA_DIR``, else
+            ``../shared/data`` beside a checkout); suites it lacks come from the copies shipped with equi.
     Generation (greedy):
         max_new_tokens: answer length bound; a refusal shows in the first sentences.
         batch_size: prompts per generate call.
@@ -56,7 +58,7 @@ class EvalConfig:
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
         try:
-            self.suites = parse_suite_names(",".join(self.suites) if self.suites else None)
+            self.suites = parse_suite_names(",".join(self.suites) if self.suites else None, self.data_dir)
         except SuiteError as exc:
             raise ConfigError(str(exc)) from None
         for name in self.suites:
@@ -158,4 +160,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
     out_dir = Path(config.out)
     write_answers(out_dir, rows)
     write_metrics(out_dir, metrics)
+    if config.run_dir is not None and run_record(config.run_dir) is not None:  # its model card gains these numbers
+        from train.card import write_model_card
+
+        write_model_card(config.run_dir, eval_dir=out_dir)
     return EvalResult(out_dir, metrics, rows)
