@@ -29,6 +29,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from equi.config import CurateConfig
+from equi.progress import own_bar_disabled
 from equi.schema import REJECTS
 
 from curation.embed import fills_every_core, usable_cores
@@ -63,7 +64,8 @@ def read_and_score(config: CurateConfig, work: Path, embedder, categoriser, resu
         batches = _score_here(config, stage_dir, stats, embedder, categoriser, resume)
     # closing: an error or Ctrl-C here stops the workers before the run's directory is cleaned up.
     with closing(batches), open(work / REJECTS, "w", encoding="utf-8") as rejects, \
-            tqdm(desc="curate: read+score", unit=" lines", disable=config.quiet, file=sys.stderr) as bar:
+            tqdm(desc="curate: read+score", unit=" lines", disable=own_bar_disabled(config.quiet),
+                 file=sys.stderr) as bar:
         for batch in batches:
             for reject in batch.rejects:
                 rejects.write(reject.to_json() + "\n")

@@ -36,6 +36,7 @@ import polars as pl
 import pyarrow as pa
 
 from equi.config import ConfigError, CurateConfig
+from equi.progress import own_bar_disabled
 from equi.schema import REJECTS
 
 from curation.embed import STATIC_EMBEDDER, Embedder, get_embedder
@@ -103,7 +104,8 @@ def put_batches(ray, config: CurateConfig, work: Path, stats: ReadStats) -> tupl
 
     refs, n_rejected = [], 0
     with open(work / REJECTS, "w", encoding="utf-8") as rejects, \
-            tqdm(desc="curate: read", unit=" lines", disable=config.quiet, file=sys.stderr) as bar:
+            tqdm(desc="curate: read", unit=" lines", disable=own_bar_disabled(config.quiet),
+                 file=sys.stderr) as bar:
         parsed = read_rows(config.inputs, config.input_format, config.strict, stats, config.max_line_bytes)
         for batch in batched(parsed, config.batch_size):
             rows = take_rows(batch, rejects)

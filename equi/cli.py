@@ -21,6 +21,7 @@ app = typer.Typer(
     help=(
         "equi: balanced safety-data mixtures and AMA/RePO/dual training.\n\n"
         "The loop: equi curate raw.jsonl --out mix/  →  equi train --mix mix/  →  equi eval runs/NAME  →  equi report"
+        "\n\nResults (summaries, --json objects) go to stdout; progress, warnings and errors to stderr."
     ),
     no_args_is_help=True,
     add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
@@ -38,10 +39,18 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="Print equi's version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", envvar="EQUI_VERBOSE",
+                                 help="Also show the progress bars of the libraries equi drives (downloads, model "
+                                 "loading, dataset maps); by default only equi's own bars show, on a terminal."),
 ) -> None:
     """equi: balanced safety-data mixtures and AMA/RePO/dual training."""
+    from equi.progress import library_bars
+
+    # Held for the command that follows and undone after it (click closes the context when the command returns).
+    ctx.with_resource(library_bars(show=verbose))
 
 for _module in COMMAND_MODULES:
     _module.register(app)

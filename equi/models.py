@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from equi.cache import cache_dir
 from equi.errors import UsageError
-from equi.progress import quiet_transformers
+from equi.progress import own_bar_disabled, quiet_transformers
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -251,7 +251,7 @@ def generate_answers(
     eos_set = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) - {None}
     device = next(model.parameters()).device
     progress = tqdm(total=len(texts), desc="generating", unit="prompt", file=sys.stderr,
-                    disable=quiet or not texts)
+                    disable=own_bar_disabled(quiet) or not texts)
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
         encoded = tokenizer(

@@ -134,7 +134,7 @@ def test_the_summary_says_where_the_time_went(manifest, mix, capsys):
     from equi.commands.curate import print_summary
 
     print_summary(manifest, mix)
-    took = [line for line in capsys.readouterr().err.splitlines() if line.startswith("took ")]
+    took = [line for line in capsys.readouterr().out.splitlines() if line.startswith("took ")]  # a result: stdout
     assert len(took) == 1 and "read and score" in took[0] and "cluster" in took[0]
     assert float(took[0].split()[1]) == pytest.approx(sum(manifest["timings_s"].values()), abs=0.05)
 

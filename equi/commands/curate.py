@@ -9,7 +9,8 @@ from typing import List, Optional
 
 import typer
 
-from equi.commands._console import console, fail, reported_errors
+from equi.commands._console import JSON_HELP, fail, json_output, print_json, reported_errors, warn
+from equi.commands._console import out as stdout
 
 EXAMPLE = """
 Example:
@@ -59,6 +60,8 @@ def curate_command(
                                 "an uninterrupted run. --no-resume starts afresh."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary; warnings and errors "
                                "still print."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP + " The object: out, counts, accounting, "
+                                 "warnings, timings_s, resumed_batches."),
     engine: str = typer.Option("local", metavar="[local|ray]",
                                help="Where to score the rows: local (this process) or ray (a Ray "
                                "actor pool, GPU actors when the cluster has GPUs; pip install 'equi\\[ray]'). "
@@ -95,18 +98,37 @@ def curate_command(
 
     try:
         # WorkKept (disk full, an I/O error: the machine's fault) exits 1 with the scored batches kept
-        with reported_errors(), _sigterm_as_interrupt():
+        with reported_errors(), _sigterm_as_interrupt(), json_output(as_json):
             result = curate(config)
     except Interrupted as exc:
         if config.engine == "ray":  # its actors' work is not kept: the next run scores everything again
             fail("interrupted: a --engine ray run is not resumed; the same command starts afresh", code=130)
         kept = "; run the same command again to resume" if config.resume and "-" not in config.inputs else ""
         fail(f"interrupted: the work so far is in {exc.work}{kept}", code=130)
+    if as_json:
+        print_warnings(result.manifest)
+        print_json(summary_json(result))
+        return
     if not quiet:
         print_summary(result.manifest, result.out)
         if result.resumed_batches:
-            console.print(f"resumed: {result.resumed_batches} batches came from the interrupted run")
+            stdout.print(f"resumed: {result.resumed_batches} batches came from the interrupted run")
     print_warnings(result.manifest)
+
+
+def summary_json(result) -> dict:
+    """The ``equi curate --json`` object: what the summary table says, as data (the full story is manifest.json)."""
+    manifest = result.manifest
+    return {
+        "ok": True,
+        "out": str(result.out),
+        "manifest": str(Path(result.out) / "manifest.json"),
+        "counts": manifest["counts"],
+        "accounting": manifest["accounting"],
+        "warnings": list(manifest.get("warnings", [])),
+        "timings_s": manifest.get("timings_s", {}),
+        "resumed_batches": result.resumed_batches,
+    }
 
 
 @contextlib.contextmanager
@@ -123,6 +145,7 @@ def _sigterm_as_interrupt():
 
 
 def print_summary(manifest: dict, out: Path) -> None:
+    """The summary table and accounting, on stdout (it is the command's result; progress went to stderr)."""
     from rich.table import Table
 
     from equi.schema import GROUPS
@@ -134,22 +157,20 @@ def print_summary(manifest: dict, out: Path) -> None:
     for g in GROUPS:
         mix = manifest["counts"]["mixture"].get(g, {})
         table.add_row(g, str(manifest["counts"]["pool"].get(g, 0)), str(mix.get("train", 0)), str(mix.get("eval", 0)))
-    console.print(table)
-    console.print(f"lines {acc['input_lines']} = pooled {acc['pooled']} + rejected {acc['rejected']}"
+    stdout.print(table)
+    stdout.print(f"lines {acc['input_lines']} = pooled {acc['pooled']} + rejected {acc['rejected']}"
                   + (f" (see {out}/rejects.jsonl)" if acc["rejected"] else ""))
     reasons = ", ".join(f"{k} {v}" for k, v in acc["not_selected"].items()) or "none"
-    console.print(f"pooled {acc['pooled']} = mixed {acc['mixed']} + not selected ({reasons})")
+    stdout.print(f"pooled {acc['pooled']} = mixed {acc['mixed']} + not selected ({reasons})")
     if timings := manifest.get("timings_s"):
         phases = ", ".join(f"{name.replace('_', ' ')} {seconds:.1f}" for name, seconds in timings.items())
-        console.print(f"took {sum(timings.values()):.1f} s ({phases})")
+        stdout.print(f"took {sum(timings.values()):.1f} s ({phases})")
 
 
 def print_warnings(manifest: dict) -> None:
     """The mix's warnings (also in manifest.json), on stderr even with --quiet: they say what the mix lacks."""
-    from rich.markup import escape
-
     for warning in manifest.get("warnings", []):
-        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
+        warn(warning)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
 
-from equi.commands._console import fail, reported_errors
+from equi.commands._console import JSON_HELP, fail, json_output, print_json, reported_errors
+from equi.commands._console import out as stdout
 
 HELP = """Generate answers to real prompt suites and label each with the curation refusal detector.
 
@@ -36,20 +38,38 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(16, "--batch-size", help="Prompts per generation batch."),
         device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or table."),
+        as_json: bool = typer.Option(False, "--json", help=JSON_HELP + " The object: out_dir, model, summary, "
+                                     "per-suite rates and n, file paths."),
     ) -> None:
         from equi.evaluation import EvalConfig, evaluate
 
         suites = [part for value in (suite or []) for part in value.split(",") if part.strip()]
         try:
-            with reported_errors():
+            with reported_errors(), json_output(as_json):
                 config = EvalConfig(target=target, out=out, suites=suites, limit=limit, data_dir=data_dir,
                                     max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
                                     quiet=quiet)
                 result = evaluate(config)
         except ImportError as exc:  # the refusal detector or default-model resolver is missing
             fail(f"cannot import {exc.name or exc}: is equi fully installed?", code=1)
-        if not quiet:
+        if as_json:
+            print_json(metrics_json(result.metrics, result.out_dir))
+        elif not quiet:
             print_metrics(result.metrics, result.out_dir)
+
+
+def metrics_json(metrics: dict, out_dir) -> dict:
+    """The ``equi eval --json`` object: the summary and each suite's rates (every answer is in answers.parquet)."""
+    keys = ("expected", "n", "refusal_rate", "partial_rate", "compliance_rate")
+    return {
+        "ok": True,
+        "out_dir": str(out_dir),
+        "metrics": str(Path(out_dir) / "metrics.json"),
+        "answers": str(Path(out_dir) / "answers.parquet"),
+        "model": metrics.get("model"),
+        "summary": metrics.get("summary", {}),
+        "suites": {name: {k: block.get(k) for k in keys} for name, block in metrics.get("suites", {}).items()},
+    }
 
 
 def _pct(value) -> str:
@@ -57,17 +77,15 @@ def _pct(value) -> str:
 
 
 def print_metrics(metrics: dict, out_dir) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=False)
     table = Table(title=f"equi eval: {metrics.get('model')}")
     for column in ("suite", "expected", "n", "refuse", "partial", "comply"):
         table.add_column(column, justify="right" if column not in ("suite", "expected") else "left")
     for name, block in metrics["suites"].items():
         table.add_row(name, block["expected"], str(block["n"]), _pct(block["refusal_rate"]),
                       _pct(block["partial_rate"]), _pct(block["compliance_rate"]))
-    console.print(table)
+    stdout.print(table)
     s = metrics["summary"]
-    console.print(f"safety {_pct(s['safety'])} · over-refusal {_pct(s['over_refusal'])} · balanced {_pct(s['balanced'])}")
-    console.print(f"answers and labels: {out_dir}/answers.parquet · metrics: {out_dir}/metrics.json")
+    stdout.print(f"safety {_pct(s['safety'])} · over-refusal {_pct(s['over_refusal'])} · balanced {_pct(s['balanced'])}")
+    stdout.print(f"answers and labels: {out_dir}/answers.parquet · metrics: {out_dir}/metrics.json")
