@@ -287,11 +287,12 @@ def load_guard(guard_model: str | None, embedder=None, trust_remote_code: bool =
 
 
 def load_policy(policy: str | None, quiet: bool = False):
-    """``(model, tokenizer, name)``: ``policy`` as given, or the default SmolLM2-135M-Instruct ``equi train`` uses."""
+    """``(name, model, tokenizer)``, in the order of ``train.models.load_policy``'s ``(path, model, tokenizer)``:
+    ``policy`` as given, or the default SmolLM2-135M-Instruct ``equi train`` uses."""
     from equi.models import load_model, resolve_model
 
     model, tokenizer = load_model(resolve_model(policy, quiet=quiet), quiet=quiet)  # ModelError: exit 2
-    return model, tokenizer, policy or "SmolLM2-135M-Instruct (default)"
+    return policy or "SmolLM2-135M-Instruct (default)", model, tokenizer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -523,7 +524,7 @@ def _audit_rows(part: str, ids: list[str], column: str, idx: np.ndarray, v: Verd
 def guard_mix(config: GuardConfig, guard: Guard | None = None, policy=None, embedder=None) -> GuardResult:
     """Guard the parent mix, run the regeneration rounds and write the new mix; see the module docstring.
 
-    ``guard``/``policy`` (``(model, tokenizer, name)``)/``embedder`` may be passed in (tests, notebooks); otherwise
+    ``guard``/``policy`` (``(name, model, tokenizer)``)/``embedder`` may be passed in (tests, notebooks); otherwise
     they are loaded from the config, the policy only when some row needs candidates.
     """
     from equi.models import generate_answers
@@ -586,7 +587,7 @@ def guard_mix(config: GuardConfig, guard: Guard | None = None, policy=None, embe
             break
         if policy is None:
             policy = load_policy(config.policy, quiet=config.quiet)
-        model, tokenizer, _ = policy
+        _, model, tokenizer = policy
         rows = sorted(targets)
         refine_rows = [i for i in rows if config.refine_ehd and groups[i] == "EHD"]
         passages: dict[int, list[str]] = {}
@@ -647,7 +648,7 @@ def guard_mix(config: GuardConfig, guard: Guard | None = None, policy=None, embe
         "changed_rows": len(changed),
         "still_unsafe": sum(1 for why in final_targets.values() if why in (UNSAFE, MISSING)),
     }
-    policy_name = policy[2] if policy is not None else None
+    policy_name = policy[0] if policy is not None else None
     manifest = write_guarded_mix(config, parent, parent_manifest, pool_paths, mixture, audit,
                                  guard_name=guard.name, policy_name=policy_name, rounds=rounds, stopped=stopped,
                                  summary=summary)
