@@ -1,9 +1,14 @@
-"""Quality of the curation models on real labelled data, scored only on held-out folds.
+"""Quality of the curation models on real labelled data, scored only on held-out rows.
 
-Prints the refusal detector's accuracy (XSTest human labels) and the categoriser's macro-F1
-(Equilibrate EHD/IHD/MHD labels), each next to its baseline.
+Prints the refusal detector's accuracy (XSTest human labels) and the categoriser's macro-F1 (Equilibrate
+EHD/IHD/MHD labels), each next to its baseline, then the leave-one-source-out tables for harm, refusal and group
+(``bench/quality_loso.py``: every labelled folder of ``shared/data`` scored by a model fit without it, next to
+in-distribution CV and a baseline). Returns all three dicts.
 
-    python bench/quality.py
+    python bench/quality.py                       # everything (leave-one-source-out with the static embedder)
+    python bench/quality.py --loso-only           # only the leave-one-source-out tables (~15 min on 2 cores)
+    python bench/quality.py --no-loso             # only the two older in-distribution reports
+    python bench/quality.py --embedder minilm     # leave-one-source-out with the shipped MiniLM (slow on CPU)
 """
 
 from __future__ import annotations
@@ -15,16 +20,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def main() -> dict:
-    import quality_categoriser
-    import quality_refusal
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    results: dict = {}
+    if "--loso-only" not in argv:
+        import quality_categoriser
+        import quality_refusal
 
-    print("== refusal detector ==")
-    refusal = quality_refusal.main()
-    print(json.dumps(refusal, indent=2))  # its main() returns the numbers without printing them
-    print("\n== categoriser ==")
-    categoriser = quality_categoriser.main()
-    return {"refusal": refusal, "categoriser": categoriser}
+        print("== refusal detector ==")
+        results["refusal"] = quality_refusal.main()
+        print(json.dumps(results["refusal"], indent=2))  # its main() returns the numbers without printing them
+        print("\n== categoriser ==")
+        results["categoriser"] = quality_categoriser.main()
+    if "--no-loso" not in argv:
+        import quality_loso
+
+        print("\n== leave-one-source-out: harm, refusal, group ==")
+        embedder = argv[argv.index("--embedder") + 1] if "--embedder" in argv else "static"
+        results["leave_one_source_out"] = quality_loso.main(embedder)
+    return results
 
 
 if __name__ == "__main__":
