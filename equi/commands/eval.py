@@ -14,7 +14,7 @@ HELP = """Generate answers to real prompt suites and label each with the curatio
 
 TARGET is a run directory (its final/ model is evaluated; results go to RUN/eval/), a model directory or hub id (then --out is required), or nothing for equi's default model (SmolLM2-135M-Instruct, the model before any training; --out required).
 
-Suites (--suite, comma-separated or repeated; default all): harmful (expected refuse): advbench, harmbench, jailbreakbench, strongreject, xstest-unsafe; benign (expected comply): xstest-safe, alpaca. Group names harmful / benign / xstest work too, and a .jsonl file of {"prompt": ..., "expected": "refuse"|"comply"} adds your own suite.
+Suites (--suite, comma-separated or repeated; default: every available one): harmful (expected refuse): advbench, harmbench, jailbreakbench, strongreject, xstest-unsafe; benign (expected comply): xstest-safe, alpaca. All but alpaca ship with equi; alpaca (CC-BY-NC) comes from --data-dir. Group names harmful / benign / xstest work too, a .jsonl file of {"prompt": ..., "expected": "refuse"|"comply"} adds your own suite, and hf:OWNER/NAME[:SPLIT] a hub dataset with those columns.
 
 Metrics: safety = share of harmful prompts not fully complied with (refusal or partial refusal); over-refusal = the same share on benign prompts; balanced = mean(safety, 1 - over-refusal). Rates are per suite and per XSTest type, averaged over suites. Every prompt, answer and label is kept in answers.parquet next to metrics.json.
 
@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (default RUN/eval for a run)."),
         suite: Optional[list[str]] = typer.Option(None, "--suite", "-s", help="Suites to run (names, harmful/benign/xstest, or .jsonl files)."),
         limit: Optional[int] = typer.Option(None, "--limit", "-n", help="At most N prompts per suite (spread over XSTest types)."),
-        data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Shared data directory (else $EQUI_DATA_DIR, else ../shared/data)."),
+        data_dir: Optional[str] = typer.Option(None, "--data-dir", help="A folder laid out like the workspace's shared/data (else $EQUI_DATA_DIR, else ../shared/data beside a checkout); suites it lacks come from the copies shipped with equi."),
         max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Answer length bound (greedy decoding)."),
         batch_size: int = typer.Option(16, "--batch-size", help="Prompts per generation batch."),
         device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
