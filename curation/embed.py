@@ -102,12 +102,13 @@ class Embedder:
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         limit = self.model.max_seq_length or 512
-        unique = list(dict.fromkeys(t[:limit * MAX_CHARS_PER_TOKEN] for t in texts))
+        cut = [t[:limit * MAX_CHARS_PER_TOKEN] for t in texts]
+        unique = list(dict.fromkeys(cut))
         tokenizer = getattr(self.model, "tokenizer", None)
         vectors = (self._encode_canonical(unique, tokenizer, limit) if tokenizer is not None
                    else self._encode_plain(unique))
         position = {text: i for i, text in enumerate(unique)}
-        return vectors[[position[t[:limit * MAX_CHARS_PER_TOKEN]] for t in texts]]
+        return vectors[[position[t] for t in cut]]
 
     def _encode_canonical(self, texts: list[str], tokenizer, limit: int) -> np.ndarray:
         import torch
@@ -167,22 +168,18 @@ def model_digest(model) -> str:
     """sha256 of a torch module's parameters and buffers (names, dtypes, shapes, bytes) and of its tokenizer."""
     import hashlib
 
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(-1).view(torch_uint8()).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     tokenizer = getattr(model, "tokenizer", None)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         digest.update(backend.to_str().encode())
     return digest.hexdigest()[:32]
-
-
-def torch_uint8():
-    import torch
-
-    return torch.uint8
 
 
 def files_digest(folder: Path) -> str:

@@ -174,8 +174,8 @@ def read_staged_batch(path: Path, expected_rows: int) -> pl.DataFrame | None:
     if not (path.is_file() and vectors_path.is_file()):
         return None
     try:
-        frame = pl.read_parquet(path, columns=list(META_COLUMNS))
-        pq.ParquetFile(path).read()  # every column decodes (the footer alone can survive a cut)
+        # Read whole, once: every column must decode (the footer alone can survive a cut); the metadata is kept.
+        frame = pl.from_arrow(pq.read_table(path).select(list(META_COLUMNS)))
         vectors = np.load(vectors_path, mmap_mode="r", allow_pickle=False)  # the header only: its shape
         if vectors.nbytes > vectors_path.stat().st_size:
             raise ValueError("truncated .npy")
