@@ -13,9 +13,9 @@ the raw encoder, peak RSS < 2 GiB at 1,000,000 rows.
 
     python bench/curate_throughput.py --heuristics-only [--repeats 5]
 
-prints the CPU cost a row of each per-row heuristic (refusal detector on every response, AMA segment spans,
-the categoriser's prompt lexicon) on ~5,700 distinct real rows (~7,500 responses), no encoder and no GPU: the
-ceiling those heuristics put on rows/s per core, whatever the encoder.
+prints the CPU cost a row of each per-row heuristic (refusal detector on every response, the withheld score the
+cost reads, AMA segment spans, the categoriser's prompt lexicon) on ~5,700 distinct real rows (~7,500 responses), no
+encoder and no GPU: the ceiling those heuristics put on rows/s per core, whatever the encoder.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def heuristics_only(repeats: int) -> None:
     from curation import refusal
     from curation.categorise import lexicon_features
     from curation.readers import RawRow, read_rows
-    from curation.segments import pair_span_columns, split_segments
+    from curation.segments import pair_span_columns, split_segments, withheld_scores
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.jsonl"
@@ -192,15 +192,18 @@ def heuristics_only(repeats: int) -> None:
     rejected = [r.rejected for r in rows]
     distinct = list(dict.fromkeys(responses))
     refusal.load_heads()
+    refusals = refusal.refusal_scores(responses)
     parts = {
         "refusal: heuristic features": lambda: refusal.refusal_features(distinct),
         "refusal: hashed n-grams": lambda: refusal._ngram_features(distinct),
         "refusal: whole (refusal_scores)": lambda: refusal.refusal_scores(responses),
+        "cost: withheld (refuse-then-comply)": lambda: withheld_scores(responses, refusals),
         "spans: split_segments": lambda: [split_segments(t) for t in dict.fromkeys(chosen + rejected) if t],
         "spans: whole (pair_span_columns)": lambda: pair_span_columns(harm, chosen, rejected),
         "categoriser lexicon (prompts)": lambda: lexicon_features(prompts),
     }
-    wholes = ("refusal: whole (refusal_scores)", "spans: whole (pair_span_columns)", "categoriser lexicon (prompts)")
+    wholes = ("refusal: whole (refusal_scores)", "cost: withheld (refuse-then-comply)",
+              "spans: whole (pair_span_columns)", "categoriser lexicon (prompts)")
     print(f"{n:,} distinct real rows, {len(responses):,} responses, {sum(t is not None for t in rejected):,} pairs; "
           f"CPU time (all threads) and wall, min of {repeats}")
     total_cpu = total_wall = 0.0
@@ -212,11 +215,11 @@ def heuristics_only(repeats: int) -> None:
             fn()
             cpu.append(time.process_time() - c)
             wall.append(time.perf_counter() - w)
-        print(f"  {name:<34} {1e6 * min(cpu) / n:7.1f} µs/row CPU  {1e6 * min(wall) / n:7.1f} µs/row wall")
+        print(f"  {name:<36} {1e6 * min(cpu) / n:7.1f} µs/row CPU  {1e6 * min(wall) / n:7.1f} µs/row wall")
         if name in wholes:
             total_cpu += min(cpu)
             total_wall += min(wall)
-    print(f"  {'all heuristics':<34} {1e6 * total_cpu / n:7.1f} µs/row CPU  {1e6 * total_wall / n:7.1f} µs/row wall"
+    print(f"  {'all heuristics':<36} {1e6 * total_cpu / n:7.1f} µs/row CPU  {1e6 * total_wall / n:7.1f} µs/row wall"
           f"  -> ceiling {n / total_cpu:,.0f} rows/s per CPU-second")
 
 

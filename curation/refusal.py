@@ -15,7 +15,9 @@ Two layers:
 Classes are XSTest's: ``comply`` (full compliance), ``refuse`` (full refusal), ``partial`` (refusal plus compliance,
 e.g. "I can't help with that. However, here are some tips: 1. ..."). The binary score :func:`refusal_scores` is
 ``P(refuse) + P(partial)``: any refusal counts, because that is how XSTest counts over-refusal and because a
-partial refusal is not a clean compliant answer for preference data either.
+partial refusal is not a clean compliant answer for preference data either. That is the over-refusal view; the
+safety view, whether the response withholds the content (a refusal that goes on to give it does not), is
+:func:`curation.segments.withheld_scores`, which the costs read.
 
 When ``embeddings`` is ``None`` the heuristic-only head is used rather than encoding internally: curation already
 holds embeddings for its rows and passes them, and callers without them (eval, the online AMA reward) need speed.
@@ -225,17 +227,51 @@ def _ngram_features(strings: list[str]):
     r"""Hashed word 1–3-grams of each response's opening, L2-normalised (scipy CSR). Stateless: no vocabulary.
 
     Bit for bit ``HashingVectorizer(n_features=NGRAM_BUCKETS, ngram_range=(1, 3), alternate_sign=False,
-    norm="l2", lowercase=True).transform(...)`` (the shipped heads were fit on it): the same tokens and n-grams,
-    hashed with the same MurmurHash3 (seed 0), over the whole batch at once. The tokens come from one polars
-    (Rust regex) pass wherever Rust's ``\w`` reads every character of the opening as Python's does (else from
-    ``re``); each row's tokens are joined by single spaces into one buffer, where every n-gram is already a
-    contiguous byte range, so :func:`_murmurhash3_32` hashes ranges of that buffer and no n-gram string is built.
+    norm="l2", lowercase=True).transform(...)`` (the shipped heads were fit on it). Openings that are ASCII after
+    lowercasing (nearly all) go through one compiled pass (:mod:`curation.kernels`, numba); the others, and
+    every opening where numba is not installed, through :func:`_general_ngram_features`.
+    """
+    from scipy import sparse
+
+    openings = [s.strip()[:NGRAM_CHARS].lower() for s in strings]
+    kernels = _kernels()
+    if kernels is None:
+        return _general_ngram_features(openings)
+    fast = np.fromiter((o.isascii() for o in openings), dtype=bool, count=len(openings))
+    kept = openings if fast.all() else [o if f else "" for o, f in zip(openings, fast)]
+    offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, kept), dtype=np.int64, count=len(kept)), out=offsets[1:])
+    data = np.frombuffer("".join(kept).encode("ascii"), dtype=np.uint8)
+    indptr, indices, values = kernels.ascii_ngram_counts(data, offsets, NGRAM_BUCKETS)
+    x = sparse.csr_matrix((values, indices, indptr), shape=(len(openings), NGRAM_BUCKETS))
+    if fast.all():
+        return x
+    slow = np.flatnonzero(~fast)
+    order = np.arange(len(openings))
+    order[slow] = len(openings) + np.arange(len(slow))
+    return sparse.vstack([x, _general_ngram_features([openings[i] for i in slow])], format="csr")[order]
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    """:mod:`curation.kernels` (compiled with numba), or None where numba is not installed."""
+    try:
+        from curation import kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+def _general_ngram_features(openings: list[str]):
+    r""":func:`_ngram_features` of lowercased openings, for any text. The tokens come from one polars (Rust regex)
+    pass wherever Rust's ``\w`` reads every character of the opening as Python's does (else from ``re``); each
+    row's tokens are joined by single spaces into one buffer, where every n-gram is already a contiguous byte
+    range, so :func:`_murmurhash3_32` hashes ranges of that buffer and no n-gram string is built.
     """
     import pyarrow as pa
     from scipy import sparse
     from sklearn.preprocessing import normalize
 
-    openings = [s.strip()[:NGRAM_CHARS].lower() for s in strings]
     tokens = _tokens(openings)
     counts = tokens.list.len().to_numpy().astype(np.int64)
     joined = tokens.list.join(" ").rechunk().to_arrow()
@@ -261,7 +297,7 @@ def _ngram_features(strings: list[str]):
     # sklearn's FeatureHasher: abs(h) % n_features, with its own rule for h = -2**31 (abs would overflow).
     columns = np.where(h == -(2**31), (2**31 - 1 - (NGRAM_BUCKETS - 1)) % NGRAM_BUCKETS, np.abs(h) % NGRAM_BUCKETS)
     rows = np.concatenate(rows)
-    x = sparse.csr_matrix((np.ones(len(rows)), (rows, columns)), shape=(len(strings), NGRAM_BUCKETS),
+    x = sparse.csr_matrix((np.ones(len(rows)), (rows, columns)), shape=(len(openings), NGRAM_BUCKETS),
                           dtype=np.float64)
     x.sum_duplicates()
     return normalize(x, norm="l2", copy=False)
@@ -401,9 +437,33 @@ class RefusalHead:
             blocks.append(sparse.csr_matrix(np.asarray(embeddings, dtype=np.float32)))
         return sparse.hstack(blocks).tocsr()
 
+    def logits(self, strings: list[str], embeddings: np.ndarray | None = None,
+               features: np.ndarray | None = None) -> np.ndarray:
+        """``design(...) @ coef.T + intercept`` (float64) without building the design matrix: the n-gram block's
+        sparse product, then each dense column (heuristics, embeddings) added in column order, which is the order,
+        and so the rounding, of scipy's row-by-row product over the stacked matrix (zeros add nothing there)."""
+        features = refusal_features(strings) if features is None else features
+        dense = [(HEURISTIC_WEIGHT * ((features - self.feature_mean) / self.feature_scale)).astype(np.float64)]
+        if self.embedding_dim:
+            if embeddings is None:
+                raise ValueError("this refusal head needs embeddings")
+            dense.append(np.asarray(embeddings, dtype=np.float32).astype(np.float64))
+        coef = self.coef.astype(np.float64)
+        out = np.ascontiguousarray(_ngram_features(strings) @ coef[:, :NGRAM_BUCKETS].T)
+        column, kernels = NGRAM_BUCKETS, _kernels()
+        for block in dense:
+            block_coef = np.ascontiguousarray(coef[:, column : column + block.shape[1]])
+            if kernels is not None:
+                kernels.add_dense_products(out, np.ascontiguousarray(block), block_coef)
+            else:
+                for k in range(block.shape[1]):
+                    out += block[:, k, None] * block_coef[None, :, k]
+            column += block.shape[1]
+        return out + self.intercept
+
     def predict_proba(self, strings: list[str], embeddings: np.ndarray | None = None,
                       features: np.ndarray | None = None) -> np.ndarray:
-        logits = np.asarray(self.design(strings, embeddings, features) @ self.coef.T) + self.intercept
+        logits = self.logits(strings, embeddings, features)
         logits -= logits.max(axis=1, keepdims=True)
         expd = np.exp(logits)
         return (expd / expd.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -589,16 +649,27 @@ def refusal_proba(
 def _text_proba(strings: list[str], head: RefusalHead, extra: Sequence[str] = ()):
     """The text head's probabilities (as :func:`refusal_proba`), :func:`has_refusal_phrase` and the counts of the
     ``extra`` patterns (:func:`_heuristics`), each distinct text scored once (rows are independent)."""
-    if not strings:
-        return np.zeros((0, len(CLASSES)), np.float32), np.zeros(0, bool), np.zeros((0, len(extra)), np.int64)
+    distinct, inverse = distinct_texts(strings)
+    proba, core, counts = _distinct_text_proba(distinct, head, extra)
+    return proba[inverse], core[inverse], counts[inverse]
+
+
+def distinct_texts(strings: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """The distinct strings in first-seen order, and for each string its index among them."""
     first: dict[str, int] = {}
     inverse = np.fromiter((first.setdefault(s, len(first)) for s in strings), dtype=np.int64, count=len(strings))
-    distinct = list(first)
+    return list(first), inverse
+
+
+def _distinct_text_proba(distinct: list[str], head: RefusalHead, extra: Sequence[str] = ()):
+    """:func:`_text_proba` of texts known to be distinct."""
+    if not distinct:
+        return np.zeros((0, len(CLASSES)), np.float32), np.zeros(0, bool), np.zeros((0, len(extra)), np.int64)
     features, core, counts = _heuristics(distinct, extra)
     proba = head.predict_proba(distinct, features=features)
     # "No answer" is not a refusal to score: the contract wants 0.0, and a blank opening has no n-grams to read.
     proba[np.array([not s.strip() for s in distinct], dtype=bool)] = np.array([1.0, 0.0, 0.0], dtype=np.float32)
-    return proba[inverse], core[inverse], counts[inverse]
+    return proba, core, counts
 
 
 def refusal_scores(

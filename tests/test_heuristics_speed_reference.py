@@ -212,3 +212,44 @@ def test_murmurhash_of_byte_ranges_equals_sklearns():
     got = refusal._murmurhash3_32(data, starts, lengths)
     want = [murmurhash3_32(bytes(data[s:s + n]), seed=0) for s, n in zip(starts, lengths)]
     assert got.tolist() == want
+
+
+# ---- compiled kernels (numba) against their numpy/polars paths ------------------------------------------------------
+
+def _hashing_vectorizer(strings):
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    return HashingVectorizer(n_features=refusal.NGRAM_BUCKETS, ngram_range=(1, 3), alternate_sign=False, norm="l2",
+                             lowercase=True).transform([s.strip()[: refusal.NGRAM_CHARS] for s in strings])
+
+
+def _same_csr(got, want):
+    return (got.shape == want.shape and got.dtype == want.dtype and np.array_equal(got.indptr, want.indptr)
+            and np.array_equal(got.indices, want.indices) and np.array_equal(got.data, want.data))
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "numpy"])
+def test_ngram_features_equal_hashing_vectorizer_with_and_without_numba(texts, compiled, monkeypatch):
+    if compiled:
+        pytest.importorskip("numba")
+    else:
+        monkeypatch.setattr(refusal, "_kernels", lambda: None)
+    # ASCII and non-ASCII openings mixed (the compiled pass takes the first, the polars path the rest), a text whose
+    # opening is ASCII only once lowercased (Kelvin sign), and hash-heavy repeats
+    strings = texts[:3000] + texts[6000:6400] + ["\u212a\u212a is kk", "a b", "", "ab " * 200, "x_1 2y __ ab-cd"]
+    got = refusal._ngram_features(strings)
+    assert _same_csr(got, _hashing_vectorizer(strings)) and got.has_sorted_indices
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "numpy"])
+def test_head_logits_equal_the_design_matrix_product(texts, compiled, monkeypatch):
+    if compiled:
+        pytest.importorskip("numba")
+    else:
+        monkeypatch.setattr(refusal, "_kernels", lambda: None)
+    heads = refusal.load_heads()
+    strings = texts[:1500] + texts[6000:6100]
+    embeddings = np.random.default_rng(3).standard_normal((len(strings), heads.embed.embedding_dim)).astype(np.float32)
+    for head, emb in ((heads.text, None), (heads.embed, embeddings)):
+        want = np.asarray(head.design(strings, emb) @ head.coef.T) + head.intercept
+        assert np.array_equal(head.logits(strings, emb), want)

@@ -1,0 +1,185 @@
+"""Compiled inner loops of the per-row heuristics (numba): hashed n-grams and the refusal head's dense products.
+
+:func:`ascii_ngram_counts` is the refusal detector's n-gram block (:func:`curation.refusal._ngram_features`),
+sklearn's ``HashingVectorizer(ngram_range=(1, 3), alternate_sign=False, norm="l2")``. On ASCII text its token
+pattern ``\\b\\w\\w+\\b`` is a maximal run of two or more of ``[A-Za-z0-9_]``, so one loop over the bytes finds the
+tokens, writes them joined by single spaces into a scratch row (where every n-gram is a contiguous byte range, as
+HashingVectorizer builds it), hashes each 1–3-gram with MurmurHash3_x86_32 (seed 0), folds it into a bucket the
+way sklearn's FeatureHasher does, and counts buckets per row: the CSR arrays HashingVectorizer gives, bit for bit.
+
+:func:`add_dense_products` adds a dense block's share of a linear head's logits in scipy's order.
+
+Imported only by :mod:`curation.refusal`, lazily (numba's import costs about a second); compiled on first use and
+cached on disk (``cache=True``). Without numba the callers use their numpy/polars paths, which give the same
+numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_M = np.uint64(0xFFFFFFFF)
+_DEBRUIJN = np.uint64(0x03F79D71B4CB0A89)
+#: _BIT_INDEX[(b * _DEBRUIJN) >> 58] is k for b = 2**k
+_BIT_INDEX = np.zeros(64, dtype=np.int64)
+for _k in range(64):
+    _BIT_INDEX[((0x03F79D71B4CB0A89 << _k) & 0xFFFFFFFFFFFFFFFF) >> 58] = _k
+
+
+@njit(cache=True, inline="always")
+def _rotl32(x, r):
+    return ((x << np.uint64(r)) | (x >> np.uint64(32 - r))) & _M
+
+
+@njit(cache=True)
+def _murmurhash3_32(buf, start, length):
+    """Unsigned MurmurHash3_x86_32, seed 0, of ``buf[start:start + length]`` (uint8)."""
+    c1, c2 = np.uint64(0xCC9E2D51), np.uint64(0x1B873593)
+    h = np.uint64(0)
+    blocks = length // 4
+    for b in range(blocks):
+        p = start + 4 * b
+        k = (np.uint64(buf[p]) | (np.uint64(buf[p + 1]) << np.uint64(8)) | (np.uint64(buf[p + 2]) << np.uint64(16))
+             | (np.uint64(buf[p + 3]) << np.uint64(24)))
+        k = (k * c1) & _M
+        k = _rotl32(k, 15)
+        k = (k * c2) & _M
+        h ^= k
+        h = _rotl32(h, 13)
+        h = (h * np.uint64(5) + np.uint64(0xE6546B64)) & _M
+    tail = length & 3
+    p = start + 4 * blocks
+    k = np.uint64(0)
+    if tail == 3:
+        k ^= np.uint64(buf[p + 2]) << np.uint64(16)
+    if tail >= 2:
+        k ^= np.uint64(buf[p + 1]) << np.uint64(8)
+    if tail >= 1:
+        k ^= np.uint64(buf[p])
+        k = (k * c1) & _M
+        k = _rotl32(k, 15)
+        k = (k * c2) & _M
+        h ^= k
+    h ^= np.uint64(length)
+    h ^= h >> np.uint64(16)
+    h = (h * np.uint64(0x85EBCA6B)) & _M
+    h ^= h >> np.uint64(13)
+    h = (h * np.uint64(0xC2B2AE35)) & _M
+    h ^= h >> np.uint64(16)
+    return h
+
+
+@njit(cache=True, inline="always")
+def _is_word(c):
+    return (97 <= c <= 122) or (65 <= c <= 90) or (48 <= c <= 57) or c == 95
+
+
+@njit(cache=True)
+def ascii_ngram_counts(data, offsets, n_buckets):
+    """CSR ``(indptr, indices, data)`` of the l2-normalised bucket counts of each row's 1–3-grams.
+
+    ``data`` holds the rows' ASCII bytes back to back, ``offsets`` (int64, n + 1) where each row starts and ends.
+    Indices are sorted within a row; a row without tokens is empty. ``n_buckets`` > 0.
+    """
+    n = len(offsets) - 1
+    widest = 0
+    cap = 0
+    for r in range(n):
+        width = offsets[r + 1] - offsets[r]
+        widest = max(widest, width)
+        cap += 3 * ((width + 1) // 3)  # a token takes two bytes and a separator: at most (width + 1) // 3 tokens
+    scratch = np.empty(widest + 1, np.uint8)
+    token_start = np.empty(widest // 2 + 1, np.int64)
+    token_end = np.empty(widest // 2 + 1, np.int64)
+    row_buckets = np.empty(3 * (widest // 2 + 1), np.int64)
+    seen = np.zeros(n_buckets, np.int64)
+    bits = np.zeros((n_buckets + 63) // 64, np.uint64)
+    indptr = np.zeros(n + 1, np.int64)
+    indices = np.empty(cap, np.int32)
+    values = np.empty(cap, np.float64)
+    nnz = 0
+    top = np.uint64(2**31)
+    buckets = np.uint64(n_buckets)
+    mask = np.uint64(n_buckets - 1)
+    power_of_two = n_buckets & (n_buckets - 1) == 0
+    fold_min = (2**31 - 1 - (n_buckets - 1)) % n_buckets
+    for r in range(n):
+        tokens = 0
+        written = 0
+        i, end = offsets[r], offsets[r + 1]
+        while i < end:
+            if not _is_word(data[i]):
+                i += 1
+                continue
+            j = i
+            while j < end and _is_word(data[j]):
+                j += 1
+            if j - i >= 2:
+                if tokens:
+                    scratch[written] = 32
+                    written += 1
+                token_start[tokens] = written
+                for q in range(i, j):
+                    scratch[written] = data[q]
+                    written += 1
+                token_end[tokens] = written
+                tokens += 1
+            i = j
+        m = 0
+        for a in range(tokens):
+            for g in range(3):
+                b = a + g
+                if b >= tokens:
+                    break
+                h = _murmurhash3_32(scratch, token_start[a], token_end[b] - token_start[a])
+                # FeatureHasher's fold of the signed int32 hash: abs(h) % n_buckets (abs(-2**31) taken as 2**31 - 1
+                # - (n_buckets - 1)); abs of a negative h is 2**32 - h unsigned
+                if h == top:
+                    row_buckets[m] = fold_min
+                elif h > top:
+                    row_buckets[m] = (np.uint64(2**32) - h) & mask if power_of_two else (np.uint64(2**32) - h) % buckets
+                else:
+                    row_buckets[m] = h & mask if power_of_two else h % buckets
+                m += 1
+        # Each row's distinct buckets in increasing order without a sort: a bitmap of the buckets seen, read word by
+        # word, lowest set bit first (de Bruijn), beside their counts.
+        for q in range(m):
+            bucket = row_buckets[q]
+            if seen[bucket] == 0:
+                bits[bucket >> 6] |= np.uint64(1) << np.uint64(bucket & 63)
+            seen[bucket] += 1
+        first = nnz
+        squares = 0.0
+        for w in range(len(bits)):
+            word = bits[w]
+            while word:
+                low = word & (~word + np.uint64(1))
+                bucket = w * 64 + _BIT_INDEX[(low * _DEBRUIJN) >> np.uint64(58)]
+                count = seen[bucket]
+                indices[nnz] = bucket
+                values[nnz] = count
+                squares += count * count
+                nnz += 1
+                seen[bucket] = 0
+                word ^= low
+            bits[w] = 0
+        if squares > 0:  # sklearn's inplace_csr_row_normalize_l2: integer counts, so every order sums exactly
+            norm = np.sqrt(squares)
+            for q in range(first, nnz):
+                values[q] /= norm
+        indptr[r + 1] = nnz
+    return indptr, indices[:nnz].copy(), values[:nnz].copy()
+
+
+@njit(cache=True)
+def add_dense_products(out, block, coef):
+    """``out[i, c] += block[i, k] * coef[c, k]`` for k in increasing order, skipping zeros of ``block``: the rounding
+    of scipy's CSR product (row by row, stored entries in column order) over a block appended after the sparse one.
+    ``out`` (n, classes) and ``coef`` (classes, block columns) float64, ``block`` (n, block columns) float64."""
+    for i in range(out.shape[0]):
+        for k in range(block.shape[1]):
+            a = block[i, k]
+            if a != 0.0:
+                for c in range(out.shape[1]):
+                    out[i, c] += a * coef[c, k]
