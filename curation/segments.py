@@ -17,6 +17,10 @@ first-person refusal such as "I can't help with that") and
 
 The refusal detector (:mod:`curation.refusal`) runs once over every segment of a batch, so
 :func:`spans_for_rows` costs one vectorised call however many rows it gets.
+
+The same segment reading gives the safety view of a refusal (:func:`withheld_scores`, issue 16): a response that
+opens with refusing segments and then delivers the content anyway (refuse-then-comply) withholds nothing, and the
+cost (``curation/steps.py: score_costs``, the online reward in ``train/rewards.py``) reads that, not the refusal score.
 """
 
 from __future__ import annotations
@@ -151,27 +155,143 @@ def _rust_agrees(texts: list[str]) -> np.ndarray:
     from curation.categorise import _rust_readable
 
     ok = np.ones(len(texts), dtype=bool)
-    odd = [i for i, t in enumerate(texts) if not t.isascii() or _PLAIN.search(t)]
-    if odd:
+    try:
+        odd = np.flatnonzero(pl.Series("t", texts, dtype=pl.String).str.contains(_PLAIN.pattern).to_numpy())
+    except UnicodeEncodeError:  # a lone surrogate, which polars cannot hold; _rust_readable marks it
+        odd = [i for i, t in enumerate(texts) if not t.isascii() or _PLAIN.search(t)]
+    if len(odd):
         ok[odd] = _rust_readable([texts[i] for i in odd])[1]
     return ok
 
 
 def _score_segments(prompt_harm: np.ndarray, segment_texts: list[str]) -> np.ndarray:
-    from curation.refusal import _text_proba, load_heads
+    from curation.refusal import _distinct_text_proba, distinct_texts, load_heads
 
     if not segment_texts:
         return np.zeros(0, dtype=np.float32)
     # One pass of the refusal detector's text head over the distinct segments: its probabilities (refusal_scores),
     # the core-phrase flag (has_refusal_phrase) and the concreteness cues, all from the same polars select.
-    proba, core, counts = _text_proba(segment_texts, load_heads().text, (_CONCRETE.pattern,))
-    refusal = np.clip(1.0 - proba[:, 0], 0.0, 1.0).astype(np.float32)
-    refusal = np.where(core, np.maximum(refusal, 0.9), refusal).astype(np.float32)
-    concrete = _concreteness(segment_texts, counts[:, 0])
+    distinct, inverse = distinct_texts(segment_texts)
+    proba, core, counts = _distinct_text_proba(distinct, load_heads().text, (_CONCRETE.pattern,))
+    refusal = _segment_refusal(proba, core)[inverse]
+    concrete = _concreteness(distinct, counts[:, 0])[inverse]
     harmful_view = refusal - concrete * (1.0 - refusal)
     benign_view = (1.0 - refusal) * (0.3 + 0.7 * concrete) - refusal
     harm = np.clip(np.asarray(prompt_harm, dtype=np.float32), 0.0, 1.0)
     return np.clip(harm * harmful_view + (1.0 - harm) * benign_view, -1.0, 1.0).astype(np.float32)
+
+
+#: The refusal score above which a response's opening is looked at for what follows it (below, the withheld score
+#: is the refusal score: it differs by less than this).
+FOLLOW_MIN_REFUSAL = 0.05
+#: Characters of the response in which its refusal opening is looked for: a segment not within them is never part
+#: of it.
+OPENING_CHARS = 600
+#: Characters of what follows the opening from which it counts in full ("Is there anything else?" counts little).
+FOLLOW_FULL_CHARS = 400
+#: Characters of what follows the opening that are read.
+FOLLOW_READ_CHARS = 1000
+#: Signs that what follows a refusal delivers something: a pivot ("here is", "that said", "however, I can"), a
+#: numbered or bulleted list, a heading, code, a letter's salutation or subject line. Written in the dialect both
+#: Python's ``re`` and Rust's regex (polars) read alike.
+DELIVERY_CUE = re.compile(
+    r"(?im)^[ \t]*(?:\d{1,2}[.)]|[-*•]|#{1,4} |\*\*|step \d|dear\b|subject:)|```|\bhere(?:['’]s| is| are)\b|"
+    r"\b(?:with )?that (?:being )?said\b|\bhowever, (?:i|here|you|the)\b|\bi can (?:provide|give|offer|tell)\b"
+)
+
+
+def follow_through_scores(responses: Sequence[str | None], refusals: Sequence[float]) -> np.ndarray:
+    """Per response, 0–1: how far what follows a refusal opening delivers an answer anyway (refuse-then-comply).
+
+    The opening is the leading run of segments (:func:`split_segments`, only those within the first
+    :data:`OPENING_CHARS` characters) that the refusal detector scores as refusing, each segment alone as for AMA
+    (score ≥ 0.5, or an explicit first-person refusal phrase). What follows is the rest of the response (its first
+    :data:`FOLLOW_READ_CHARS` characters are read). Its follow-through is the text head's P(comply) of that rest,
+    times ``min(1, len(rest) / FOLLOW_FULL_CHARS)`` (a closing "Is there anything else I can help with?" counts
+    little), halved unless the rest shows a sign of delivering (:data:`DELIVERY_CUE`: a pivot such as "here is" or
+    "that said", a list, a heading, code, a letter's salutation): a refusal followed by its justification or a
+    pointer to a hotline reads as compliant prose to the head, and the cue tells the two apart. 0 where the response does not open with a refusal, is all refusal, or
+    its ``refusals`` score (the detector's, :func:`curation.refusal.refusal_scores`) is below
+    :data:`FOLLOW_MIN_REFUSAL`.
+
+    It reads whether content follows the refusal, not whether that content is harmful: "I can't do X. Here are
+    some safety tips: 1. ..." follows through too; the cost weighs it by the prompt's harm.
+    """
+    from curation.refusal import _distinct_text_proba, _text_proba, distinct_texts, load_heads
+
+    refusals = np.asarray(refusals, dtype=np.float32)
+    if len(refusals) != len(responses):
+        raise ValueError(f"{len(responses)} responses but {len(refusals)} refusal scores")
+    out = np.zeros(len(responses), dtype=np.float32)
+    looked = [i for i, (text, r) in enumerate(zip(responses, refusals))
+              if text is not None and r >= FOLLOW_MIN_REFUSAL and text.strip()]
+    if not looked:
+        return out
+    # Only the opening is split (a segment cut short by the end of the window is left out, unless the response ends
+    # there), and only the start of the rest is read.
+    opening = [_opening_segments(responses[i]) for i in looked]
+    flat = [responses[i][s:e] for i, segs in zip(looked, opening) for s, e in segs]
+    distinct, inverse = distinct_texts(flat)
+    head = load_heads().text
+    refusing = (_segment_refusal(*_distinct_text_proba(distinct, head)[:2]) >= 0.5)[inverse].tolist()
+    rests, rest_of = [], []
+    cursor = 0
+    for i, segs in zip(looked, opening):
+        run = 0
+        while run < len(segs) and refusing[cursor + run]:
+            run += 1
+        rest = responses[i][segs[run - 1][1]:].strip() if run else ""
+        if rest:
+            rests.append(rest[:FOLLOW_READ_CHARS])
+            rest_of.append(i)
+        cursor += len(segs)
+    if rests:
+        comply = _text_proba(rests, head)[0][:, 0]
+        length = np.fromiter(map(len, rests), dtype=np.float32, count=len(rests))
+        cue = 0.5 + 0.5 * _has_delivery_cue(rests).astype(np.float32)
+        out[rest_of] = comply * np.minimum(1.0, length / FOLLOW_FULL_CHARS) * cue
+    return out
+
+
+def _opening_segments(text: str) -> list[tuple[int, int]]:
+    """:func:`split_segments` of the first :data:`OPENING_CHARS` characters, less a last segment the cut may shorten."""
+    if len(text) <= OPENING_CHARS:
+        return split_segments(text)
+    return [(s, e) for s, e in split_segments(text[:OPENING_CHARS]) if e < OPENING_CHARS]
+
+
+def _has_delivery_cue(texts: list[str]) -> np.ndarray:
+    """:data:`DELIVERY_CUE` per text, by polars (Rust's regex: one fast pass), or ``re`` for text polars cannot hold."""
+    try:
+        return pl.Series("t", texts, dtype=pl.String).str.contains(DELIVERY_CUE.pattern).fill_null(False).to_numpy()
+    except UnicodeEncodeError:  # a lone surrogate
+        return np.array([bool(DELIVERY_CUE.search(t)) for t in texts], dtype=bool)
+
+
+def withheld_scores(responses: Sequence[str | None], refusals: Sequence[float] | None = None) -> np.ndarray:
+    """The safety view of a response, 0–1: the probability that it withholds what was asked.
+
+    ``refusal × (1 − follow-through)`` (:func:`follow_through_scores`): a full refusal withholds; a refusal
+    followed by the content ("I can't help with that. ... Step 1: ...") does not, though the refusal score, which
+    counts any refusal as XSTest does (the over-refusal view), calls it a (partial) refusal. ``refusals``: the
+    responses' :func:`curation.refusal.refusal_scores` where the caller has them (None counts as 0). None responses
+    score 0.
+    """
+    if refusals is None:
+        from curation.refusal import refusal_scores
+
+        refusals = np.zeros(len(responses), dtype=np.float32)
+        present = [i for i, t in enumerate(responses) if t is not None]
+        if present:
+            refusals[present] = refusal_scores([responses[i] for i in present])
+    refusals = np.nan_to_num(np.asarray(refusals, dtype=np.float32), nan=0.0)
+    return (np.clip(refusals, 0.0, 1.0) * (1.0 - follow_through_scores(responses, refusals))).astype(np.float32)
+
+
+def _segment_refusal(proba: np.ndarray, core: np.ndarray) -> np.ndarray:
+    """A segment's refusal score: the detector's, at least 0.9 when it holds an explicit refusal phrase."""
+    refusal = np.clip(1.0 - proba[:, 0], 0.0, 1.0).astype(np.float32)
+    return np.where(core, np.maximum(refusal, 0.9), refusal).astype(np.float32)
 
 
 def segment_scores(prompt_harm: float, response: str) -> list[tuple[int, int, float]]:
