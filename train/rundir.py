@@ -5,8 +5,10 @@ A run directory (file names in :mod:`equi.schema`)::
     runs/NAME/
       config.json      TrainConfig, its hash, the mix path and its manifest hash, library versions
       metrics.jsonl    one JSON object per logging step (loss, rewards/margins, ama/masked_fraction, λ ...)
-      checkpoint-N/    Trainer checkpoints (``--resume`` continues from the last one)
-      final/           the trained model and tokenizer (safetensors, ``from_pretrained``-loadable)
+      checkpoint-N/    Trainer checkpoints (``--resume`` continues from the last one); removed once the run has
+                       finished (:func:`remove_checkpoints`) unless ``--keep-checkpoints``
+      final/           the trained model and tokenizer (safetensors, ``from_pretrained``-loadable), in the dtype
+                       it was trained in (recorded in its config.json and in summary.json)
       summary.json     what the run did, in numbers
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from equi.config import ConfigError
+from equi.models import save_model_atomic
 from equi.schema import FINAL_DIR, METRICS_FILE, RUN_CONFIG, RUN_SUMMARY, TRAIN_CONFIG_KEY
 from train.config import TrainConfig, normalised_settings
 
@@ -153,6 +156,27 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+def remove_checkpoints(run_dir: Path) -> int:
+    """Delete a finished run's ``checkpoint-N`` folders (a ``dual`` run's are in its ``round-K/``, which go too once
+    empty); returns the bytes freed.
+
+    A checkpoint holds the weights and the optimiser state (Adam: two more copies of the weights), so three times
+    ``final/``; it is only needed to ``--resume`` an unfinished run. Called once ``final/`` and ``summary.json``
+    are written: a run killed before then still has them.
+    """
+    run_dir = Path(run_dir)
+    freed = 0
+    for checkpoint in sorted([*run_dir.glob("checkpoint-*"), *run_dir.glob("round-*/checkpoint-*")]):
+        if not checkpoint.is_dir() or checkpoint.is_symlink():
+            continue
+        freed += sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file() and not f.is_symlink())
+        shutil.rmtree(checkpoint)
+    for round_dir in run_dir.glob("round-*"):
+        if round_dir.is_dir() and not any(round_dir.iterdir()):
+            round_dir.rmdir()
+    return freed
+
+
 def checkpoint_step(checkpoint: Path | None) -> int:
     """The optimiser step a checkpoint was saved at (0 for none)."""
     return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
@@ -196,18 +220,27 @@ def train_from(trainer, checkpoint: Path | None, run_dir: Path) -> float | None:
 
 
 def save_final(trainer, tokenizer, run_dir: Path) -> Path:
-    """Save ``final/`` as a plain model: LoRA adapters are merged so ``from_pretrained`` needs no PEFT."""
+    """Save ``final/`` as a plain model: LoRA adapters are merged so ``from_pretrained`` needs no PEFT.
+
+    The weights keep the dtype they were trained in (fp32 on a CPU, bf16 where the GPU supports it), which
+    ``config.json`` records; written beside and renamed (:func:`equi.models.save_model_atomic`), so a kill during
+    the save never leaves a ``final/`` that looks finished.
+    """
     final_dir = run_dir / FINAL_DIR
     model = trainer.accelerator.unwrap_model(trainer.model)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if trainer.accelerator.is_main_process:
-        model.save_pretrained(final_dir, safe_serialization=True)
-        tokenizer.save_pretrained(final_dir)
+        save_model_atomic(model, tokenizer, final_dir)
         from train.card import write_model_card
 
         write_model_card(run_dir)  # written again once summary.json is there (train.run), and by equi eval
     return final_dir
+
+
+def trained_dtype(model) -> str:
+    """The dtype a model's weights were trained in (``"float32"``, ``"bfloat16"``): the one ``final/`` holds."""
+    return str(model.dtype).removeprefix("torch.")
 
 
 def fit(trainer, tokenizer, run_dir: Path, checkpoint: Path | None, rows: dict[str, Any],
@@ -226,6 +259,7 @@ def fit(trainer, tokenizer, run_dir: Path, checkpoint: Path | None, rows: dict[s
         "steps": trainer.state.global_step,
         "resumed_from": str(checkpoint) if checkpoint else None,
         "train_loss": train_loss,
+        "dtype": trained_dtype(trainer.model),
         **extra,
     }
     return RunResult(run_dir, final_dir, trainer.state.global_step, summary=summary)

@@ -52,3 +52,10 @@ def training_option(name: str) -> Any:
     """A ``--name`` option defaulting to ``None`` (so a ``--config`` file, a resumed run or equi scale's plan can
     fill it), its help ending in TrainConfig's default."""
     return typer.Option(None, f"--{name.replace('_', '-')}", help=f"{TRAINING_HELP[name]} {default_text(name)}.")
+
+
+def keep_checkpoints_option() -> Any:
+    """``--keep-checkpoints``: by default a finished run keeps only ``final/`` (see ``TrainConfig.keep_checkpoints``)."""
+    return typer.Option(False, "--keep-checkpoints",
+                        help="Leave the checkpoint-N folders (weights and optimiser state, about 3x the model each) "
+                             "once a run has finished; by default they exist only while it runs, for --resume.")

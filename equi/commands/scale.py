@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from equi.commands._console import console, fail, reported_errors
-from equi.commands._options import default_text, training_option
+from equi.commands._options import default_text, keep_checkpoints_option, training_option
 
 HELP = """Train one run per (group, scale) on nested subsets of a mix, evaluate each, and the untrained baseline.
 
@@ -44,6 +44,7 @@ def register(app: typer.Typer) -> None:
         lora_r: Optional[int] = training_option("lora_r"),
         max_length: Optional[int] = training_option("max_length"),
         save_steps: Optional[int] = training_option("save_steps"),
+        keep_checkpoints: bool = keep_checkpoints_option(),
         train_config: Optional[Path] = typer.Option(
             None, "--train-config",
             help="YAML of any other equi train options for every rung (severity_weights, group_weights, lambda_lr, "
@@ -58,7 +59,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from equi.ladder import ScaleConfig, parse_scales, run_ladder
 
-        options = _train_options(train_config, max_length=max_length, save_steps=save_steps)
+        options = _train_options(train_config, max_length=max_length, save_steps=save_steps,
+                                 keep_checkpoints=keep_checkpoints or None)
         with reported_errors():
             training = {"algo": algo, "max_steps": max_steps, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                         "beta": beta, "seed": seed, "lora_r": lora_r}  # None: TrainConfig's default

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from equi.commands._console import console, fail, reported_errors
-from equi.commands._options import default_text, train_default, training_option
+from equi.commands._options import default_text, keep_checkpoints_option, train_default, training_option
 from train.config import ALGOS
 
 EXAMPLE = """
@@ -88,6 +88,7 @@ def train_command(
     max_completion_length: Optional[int] = training_option("max_completion_length"),
     save_steps: Optional[int] = training_option("save_steps"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    keep_checkpoints: bool = keep_checkpoints_option(),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub."),
     skip_images: bool = typer.Option(False, "--skip-images", help="Drop rows that carry an image (counted in "
                                      "summary.json) instead of refusing the mix; equi trains text-only models."),
@@ -144,8 +145,8 @@ def train_command(
             "save_steps": save_steps,
         }
         values.update({k: v for k, v in flags.items() if v is not None})
-        for name, flag in (("resume", resume), ("trust_remote_code", trust_remote_code), ("skip_images", skip_images),
-                           ("quiet", quiet)):
+        for name, flag in (("resume", resume), ("keep_checkpoints", keep_checkpoints),
+                           ("trust_remote_code", trust_remote_code), ("skip_images", skip_images), ("quiet", quiet)):
             if flag:
                 values[name] = True
         if saved is not None:

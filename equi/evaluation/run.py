@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,10 +147,17 @@ def evaluate(config: EvalConfig) -> EvalResult:
         from equi.models import resolve_model
 
         model_path = resolve_model(None, quiet=config.quiet)
+    started = time.perf_counter()
     model, tokenizer = load_model(model_path, device=config.device, quiet=config.quiet)
+    loaded = time.perf_counter()
     rows = evaluate_suites(model, tokenizer, suites, config)
+    answered = time.perf_counter()
     metrics = compute_metrics(rows)
     metrics.update({
+        # Wall-clock seconds (the model's load, then generating and labelling every answer): what an evaluation
+        # costs on this machine, for comparing runs and models (bench/ladder_bench.py reads them).
+        "seconds": {"load": round(loaded - started, 2), "answer": round(answered - loaded, 2),
+                    "per_prompt": round((answered - loaded) / len(rows), 3) if rows else None},
         "model": model_path,
         "run": config.run_dir,
         "data_dir": str(data_dir) if data_dir else None,
