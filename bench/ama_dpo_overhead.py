@@ -73,7 +73,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from train.ama_dpo import AmaDPOTrainer, _conversational
+    from train.ama_dpo import AmaDPOTrainer
     from train.mixdata import load_split
     from train_fixtures import build_hh_mix, build_tiny_model
 
@@ -92,7 +92,7 @@ def main() -> None:
         ref = AutoModelForCausalLM.from_pretrained(model_path)
         dpo_args = DPOConfig(output_dir=str(work / kind), **config)
         if kind == "trl":
-            return DPOTrainer(model, ref_model=ref, args=dpo_args, train_dataset=pairs.map(_conversational),
+            return DPOTrainer(model, ref_model=ref, args=dpo_args, train_dataset=pairs,  # the mix's rows are conversational
                               processing_class=tokenizer)
         return AmaDPOTrainer(model, ref_model=ref, args=dpo_args, train_dataset=pairs, processing_class=tokenizer)
 

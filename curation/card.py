@@ -1,8 +1,8 @@
 """The mix's data card: a ``huggingface_hub.DatasetCard`` (YAML metadata from ``DatasetCardData``, then prose).
 
-The YAML declares a ``default`` config (every train/eval shard), one config per group (the
-mixture's shards are written one group per shard, so a group config is a list of files) and a
-``pool`` config, so ``datasets.load_dataset("mix/", name)`` works for each. Beside the configs it carries the
+The YAML declares a ``default`` config (the mixture's train/test shards, rows in ``rank`` order, so
+``split="train[:10%]"`` is a balanced subset) and a ``pool`` config, so ``datasets.load_dataset("mix/", name)``
+works for each (one group: ``.filter(lambda row: row["group"] == "EHD")``). Beside the configs it carries the
 Hub's dataset metadata: the licence (with ``license_name``/``license_link`` when it is ``other``), the
 ``source_datasets`` the rows came from, ``dataset_info`` with each config's split sizes (``datasets`` checks
 them when it loads the mix), and the ``size_categories`` of what the default config serves (the mixture).
@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from equi.schema import GROUPS
+from equi.schema import GROUPS, SPLITS
 
 #: ``license_name``/``license_link`` written when the licence is ``other``: the mix holds rows of several
 #: sources, each under its own licence, listed in the card's "Licences" section (the link's target).
@@ -43,50 +43,56 @@ def size_category(n: int) -> str:
 def card_configs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """The ``configs`` section: ``equi verify`` checks that the default one serves exactly the mixture shards."""
     shards = manifest["shards"]
-    data = [s for s in shards if s["split"] in ("train", "eval")]
+    data = [s for s in shards if s["split"] in SPLITS]
     configs = []
     if data:
         configs.append({"config_name": "default", "default": True,
                         "data_files": [{"split": split, "path": f"data/{split}-*.parquet"}
-                                       for split in ("train", "eval") if any(s["split"] == split for s in data)]})
-    for group in GROUPS:
-        files = [s for s in data if s.get("group") == group]
-        if files:
-            configs.append({"config_name": group, "data_files": [
-                {"split": split, "path": [s["path"] for s in files if s["split"] == split]}
-                for split in ("train", "eval") if any(s["split"] == split for s in files)]})
+                                       for split in SPLITS if any(s["split"] == split for s in data)]})
     configs.append({"config_name": "pool", "data_files": [{"split": "train", "path": "pool/pool-*.parquet"}]}
                    if data else {"config_name": "pool", "default": True,
                                  "data_files": [{"split": "train", "path": "pool/pool-*.parquet"}]})
     return configs
 
 
-def dataset_info(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def dataset_info(manifest: dict[str, Any], root: str | Path | None = None) -> list[dict[str, Any]]:
     """``dataset_info`` per config, in the order of :func:`card_configs`: each split's ``num_examples`` from the
-    manifest's shard rows (no ``features``: the Parquet schema is the source of truth for those)."""
+    manifest's shard rows and, when ``root`` holds the shards, ``num_bytes`` (their uncompressed size, which
+    ``datasets`` needs to read the entry at all); no ``features``: the Parquet schema is the source of truth."""
     shards = manifest["shards"]
 
-    def splits(selected: list[dict[str, Any]], names: tuple[str, ...]) -> list[dict[str, Any]]:
-        return [{"name": name, "num_examples": sum(int(s["rows"]) for s in selected if s["split"] == name)}
-                for name in names if any(s["split"] == name for s in selected)]
+    def size(shard: dict[str, Any]) -> int | None:
+        import pyarrow.parquet as pq
 
-    data = [s for s in shards if s["split"] in ("train", "eval")]
+        path = Path(root) / shard["path"] if root is not None else None
+        if path is None or not path.is_file():
+            return None
+        meta = pq.ParquetFile(path).metadata
+        return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+
+    def splits(selected: list[dict[str, Any]], names: tuple[str, ...]) -> list[dict[str, Any]]:
+        out = []
+        for name in names:
+            files = [s for s in selected if s["split"] == name]
+            if files:
+                sizes = [size(s) for s in files]
+                out.append({"name": name, "num_examples": sum(int(s["rows"]) for s in files),
+                            **({"num_bytes": sum(sizes)} if None not in sizes else {})})
+        return out
+
+    data = [s for s in shards if s["split"] in SPLITS]
     pool = [s for s in shards if s["split"] == "pool"]
     infos = []
     if data:
-        infos.append({"config_name": "default", "splits": splits(data, ("train", "eval"))})
-    for group in GROUPS:
-        files = [s for s in data if s.get("group") == group]
-        if files:
-            infos.append({"config_name": group, "splits": splits(files, ("train", "eval"))})
-    infos.append({"config_name": "pool",
-                  "splits": [{"name": "train", "num_examples": sum(int(s["rows"]) for s in pool)}]})
+        infos.append({"config_name": "default", "splits": splits(data, SPLITS)})
+    infos.append({"config_name": "pool",  # the pool's shards are served as the pool config's train split
+                  "splits": [{**split, "name": "train"} for split in splits(pool, ("pool",))]})
     return infos
 
 
 def served_rows(manifest: dict[str, Any]) -> int:
-    """Rows the default config serves: the mixture (train + eval), or the pool when the mixture is empty."""
-    data = [int(s["rows"]) for s in manifest["shards"] if s["split"] in ("train", "eval")]
+    """Rows the default config serves: the mixture (train + test), or the pool when the mixture is empty."""
+    data = [int(s["rows"]) for s in manifest["shards"] if s["split"] in SPLITS]
     if data:
         return sum(data)
     return sum(int(s["rows"]) for s in manifest["shards"] if s["split"] == "pool")
@@ -137,13 +143,24 @@ def card_data(manifest: dict[str, Any], root: str | Path | None = None):
         size_categories=[size_category(served_rows(manifest))],
         source_datasets=source_datasets(manifest, root),
         configs=card_configs(manifest),
-        dataset_info=dataset_info(manifest),
+        dataset_info=dataset_info(manifest, root),
     )
 
 
 def card_front_matter(manifest: dict[str, Any], root: str | Path | None = None) -> dict[str, Any]:
     """The card's YAML metadata as a plain dict (what the Hub and ``datasets`` read)."""
     return card_data(manifest, root).to_dict()
+
+
+def _judge_line(manifest: dict[str, Any]) -> str:
+    """What ``--judge`` decided, from the manifest's ``labellers`` (empty without a judge)."""
+    labellers = manifest.get("labellers") or {}
+    if not labellers.get("judge"):
+        return ""
+    counts = labellers.get("group", {})
+    return (f" EHD/IHD/MHD re-decided by the judge `{labellers['judge']}` (Equilibrate's prompt) for "
+            f"{counts.get('judge', 0)} rows; {counts.get('heads (judge unparseable)', 0)} judge answers could not be "
+            "parsed and kept the heads' group.")
 
 
 def render_card(manifest: dict[str, Any], root: str | Path | None = None) -> str:
@@ -159,22 +176,28 @@ def render_card(manifest: dict[str, Any], root: str | Path | None = None) -> str
              f"{manifest['created_at']}; config hash `{manifest['config_hash']}`.", "",
              "## Groups", ""]
     lines += [f"- **{g}**: {GROUP_MEANING[g]}" for g in GROUPS]
-    lines += ["", "## Counts", "", "| group | pool | mixture train | mixture eval |", "|---|---:|---:|---:|"]
+    lines += ["", "## Counts", "", "| group | pool | mixture train | mixture test |", "|---|---:|---:|---:|"]
     for g in GROUPS:
         mix = counts["mixture"].get(g, {})
-        lines.append(f"| {g} | {counts['pool'].get(g, 0)} | {mix.get('train', 0)} | {mix.get('eval', 0)} |")
+        lines.append(f"| {g} | {counts['pool'].get(g, 0)} | {mix.get('train', 0)} | {mix.get('test', 0)} |")
     ratio_text = ", ".join(f"{g}={v:g}" for g, v in cfg["ratios"].items())
     lines += ["", "## How it was built", "",
               f"- Inputs: {len(manifest['inputs'])} file(s), {acc['input_lines']} lines; "
               f"{acc['rejected']} rejected (see `rejects.jsonl`), {acc['pooled']} in the pool.",
               f"- Embeddings: `{manifest['embedder']}`; {manifest['clusters']} MiniBatchKMeans clusters.",
               f"- Groups from explicit-content and intent scores (categoriser `{manifest['categoriser']}`); "
-              "labels carried by the input (`category`, `is_safe`, `severity`) are kept.",
+              "labels carried by the input (`category`, `is_safe`, `severity`) are kept." + _judge_line(manifest),
               f"- FDC mixture: safety ratios {ratio_text}, BENIGN share {cfg['benign_share']}, near-duplicate "
               f"prompts (cosine ≥ {cfg['dup_threshold']}) removed, selection round-robin over clusters, seed "
               f"{cfg['seed']}. `rank` orders the mixture so that every prefix keeps the ratios.",
               f"- Not selected ({sum(acc['not_selected'].values())} pool rows): "
               + (", ".join(f"{k} {v}" for k, v in acc["not_selected"].items()) or "none") + ".",
+              "", "## Using it", "",
+              "Rows are in TRL's conversational preference format (`prompt`, `chosen`, `rejected` as lists of "
+              "`{role, content}` messages), splits `train` and `test`, so `load_dataset(\"path/to/mix\")` trains "
+              "with plain TRL (`DPOTrainer`, `trl dpo --dataset_name path/to/mix`). Shards are in `rank` order: "
+              "`split=\"train[:10%]\"` keeps the group ratios. One group: "
+              "`.filter(lambda row: row[\"group\"] == \"EHD\")`; every categorised input row: the `pool` config.",
               "", "## Sources", ""]
     for item in manifest["inputs"]:
         lines.append(f"- `{item['path']}` — {item['lines']} lines, sha256 `{item['sha256'] or 'n/a (stdin)'}`")

@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from equi.config import ConfigError, CurateConfig
 from equi.progress import own_bar_disabled
-from equi.schema import REJECTS
+from equi.schema import MESSAGES_TYPE, REJECTS
 
 from curation.embed import STATIC_EMBEDDER, Embedder, get_embedder
 from curation.readers import RawRow, ReadStats, read_rows
@@ -46,7 +46,7 @@ from curation.steps import BatchScorer, batch_meta, take_rows
 
 #: Per raw row, the number of rows of its reader batch: lets an actor check it got the whole batch.
 BATCH_ROWS = "_reader_batch_rows"
-_RAW_TYPES = {"source_line": pa.int64(), "is_safe": pa.bool_()}
+_RAW_TYPES = {"source_line": pa.int64(), "is_safe": pa.bool_(), "prompt_messages": MESSAGES_TYPE}
 RAW_SCHEMA = pa.schema([pa.field(f.name, _RAW_TYPES.get(f.name, pa.string())) for f in dataclasses.fields(RawRow)]
                        + [pa.field(BATCH_ROWS, pa.int64())])
 #: What a scored block carries besides the staged columns: the float16 prompt embedding.

@@ -496,12 +496,14 @@ def _level_counts(levels: Sequence[str | None]) -> dict[str, int]:
 
 
 def read_mixture(mix_dir: Path, manifest: dict) -> pl.DataFrame:
-    paths = [mix_dir / s["path"] for s in manifest["shards"] if s["split"] != "pool"]
-    from equi.schema import MIX_SCHEMA
+    """The parent's mixture rows, as text (:func:`equi.messages.to_text`; written back as messages)."""
+    from equi.messages import to_text
+    from equi.schema import mix_schema
 
+    paths = [mix_dir / s["path"] for s in manifest["shards"] if s["split"] != "pool"]
     if not paths:
-        return pl.from_arrow(MIX_SCHEMA.empty_table())
-    return pl.concat([pl.read_parquet(p) for p in paths], how="vertical_relaxed")
+        return to_text(pl.from_arrow(mix_schema(manifest.get("multimodal", False)).empty_table()))
+    return to_text(pl.concat([pl.read_parquet(p) for p in paths], how="vertical_relaxed"))
 
 
 def guard_responses(guard: Guard, frame: pl.DataFrame, columns: Sequence[str]) -> dict[str, tuple[np.ndarray, Verdicts]]:
@@ -527,8 +529,9 @@ def guard_mix(config: GuardConfig, guard: Guard | None = None, policy=None, embe
     ``guard``/``policy`` (``(name, model, tokenizer)``)/``embedder`` may be passed in (tests, notebooks); otherwise
     they are loaded from the config, the policy only when some row needs candidates.
     """
-    from equi.models import generate_answers
     from equi.manifest import MixVerificationError, load_manifest, verify_mix
+    from equi.messages import to_text
+    from equi.models import generate_answers
 
     parent = Path(config.mix)
     problems = verify_mix(parent)
@@ -560,7 +563,7 @@ def guard_mix(config: GuardConfig, guard: Guard | None = None, policy=None, embe
     pool_levels: dict[str, dict[str, int]] = {}
     pool_paths = [parent / s["path"] for s in parent_manifest["shards"] if s["split"] == "pool"]
     for path in pool_paths:
-        pool = pl.read_parquet(path, columns=["id", "prompt", "chosen", "rejected", "response"])
+        pool = to_text(pl.read_parquet(path, columns=["id", "prompt", "chosen", "rejected", "response"]))
         for column, (idx, v) in guard_responses(guard, pool, ("chosen", "rejected", "response")).items():
             audit += _audit_rows("pool", pool["id"].to_list(), column, idx, v)
             guarded += len(v)
@@ -704,7 +707,7 @@ def write_guarded_mix(config: GuardConfig, parent: Path, parent_manifest: dict, 
             shutil.copyfile(parent / REJECTS, work / REJECTS)
         else:
             (work / REJECTS).write_text("", encoding="utf-8")
-        data_files = write_mixture(work / DATA_DIR, mixture, shard_rows)
+        data_files = write_mixture(work / DATA_DIR, mixture, shard_rows, parent_manifest.get("multimodal", False))
         (work / "guard").mkdir()
         audit_path = work / "guard" / "verdicts.parquet"
         pl.DataFrame(audit, schema=_AUDIT_SCHEMA).write_parquet(audit_path, compression="zstd")

@@ -13,6 +13,9 @@ Steps (each a small function):
 4. :func:`cluster_round_robin` — within a group, take rows cluster by cluster so a quota spreads
    over the whole embedding space instead of sampling the biggest cluster.
 5. :func:`ladder_ranks` — interleave groups so that every prefix ``rank < k`` keeps the ratios.
+
+``order="input"`` skips 3-5: every de-duplicated pair of any group, ranked in input order (the naive
+baseline a group-balanced mixture is compared with: safety data as it comes).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from equi.schema import SAFETY_GROUPS
+from equi.config import MIX_ORDERS
+from equi.schema import SAFETY_GROUPS, TEST_SPLIT, UNCERTAIN_HARM_BAND
 
 # Reasons a pool row is not in the mixture (the manifest counts each).
 DUPLICATE = "duplicate"
@@ -32,6 +36,10 @@ UNPAIRED = "unpaired_response"
 NO_SAFETY_DIFFERENCE = "responses_equally_safe"
 GROUP_NOT_MIXED = "group_not_in_mixture"
 OVER_RATIO = "over_ratio"
+#: A BENIGN pair whose prompt's harm estimate is uncertain (``equi.schema.UNCERTAIN_HARM_BAND``): the safety
+#: interlock keeps it out of the helpfulness data, whatever the order and shares.
+UNCERTAIN_HARM = "uncertain_harm"
+BEYOND_SIZE = "beyond_size"
 
 #: Two single responses must differ at least this much in cost to make a preference pair.
 MIN_COST_GAP = 0.2
@@ -195,19 +203,29 @@ def cluster_round_robin(clusters: np.ndarray, seed: int) -> np.ndarray:
 def ladder_ranks(groups: list[str]) -> np.ndarray:
     """Ranks for rows listed group by group in selection order, interleaving groups by their share.
 
-    The i-th of a group's n rows sits at (i + 0.5) / n; sorting all rows by that key means that every
-    prefix holds each group's share to within one row — the nested scale ladder.
+    Slot k (1-based) goes to the group furthest behind its share, ``k · n_g / n − taken_g`` (ties: the group listed
+    first), and to that group's next row in selection order. This greedy keeps every prefix ``rank < k`` within one
+    row of each group's share (sorting by ``(i + 0.5) / n_g`` instead missed by up to 1.45 rows where keys tie) —
+    the nested scale ladder.
     """
-    groups_arr = np.asarray(groups)
-    keys = np.zeros(len(groups), dtype=np.float64)
-    group_order = {g: k for k, g in enumerate(dict.fromkeys(groups))}
-    for g in group_order:
-        where = np.flatnonzero(groups_arr == g)
-        keys[where] = (np.arange(len(where)) + 0.5) / len(where)
-    tiebreak = np.array([group_order[g] for g in groups])
-    order = np.lexsort((tiebreak, keys))
-    ranks = np.empty(len(groups), dtype=np.int64)
-    ranks[order] = np.arange(len(groups))
+    n = len(groups)
+    rows: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        rows.setdefault(g, []).append(i)
+    order = list(rows)  # first appearance: the tie-break
+    share = [len(rows[g]) / n for g in order] if n else []
+    size = [len(rows[g]) for g in order]
+    taken = [0] * len(order)
+    ranks = np.empty(n, dtype=np.int64)
+    for k in range(1, n + 1):
+        best, best_deficit = -1, -np.inf
+        for g in range(len(order)):
+            if taken[g] < size[g]:
+                deficit = k * share[g] - taken[g]
+                if deficit > best_deficit + 1e-12:
+                    best, best_deficit = g, deficit
+        ranks[rows[order[best]][taken[best]]] = k - 1
+        taken[best] += 1
     return ranks
 
 
@@ -216,16 +234,22 @@ def eval_split(ids: list[str], fraction: float) -> list[str]:
     if fraction <= 0:
         return ["train"] * len(ids)
     bound = int(fraction * 2**32)
-    return ["eval" if int(hashlib.sha256(i.encode()).hexdigest()[:8], 16) < bound else "train" for i in ids]
+    return [TEST_SPLIT if int(hashlib.sha256(i.encode()).hexdigest()[:8], 16) < bound else "train" for i in ids]
 
 
 def select_mixture(meta: pl.DataFrame, embeddings: np.ndarray, *, ratios: dict[str, float], size: int | None,
-                   benign_share: float, dup_threshold: float, seed: int) -> Selection:
+                   benign_share: float, dup_threshold: float, seed: int, order: str = "fdc") -> Selection:
     """Choose the mixture from pool metadata.
 
     ``meta`` columns: ``idx`` (row index into ``embeddings``), ``prompt_key``, ``kind`` (pair/single/prompt),
     ``group``, ``cluster``, ``response_cost``.
+
+    ``order="input"`` ignores ``ratios``, ``benign_share`` and ``seed``: every de-duplicated pair, whatever its
+    group, ranked by its position in the input (the first copy of a near-duplicate is kept); ``size`` caps the
+    number of pairs (the rest are ``beyond_size``).
     """
+    if order not in MIX_ORDERS:
+        raise ValueError(f"unknown mixture order {order!r}; choose one of {', '.join(MIX_ORDERS)}")
     not_selected: dict[int, str] = {}
     for i in meta.filter(pl.col("kind") == "prompt")["idx"].to_list():
         not_selected[i] = PROMPT_ONLY
@@ -236,6 +260,14 @@ def select_mixture(meta: pl.DataFrame, embeddings: np.ndarray, *, ratios: dict[s
                                                           pl.lit(None, pl.Int64).alias("rejected_idx"))
     candidates = pl.concat([native, pairs]).join(
         meta.select(pl.col("idx").alias("chosen_idx"), "group", "cluster"), on="chosen_idx", how="left")
+    uncertain = uncertain_benign(candidates, meta)
+    for c, r in zip(candidates.filter(uncertain)["chosen_idx"].to_list(),
+                    candidates.filter(uncertain)["rejected_idx"].to_list()):
+        not_selected.update({c: UNCERTAIN_HARM} | ({r: UNCERTAIN_HARM} if r is not None else {}))
+    candidates = candidates.filter(~uncertain)
+    if order == "input":
+        return _input_order_mixture(meta, embeddings, candidates.sort("chosen_idx"), not_selected, size,
+                                    dup_threshold)
     # A fixed random order decides which near-duplicate survives and feeds the round robin.
     rng = np.random.default_rng(seed)
     candidates = candidates[rng.permutation(candidates.height)] if candidates.height else candidates
@@ -281,6 +313,45 @@ def select_mixture(meta: pl.DataFrame, embeddings: np.ndarray, *, ratios: dict[s
         effective_ratios={g: quotas[g] / total for g in quotas if quotas[g]},
         warnings=warnings,
     )
+
+
+def _input_order_mixture(meta: pl.DataFrame, embeddings: np.ndarray, candidates: pl.DataFrame,
+                         not_selected: dict[int, str], size: int | None, dup_threshold: float) -> Selection:
+    """``order="input"``: ``candidates`` (in input order) less near-duplicates, the first ``size`` of them, ranked."""
+    def reject(rows: pl.DataFrame, reason: str) -> None:
+        for c, r in zip(rows["chosen_idx"].to_list(), rows["rejected_idx"].to_list()):
+            not_selected[c] = reason
+            if r is not None:
+                not_selected[r] = reason
+
+    dup = (near_duplicates(embeddings, _cluster_lookup(meta), candidates["chosen_idx"].to_numpy(), dup_threshold)
+           if candidates.height else np.zeros(0, dtype=bool))
+    reject(candidates.filter(pl.Series(dup)), DUPLICATE)
+    candidates = candidates.filter(~pl.Series(dup))
+    warnings = []
+    if size is not None:
+        if size > candidates.height:
+            warnings.append(f"--size {size} asks for more pairs than there are ({candidates.height})")
+        reject(candidates[size:], BEYOND_SIZE)
+        candidates = candidates[:size]
+    mixture = candidates.with_columns(pl.Series("rank", np.arange(candidates.height, dtype=np.int64)))
+    shares = mixture.group_by("group").len().to_dict(as_series=False)
+    total = mixture.height or 1
+    return Selection(mixture=mixture, not_selected=not_selected,
+                     effective_ratios={g: n / total for g, n in sorted(zip(shares["group"], shares["len"]))},
+                     warnings=warnings)
+
+
+def uncertain_benign(candidates: pl.DataFrame, meta: pl.DataFrame) -> pl.Series:
+    """Boolean per candidate: BENIGN, and its prompt's harm_score (``meta``) is at least the low end of
+    ``UNCERTAIN_HARM_BAND``. (A pair of single responses shares one prompt, so its chosen row speaks for both.)"""
+    if "harm_score" not in meta.columns or candidates.height == 0:
+        return pl.Series("uncertain", [False] * candidates.height, dtype=pl.Boolean)
+    harm = np.zeros(int(meta["idx"].max()) + 1, dtype=np.float64)
+    harm[meta["idx"].to_numpy()] = meta["harm_score"].fill_null(0.0).to_numpy()
+    uncertain = (candidates["group"] == "BENIGN").to_numpy() & (
+        harm[candidates["chosen_idx"].to_numpy()] >= UNCERTAIN_HARM_BAND[0])
+    return pl.Series("uncertain", uncertain, dtype=pl.Boolean)
 
 
 def _cluster_lookup(meta: pl.DataFrame) -> np.ndarray:

@@ -69,15 +69,16 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
         clock.lap("cluster")
         for leftover in (POOL_DIR, DATA_DIR):  # from an interrupted run that got past pass 1
             shutil.rmtree(work / leftover, ignore_errors=True)
-        pool_files = write_pool(scored.stage_files, clusters, work / POOL_DIR, config)
+        multimodal = scored.multimodal
+        pool_files = write_pool(scored.stage_files, clusters, work / POOL_DIR, config, multimodal)
         clock.lap("write_pool")
         meta = scored.meta.with_columns(pl.Series("cluster", clusters, pl.Int32))
         selection = select_mixture(meta, scored.embeddings, ratios=config.ratios, size=config.size,
                                    benign_share=config.benign_share, dup_threshold=config.dup_threshold,
-                                   seed=config.seed)
+                                   seed=config.seed, order=config.order)
         scored.embeddings = None  # the largest thing held, and no longer needed
         mixture = build_mixture_rows(scored.stage_files, selection.mixture, config.eval_fraction)
-        data_files = write_mixture(work / DATA_DIR, mixture, config.shard_rows)
+        data_files = write_mixture(work / DATA_DIR, mixture, config.shard_rows, multimodal)
         scored.remove_stage()
         unchanged_since_start(files)
         clock.lap("mix")
@@ -89,7 +90,11 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
             "config_hash": _config_hash(config),
             "embedder": embedder.name,
             "categoriser": config.categoriser or "bundled",
+            # which labeller made each pooled row's group: the heads, the --judge, or the heads where the judge's
+            # answer could not be parsed
+            "labellers": {"judge": config.judge, "group": _labeller_counts(meta["group_labeller"].to_list())},
             "clusters": int(k),
+            "multimodal": multimodal,  # image columns present (some row has an image)
             "inputs": [{"path": name, "sha256": files[name]["sha256"] if name in files else None, "lines": lines}
                        for name, lines in scored.stats.lines_by_file.items()],
             "shards": [shard_entry(work, p, rows, "pool") for p, rows, _ in pool_files]
@@ -179,6 +184,10 @@ class _Laps:
         now = self._now()
         self.laps[name] = round(now - self._last, 1)
         self._last = now
+
+
+def _labeller_counts(labellers: list[str]) -> dict[str, int]:
+    return {name: labellers.count(name) for name in sorted(set(labellers))}
 
 
 def _count(groups: list[str]) -> dict[str, int]:

@@ -24,6 +24,7 @@ from typing import IO, Any, Iterable, Iterator
 from equi.config import DEFAULT_MAX_LINE_BYTES
 from equi.errors import UsageError
 from equi.jsonl import BadJSON, loads_line
+from equi.messages import hh_messages, render_turns
 
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
@@ -41,7 +42,7 @@ class RawRow:
     source: str
     source_line: int
     shape: str
-    prompt: str
+    prompt: str  # the text curation scores and the id hashes (several turns rendered by equi.messages.render_turns)
     chosen: str | None = None
     rejected: str | None = None
     response: str | None = None
@@ -50,6 +51,8 @@ class RawRow:
     is_safe: bool | None = None
     image: str | None = None  # path, URL or base64 of the image the prompt refers to (BeaverTails-V style)
     image_severity: str | None = None
+    #: the prompt's turns in TRL's conversational format; None for a single user turn (``prompt`` is its content)
+    prompt_messages: list[dict] | None = None
 
 
 @dataclass
@@ -105,14 +108,6 @@ def _messages_text(messages: Any, key: str) -> list[dict]:
     return messages
 
 
-def _render_turns(messages: list[dict]) -> str:
-    """A multi-turn prompt as one string; a single user turn stays as it is."""
-    if len(messages) == 1:
-        return messages[0]["content"]
-    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
-    return "\n\n".join(f"{names.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
-
-
 def _shared_start(chosen: list[dict], rejected: list[dict]) -> int:
     """How many messages ``chosen`` and ``rejected`` share from the start, leaving at least one message on each side
     (TRL's implicit-prompt rule)."""
@@ -158,6 +153,13 @@ def _single_answers(chosen: list[dict], rejected: list[dict]) -> tuple[dict, dic
     return chosen[0], rejected[0]
 
 
+def _kept_turns(messages: list[dict]) -> list[dict] | None:
+    """The prompt's turns as the row keeps them: only ``role`` and ``content``; None for a single user turn."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return None
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def _split_hh(transcript: str, key: str) -> tuple[str, str]:
     cut = transcript.rfind(HH_ASSISTANT)
     if cut < 0 or HH_HUMAN not in transcript[:cut + 1]:
@@ -194,7 +196,7 @@ def normalise(obj: Any, shape: str, source: str, line: int) -> RawRow:
         raise ShapeError(f"line is JSON {type(obj).__name__}, not an object")
     if shape == "auto":
         shape = detect_shape(obj)
-    chosen = rejected = response = None
+    chosen = rejected = response = prompt_msgs = None
     if shape == "pair":
         prompt, chosen, rejected = _text(obj, "prompt"), _text(obj, "chosen"), _text(obj, "rejected")
     elif shape == "conversation":
@@ -208,7 +210,8 @@ def normalise(obj: Any, shape: str, source: str, line: int) -> RawRow:
                 _messages_text(raw_prompt, "prompt")
             prompt_msgs, chosen_msgs, rejected_msgs = _explicit_prompt(prompt_msgs, chosen_msgs, rejected_msgs)
         chosen_msg, rejected_msg = _single_answers(chosen_msgs, rejected_msgs)
-        prompt = _render_turns(prompt_msgs)
+        prompt = render_turns(prompt_msgs)
+        prompt_msgs = _kept_turns(prompt_msgs)
         chosen, rejected = chosen_msg["content"], rejected_msg["content"]
     elif shape == "hh":
         c_prefix, chosen = _split_hh(_text(obj, "chosen"), "chosen")
@@ -217,6 +220,7 @@ def normalise(obj: Any, shape: str, source: str, line: int) -> RawRow:
             raise ShapeError("'chosen' and 'rejected' transcripts do not share the same conversation before "
                              "the last answer")
         prompt = _hh_prompt(c_prefix)
+        prompt_msgs = _kept_turns(hh_messages(c_prefix)) if prompt == c_prefix.strip() else None  # several turns
     elif shape == "single":
         prompt, response = _text(obj, "prompt"), _text(obj, "response")
     elif shape == "prompt":
@@ -266,6 +270,7 @@ def normalise(obj: Any, shape: str, source: str, line: int) -> RawRow:
         is_safe=is_safe,
         image=image,
         image_severity=image_severity,
+        prompt_messages=prompt_msgs,
     )
 
 

@@ -21,20 +21,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from equi.config import CurateConfig
-from equi.schema import GROUPS, MIX_SCHEMA, POOL_SCHEMA, REJECTS, shard_name
+from equi.messages import ANSWER_COLUMNS, to_conversational
+from equi.schema import MESSAGES_TYPE, REJECTS, SPLITS, mix_schema, pool_schema, shard_name
 
-from curation.mixer import eval_split
+from curation.mixer import eval_split, ladder_ranks
 from curation.readers import InputError, ReadStats, content_id
 from curation.segments import pair_span_columns
 
-# Staged rows: the pool's columns before clustering, plus (not contract columns) the prompt's harm
-# probability that the mixer needs to score the spans of single responses it pairs, and the row kind
+# Staged rows: the pool's columns before clustering, as the text curation scores (equi.messages: the prompt as one
+# string, each answer its content, and the prompt's turns in `prompt_messages`), plus (not contract columns) the
+# prompt's harm probability that the mixer needs to score the spans of single responses it pairs, and the row kind
 # (pair, single, prompt) that a resumed run reads back.
-STAGE_SCHEMA = pa.schema([f for f in POOL_SCHEMA if f.name != "cluster"]
-                         + [pa.field("harm_score", pa.float32()), pa.field("kind", pa.string())])
+_TEXT_COLUMNS = ("prompt", *ANSWER_COLUMNS)
+STAGE_SCHEMA = pa.schema([pa.field(f.name, pa.string()) if f.name in _TEXT_COLUMNS else f
+                          for f in pool_schema(multimodal=True) if f.name != "cluster"]
+                         + [pa.field("prompt_messages", MESSAGES_TYPE), pa.field("harm_score", pa.float32()),
+                            pa.field("kind", pa.string()), pa.field("group_labeller", pa.string())])
 
 #: The columns of a staged batch that a resumed run reads back (what :func:`curation.steps.batch_meta` needs).
-META_COLUMNS = ("prompt", "image", "kind", "group", "response_cost")
+META_COLUMNS = ("prompt", "image", "kind", "group", "response_cost", "harm_score", "group_labeller")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,6 +116,11 @@ class ShardWriter:
 
 def to_table(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
     return frame.select(schema.names).to_arrow().cast(schema)
+
+
+def contract_table(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
+    """Staged (text) rows as the contract's columns: conversational messages, ``schema``'s columns only."""
+    return to_table(to_conversational(frame), schema)
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:
@@ -197,7 +207,7 @@ class ScoredInput:
     stage_dir: Path
     stage_files: list
     embeddings: np.ndarray | None  # float16, one row per pooled row (dropped once the mixture is chosen)
-    meta: pl.DataFrame  # idx, prompt_key, kind, group, response_cost
+    meta: pl.DataFrame  # idx, prompt_key, kind, group, response_cost, harm_score, has_image
     n_rows: int
     n_rejected: int
     stats: ReadStats
@@ -219,7 +229,8 @@ class ScoredInput:
             raise InputError(_all_rejected(stage_dir.parent / REJECTS, n_rejected))
         meta = (pl.concat(meta_parts) if meta_parts else
                 pl.DataFrame(schema={"idx": pl.Int64, "prompt_key": pl.UInt64, "kind": pl.String, "group": pl.String,
-                                     "response_cost": pl.Float32}))
+                                     "response_cost": pl.Float32, "harm_score": pl.Float32,
+                                     "has_image": pl.Boolean, "group_labeller": pl.String}))
         matrix = np.empty((meta.height, dim), dtype=np.float16)
         filled = 0
         for part in embeddings:
@@ -228,6 +239,11 @@ class ScoredInput:
         if filled != meta.height:
             raise RuntimeError(f"pass 1 staged {meta.height} rows but {filled} embeddings")
         return cls(stage_dir, stage_files, matrix, meta, meta.height, n_rejected, stats)
+
+    @property
+    def multimodal(self) -> bool:
+        """Whether any pooled row has an image: only then do the pool and the mixture have the image columns."""
+        return bool(self.meta["has_image"].any()) if self.meta.height else False
 
     def remove_stage(self) -> None:
         shutil.rmtree(self.stage_dir)
@@ -253,23 +269,27 @@ def _all_rejected(rejects: Path, n_rejected: int, shown: int = 3) -> str:
 # The pool and the mixture (the second pass, from the staged rows)
 # --------------------------------------------------------------------------------------------------
 
-def write_pool(stage_files: list, clusters: np.ndarray, folder: Path, config: CurateConfig) -> list:
+def write_pool(stage_files: list, clusters: np.ndarray, folder: Path, config: CurateConfig,
+               multimodal: bool = False) -> list:
     """Pass 2: stream the staged rows into the pool shards, adding the ``cluster`` column."""
-    pool = ShardWriter(folder, "pool", POOL_SCHEMA, config.shard_rows)
+    schema = pool_schema(multimodal)
+    pool = ShardWriter(folder, "pool", schema, config.shard_rows)
     offset = 0
     for path, _, _ in stage_files:
         for record_batch in pq.ParquetFile(path).iter_batches(batch_size=config.batch_size):
             frame = pl.from_arrow(record_batch)
             frame = frame.with_columns(pl.Series("cluster", clusters[offset:offset + frame.height], pl.Int32))
             offset += frame.height
-            pool.write(to_table(frame, POOL_SCHEMA))
+            pool.write(contract_table(frame, schema))
     return pool.close()
 
 
 def build_mixture_rows(stage_files: list, selected: pl.DataFrame, eval_fraction: float) -> pl.DataFrame:
-    """Full mixture rows for the selection: native pairs copied, single responses joined into pairs."""
+    """Full mixture rows for the selection (as text, like the staged rows): native pairs copied, single responses
+    joined into pairs."""
     if selected.height == 0:
-        return pl.DataFrame(schema=pl.from_arrow(MIX_SCHEMA.empty_table()).schema)
+        return pl.from_arrow(STAGE_SCHEMA.empty_table()).with_columns(
+            pl.lit(None, pl.Int32).alias("cluster"), pl.lit(None, pl.Int64).alias("rank"))
     wanted = pl.concat([selected["chosen_idx"], selected["rejected_idx"].drop_nulls()])
     rows = _take_staged(stage_files, np.unique(wanted.to_numpy()))
     by_idx = rows.join(selected.select("chosen_idx", "rejected_idx", "rank", "cluster"), left_on="idx",
@@ -294,10 +314,24 @@ def build_mixture_rows(stage_files: list, selected: pl.DataFrame, eval_fraction:
             response=pl.lit(None, pl.String), response_refusal=pl.lit(None, pl.Float32),
             response_cost=pl.lit(None, pl.Float32),
         )
-    columns = [c for c in MIX_SCHEMA.names if c not in ("split",)]
+    columns = [c for c in mix_schema(multimodal=True).names if c != "split"] + ["prompt_messages"]
     mixture = pl.concat([native.select(columns), single.select(columns)] if single.height else
                         [native.select(columns)]).sort("rank")
-    return mixture.with_columns(pl.Series("split", eval_split(mixture["id"].to_list(), eval_fraction)))
+    mixture = mixture.with_columns(pl.Series("split", eval_split(mixture["id"].to_list(), eval_fraction)))
+    return rank_within_splits(mixture)
+
+
+def rank_within_splits(mixture: pl.DataFrame) -> pl.DataFrame:
+    """``rank`` counted within each split, interleaved again (:func:`curation.mixer.ladder_ranks`, each group's rows
+    in their mixture order): the held-out rows are drawn by id hash, so the train rows of the mixture-wide ladder
+    would keep the ratios only roughly; re-ranked, every prefix of the train split (``rank < k``,
+    ``split="train[:10%]"``) keeps them to within one row."""
+    parts = []
+    for split in SPLITS:
+        part = mixture.filter(pl.col("split") == split).sort("rank")
+        if part.height:
+            parts.append(part.with_columns(pl.Series("rank", ladder_ranks(part["group"].to_list()), pl.Int64)))
+    return pl.concat(parts).sort("split", "rank") if parts else mixture
 
 
 def _take_staged(stage_files: list, wanted: np.ndarray) -> pl.DataFrame:
@@ -313,17 +347,21 @@ def _take_staged(stage_files: list, wanted: np.ndarray) -> pl.DataFrame:
     return pl.concat(parts)
 
 
-def write_mixture(folder: Path, mixture: pl.DataFrame, rows_per_shard: int) -> list:
-    """One group per shard (so the card can offer a config per group), rows in rank order."""
+def write_mixture(folder: Path, mixture: pl.DataFrame, rows_per_shard: int, multimodal: bool = False) -> list:
+    """Each split's rows in ``rank`` order across its shards, so any prefix of a split (``train[:10%]``) is itself a
+    balanced subset; ``mixture`` holds text columns (:func:`build_mixture_rows`), written as the contract's
+    messages. Returns ``(path, rows, (split, rows by group))`` per shard."""
+    schema = mix_schema(multimodal)
     written = []
-    for split in ("train", "eval"):
-        part = mixture.filter(pl.col("split") == split)
+    for split in SPLITS:
+        part = mixture.filter(pl.col("split") == split).sort("rank")
         if part.height == 0:
             continue
-        writer = ShardWriter(folder, split, MIX_SCHEMA, rows_per_shard)
-        for group in GROUPS:
-            rows = part.filter(pl.col("group") == group)
-            if rows.height:
-                writer.write(to_table(rows, MIX_SCHEMA), group=group, new_shard=True)
-        written += [(p, rows, (split, g)) for p, rows, g in writer.close()]
+        writer = ShardWriter(folder, split, schema, rows_per_shard)
+        writer.write(contract_table(part, schema))
+        start = 0
+        for path, rows, _ in writer.close():
+            groups = part["group"][start:start + rows].value_counts()
+            written.append((path, rows, (split, dict(zip(groups["group"].to_list(), groups["count"].to_list())))))
+            start += rows
     return written

@@ -14,15 +14,17 @@ import numpy as np
 import polars as pl
 
 from equi.config import CurateConfig
+from equi.messages import MESSAGES
 from equi.progress import quiet_transformers
 
 from curation.categorise import Categoriser, categorise
 from curation.embed import STATIC_EMBEDDER, EmbedderError, get_embedder
 from curation.embed_cache import CachedEmbedder, EmbeddingCache
+from curation.judge import Judge, apply_judge, load_judge
 from curation.mixer import eval_split, prompt_key
 from curation.readers import InputError, RawRow, Reject
 from curation.refusal import refusal_scores
-from curation.segments import pair_span_columns
+from curation.segments import pair_span_columns, withheld_scores
 
 
 def rows_to_frame(rows: list[RawRow]) -> pl.DataFrame:
@@ -41,11 +43,12 @@ def rows_to_frame(rows: list[RawRow]) -> pl.DataFrame:
             "is_safe": [r.is_safe for r in rows],
             "image": [r.image for r in rows],
             "image_severity": [r.image_severity for r in rows],
+            "prompt_messages": [r.prompt_messages for r in rows],
         },
         schema={"id": pl.String, "source": pl.String, "source_line": pl.Int64, "kind": pl.String,
                 "prompt": pl.String, "chosen": pl.String, "rejected": pl.String, "response": pl.String,
                 "category": pl.String, "severity": pl.String, "is_safe": pl.Boolean,
-                "image": pl.String, "image_severity": pl.String},
+                "image": pl.String, "image_severity": pl.String, "prompt_messages": MESSAGES},
     )
 
 
@@ -73,21 +76,30 @@ def score_refusals(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def score_costs(frame: pl.DataFrame) -> pl.DataFrame:
-    """``*_cost`` (> 0 unsafe): from ``is_safe`` labels where present, else prompt harm × compliance.
+    """``*_cost`` (> 0 unsafe): from ``is_safe`` labels where present, else prompt harm × not withholding.
 
-    ``2·harm·(1 − refusal) − 1`` is +1 for full compliance with a surely harmful prompt, −1 for a
-    refusal or for any answer to a benign prompt, and crosses 0 where harm × compliance = 0.5.
+    ``2·harm·(1 − withheld) − 1`` is +1 for full compliance with a surely harmful prompt, −1 for a
+    refusal or for any answer to a benign prompt, and crosses 0 where harm × (1 − withheld) = 0.5. ``withheld``
+    (:func:`curation.segments.withheld_scores`) is ``*_refusal`` less what follows a refusal opening: "I can't
+    help with that. ... Step 1: ..." refuses in ``*_refusal``'s sense (any refusal, as XSTest counts it) but gives
+    the content, so it costs as compliance. One call over the three response columns.
     """
     harm = pl.col("harm_score")
+    columns = ("chosen", "rejected", "response")
+    texts = [t for c in columns for t in frame[c].to_list()]
+    refusals = np.concatenate([frame[f"{c}_refusal"].cast(pl.Float32).fill_null(0.0).to_numpy() for c in columns])
+    withheld = withheld_scores(texts, refusals) if texts else np.zeros(0, dtype=np.float32)
 
-    def estimate(column: str) -> pl.Expr:
-        return (2 * harm * (1 - pl.col(f"{column}_refusal")) - 1).cast(pl.Float32)
+    def estimate(k: int, column: str) -> pl.Expr:
+        kept = pl.Series(withheld[k * frame.height:(k + 1) * frame.height], dtype=pl.Float32)
+        value = (2 * harm * (1 - pl.lit(kept)) - 1).cast(pl.Float32)
+        return pl.when(pl.col(f"{column}_refusal").is_null()).then(None).otherwise(value)
 
     labelled = pl.when(pl.col("is_safe")).then(pl.lit(-1.0)).otherwise(pl.lit(1.0)).cast(pl.Float32)
     return frame.with_columns(
-        chosen_cost=estimate("chosen"),
-        rejected_cost=estimate("rejected"),
-        response_cost=pl.when(pl.col("is_safe").is_not_null()).then(labelled).otherwise(estimate("response")),
+        chosen_cost=estimate(0, "chosen"),
+        rejected_cost=estimate(1, "rejected"),
+        response_cost=pl.when(pl.col("is_safe").is_not_null()).then(labelled).otherwise(estimate(2, "response")),
     )
 
 
@@ -110,10 +122,10 @@ def text_for_embedding(prompt: str) -> str:
 
 
 def score_batch(rows: list[RawRow], embed: Callable[[list[str]], np.ndarray],
-                categoriser) -> tuple[pl.DataFrame, np.ndarray]:
+                categoriser, judge: Judge | None = None) -> tuple[pl.DataFrame, np.ndarray]:
     """All per-row columns of the contract except ``cluster`` and ``split``, plus the prompt embeddings."""
     embeddings = embed(prompt_texts(rows))
-    return score_rows(rows, embeddings, categoriser), embeddings
+    return score_rows(rows, embeddings, categoriser, judge), embeddings
 
 
 def prompt_texts(rows: list[RawRow]) -> list[str]:
@@ -121,30 +133,31 @@ def prompt_texts(rows: list[RawRow]) -> list[str]:
     return [text_for_embedding(r.prompt) for r in rows]
 
 
-def score_rows(rows: list[RawRow], embeddings: np.ndarray, categoriser) -> pl.DataFrame:
+def score_rows(rows: list[RawRow], embeddings: np.ndarray, categoriser, judge: Judge | None = None) -> pl.DataFrame:
     """:func:`score_batch` once the prompt embeddings are known (the local engine computes them ahead)."""
     frame = rows_to_frame(rows)
     frame = categorise(frame, embeddings, categoriser)
+    frame = apply_judge(frame, judge)
     frame = score_refusals(frame)
     frame = score_costs(frame)
     return score_spans(frame)
 
 
 def stage_batch(rows: list[RawRow], embed: Callable[[list[str]], np.ndarray], categoriser,
-                eval_fraction: float) -> tuple[pl.DataFrame, np.ndarray]:
+                eval_fraction: float, judge: Judge | None = None) -> tuple[pl.DataFrame, np.ndarray]:
     """One batch's staged rows (:func:`score_batch` plus ``split``) and its float16 prompt embeddings."""
-    return stage_rows(rows, embed(prompt_texts(rows)), categoriser, eval_fraction)
+    return stage_rows(rows, embed(prompt_texts(rows)), categoriser, eval_fraction, judge)
 
 
 def stage_rows(rows: list[RawRow], embeddings: np.ndarray, categoriser,
-               eval_fraction: float) -> tuple[pl.DataFrame, np.ndarray]:
+               eval_fraction: float, judge: Judge | None = None) -> tuple[pl.DataFrame, np.ndarray]:
     """:func:`stage_batch` once the prompt embeddings are known.
 
     Everything downstream sees the embeddings as stored, in float16: the categoriser included, so a run that
     takes them from the embedding cache (float16) writes the same mix as one that encodes them afresh.
     """
     stored = np.asarray(embeddings).astype(np.float16)
-    frame = score_rows(rows, stored.astype(np.float32), categoriser)
+    frame = score_rows(rows, stored.astype(np.float32), categoriser, judge)
     frame = frame.with_columns(pl.Series("split", eval_split(frame["id"].to_list(), eval_fraction)))
     return frame, stored
 
@@ -153,7 +166,8 @@ def batch_meta(frame: pl.DataFrame, start: int) -> pl.DataFrame:
     """The slim metadata the mixer needs for one staged batch whose first row is pool row ``start``."""
     return frame.select(pl.int_range(start, start + frame.height, dtype=pl.Int64).alias("idx"),
                         prompt_key(pl.col("prompt"), pl.col("image")).alias("prompt_key"), "kind", "group",
-                        "response_cost")
+                        "response_cost", "harm_score", pl.col("image").is_not_null().alias("has_image"),
+                        "group_labeller")
 
 
 def take_rows(batch: list[RawRow | Reject], rejects) -> list[RawRow]:
@@ -199,6 +213,15 @@ class BatchScorer:
     def __init__(self, config: CurateConfig, embedder=None, categoriser=None):
         self.config = config
         self.embedder, self.categoriser = load_models(config, embedder, categoriser)
+        self.judge = configured_judge(config)
 
     def stage(self, rows: list[RawRow]) -> tuple[pl.DataFrame, np.ndarray]:
-        return stage_batch(rows, self.embedder.encode, self.categoriser, self.config.eval_fraction)
+        return stage_batch(rows, self.embedder.encode, self.categoriser, self.config.eval_fraction, self.judge)
+
+
+def configured_judge(config: CurateConfig) -> Judge | None:
+    """``--judge``'s model as a :class:`~curation.judge.Judge` (cached answers unless ``--no-cache``), or None."""
+    if not config.judge:
+        return None
+    with quiet_transformers(config.quiet):
+        return load_judge(config.judge, quiet=config.quiet, use_cache=config.embedding_cache)

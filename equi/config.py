@@ -21,6 +21,8 @@ from equi.schema import SAFETY_GROUPS
 DEFAULT_RATIOS: dict[str, float] = {"EHD": 10.0, "IHD": 3.0, "MHD": 1.0}
 INPUT_FORMATS = ("auto", "pair", "conversation", "hh", "single", "prompt")
 ENGINES = ("local", "ray")
+#: ``--order``: ``fdc`` a group-balanced mixture; ``input`` every pair as it comes (the naive baseline).
+MIX_ORDERS = ("fdc", "input")
 #: Default ``--max-line-bytes``: a longer input line is rejected unparsed (one 50 MB line took minutes and 10 GB).
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 
@@ -81,6 +83,7 @@ class CurateConfig:
         embedding_cache: reuse prompt embeddings cached by (embedder, text hash) under ``$EQUI_CACHE``
             (default ``~/.cache/equi``), so a re-run embeds only new texts.
         categoriser: fitted categoriser parameters (``equi fit-categoriser``); ``None`` = the bundled one.
+        judge: a causal LM (hub id or path) that re-decides EHD/IHD/MHD (:mod:`curation.judge`); ``None`` = heads only.
         clusters: number of embedding clusters; ``None`` = chosen from the data size.
         dup_threshold: cosine similarity above which two prompts count as near-duplicates.
         batch_size: rows per processing batch (bounded memory).
@@ -98,8 +101,11 @@ class CurateConfig:
         size: target number of safety pairs in the mixture; ``None`` = all that the ratios allow.
         ratios: group ratios of the safety part, default EHD:IHD:MHD = 10:3:1 (Equilibrate RLHF).
         benign_share: share of BENIGN (helpfulness) pairs in the final mixture, 0-1.
-        eval_fraction: share of the mixture held out as the eval split.
+        eval_fraction: share of the mixture held out as the ``test`` split.
         seed: random seed for every random choice.
+        order: ``fdc`` (the mixer above) or ``input``: every de-duplicated pair of any group, ranked in input
+            order, ``size`` capping the number of pairs; no ratios, no BENIGN share (the naive baseline that a
+            group-balanced mixture is compared with).
     Writing:
         out: the mix directory (appears atomically).
         overwrite: replace an existing ``out``.
@@ -116,6 +122,7 @@ class CurateConfig:
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     embedder: str | None = None
     categoriser: str | None = None
+    judge: str | None = None
     embedding_cache: bool = True
     clusters: int | None = None
     dup_threshold: float = 0.95
@@ -126,6 +133,7 @@ class CurateConfig:
     benign_share: float = 0.2
     eval_fraction: float = 0.05
     seed: int = 0
+    order: str = "fdc"
     overwrite: bool = False
     resume: bool = True
     shard_rows: int = 50_000
@@ -165,6 +173,12 @@ class CurateConfig:
             raise ConfigError("--benign-share must be in [0, 1)")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError("--eval-fraction must be in [0, 1)")
+        if self.order not in MIX_ORDERS:
+            raise ConfigError(f"unknown --order {self.order!r}; choose one of {', '.join(MIX_ORDERS)}")
+        if self.order == "input" and (self.benign_share != 0.2 or self.ratios != {
+                g: DEFAULT_RATIOS.get(g, 0.0) for g in SAFETY_GROUPS}):
+            raise ConfigError("--order input takes every pair as it comes: --ratios and --benign-share do not "
+                              "apply (leave them out)")
         if self.shard_rows < 1:
             raise ConfigError("--shard-rows must be at least 1")
         if self.engine not in ENGINES:

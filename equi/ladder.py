@@ -89,11 +89,11 @@ def check_scales_fit(scales: list[float], n_ranked: int) -> None:
 
 
 def ranked_rows(mix_dir: str | Path) -> int:
-    """Number of ranked mixture rows (``max(rank) + 1``) over every split."""
+    """Number of ranked train rows (``max(rank) + 1``: ranks count within a split, and the ladder trains on train)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    files = sorted((Path(mix_dir) / DATA_DIR).glob("*.parquet"))
+    files = sorted((Path(mix_dir) / DATA_DIR).glob("train-*.parquet"))
     best = -1
     for path in files:
         ranks = pq.read_table(path, columns=["rank"]).column("rank")

@@ -17,8 +17,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
 from equi.errors import EquiError, OutputExistsError, OutputNotWritable, VerificationError
-from equi.schema import (CARD, DATA_DIR, MANIFEST, MIX_SCHEMA, POOL_DIR, POOL_SCHEMA, REJECTS, SCHEMA_VERSION,
-                          check_schema)
+from equi.schema import (CARD, DATA_DIR, MANIFEST, POOL_DIR, REJECTS, SCHEMA_VERSION, SPLITS, check_schema,
+                         is_multimodal, mix_schema, pool_schema)
 
 
 def equi_version() -> str:
@@ -218,10 +218,11 @@ def _read_json_or_none(path: Path) -> Any:
         return None
 
 
-def shard_entry(root: Path, path: Path, rows: int, split: str, group: str | None = None) -> dict[str, Any]:
+def shard_entry(root: Path, path: Path, rows: int, split: str, groups: dict[str, int] | None = None) -> dict[str, Any]:
+    """A manifest ``shards`` entry; ``groups``: a mixture shard's rows by group (``equi verify`` checks them)."""
     entry = {"path": path.relative_to(root).as_posix(), "sha256": sha256_file(path), "rows": rows, "split": split}
-    if group is not None:
-        entry["group"] = group
+    if groups is not None:
+        entry["groups"] = dict(sorted(groups.items()))
     return entry
 
 
@@ -274,7 +275,7 @@ def verify_mix(mix_dir: str | Path, check_checksums: bool = True) -> list[str]:
         return exc.problems
     problems: list[str] = []
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        problems.append(f"schema_version {manifest.get('schema_version')!r} is not {SCHEMA_VERSION}")
+        problems.append(schema_version_problem(manifest))
     shards, shape_problems = _well_formed_shards(root, manifest.get("shards"))
     problems += shape_problems
     files, files_problems = _well_formed_files(manifest.get("files"))
@@ -285,8 +286,11 @@ def verify_mix(mix_dir: str | Path, check_checksums: bool = True) -> list[str]:
     if CARD in files and not shape_problems:
         problems += card_problems(root, shards)
     observed = _ObservedRows()
+    multimodal = manifest.get("multimodal", False)
+    if not isinstance(multimodal, bool):
+        problems.append(f"manifest: 'multimodal' is {multimodal!r}, not true or false")
     for shard in shards:
-        problems += _shard_problems(root, shard, observed, check_checksums)
+        problems += _shard_problems(root, shard, observed, check_checksums, multimodal is True)
     if not shape_problems:  # counts from an incomplete reading would only repeat the shard's problem
         problems += counts_problems(manifest.get("counts"), observed)
     acc = manifest.get("accounting", {})
@@ -294,6 +298,19 @@ def verify_mix(mix_dir: str | Path, check_checksums: bool = True) -> list[str]:
     problems += inputs_problems(manifest.get("inputs"), acc)
     problems += rejects_problems(root, acc)
     return problems
+
+
+def schema_version_problem(manifest: dict[str, Any]) -> str:
+    """The problem with a mix of another schema version, with what to do about it."""
+    version = manifest.get("schema_version")
+    inputs = [item.get("path") for item in manifest.get("inputs", []) if isinstance(item, dict)] \
+        if isinstance(manifest.get("inputs"), list) else []
+    again = f"equi curate {' '.join(str(p) for p in inputs if p) or 'INPUTS'} --out NEW_MIX"
+    if isinstance(version, int) and not isinstance(version, bool) and version < SCHEMA_VERSION:
+        return (f"schema_version {version}: written by an older equi (schema 2 stored text columns and an 'eval' "
+                f"split; schema {SCHEMA_VERSION} stores TRL's conversational messages and a 'test' split); "
+                f"re-curate it from its inputs: {again}")
+    return f"schema_version {version!r} is not {SCHEMA_VERSION} (this equi reads schema {SCHEMA_VERSION} mixes)"
 
 
 SHA256_HEX = frozenset("0123456789abcdef")
@@ -337,8 +354,11 @@ def _shard_entry_problem(root: Path, entry: Any) -> str | None:
         return f"'rows' is {entry.get('rows')!r}, not a non-negative integer"
     if not isinstance(entry.get("split"), str):
         return "has no 'split' string"
-    if "group" in entry and not isinstance(entry["group"], str):
-        return f"'group' is {entry['group']!r}, not a string"
+    if entry["split"] not in ("pool", *SPLITS):
+        return f"split {entry['split']!r} is none of pool, {', '.join(SPLITS)}"
+    if "groups" in entry and not (isinstance(entry["groups"], dict)
+                                  and all(isinstance(g, str) and _is_count(n) for g, n in entry["groups"].items())):
+        return f"'groups' is {entry['groups']!r}, not an object of group: row count"
     if not _inside(root, entry["path"]):
         return "path leads outside the mix directory"
     folder = POOL_DIR if entry["split"] == "pool" else DATA_DIR
@@ -493,8 +513,10 @@ class _ObservedRows:
     complete: bool = True  # False once a shard could not be read: recomputed counts are then partial
 
 
-def _shard_problems(root: Path, shard: dict[str, Any], observed: _ObservedRows, check_checksums: bool) -> list[str]:
-    """One shard against its entry: present, inside, checksum, schema, row count, every row's split and group."""
+def _shard_problems(root: Path, shard: dict[str, Any], observed: _ObservedRows, check_checksums: bool,
+                    multimodal: bool = False) -> list[str]:
+    """One shard against its entry: present, inside, checksum, schema (image columns as the manifest says), row
+    count, every row's split and group."""
     import pyarrow.parquet as pq
 
     name = shard["path"]
@@ -515,7 +537,10 @@ def _shard_problems(root: Path, shard: dict[str, Any], observed: _ObservedRows, 
         return [f"{name}: not a readable Parquet file ({exc})"]
     problems = []
     is_pool = shard["split"] == "pool"
-    difference = check_schema(parquet.schema_arrow, POOL_SCHEMA if is_pool else MIX_SCHEMA)
+    difference = check_schema(parquet.schema_arrow, (pool_schema if is_pool else mix_schema)(multimodal))
+    if difference and is_multimodal(parquet.schema_arrow) != multimodal:
+        difference = ("has image columns, but the manifest says the mix is text-only" if not multimodal else
+                      "has no image columns, but the manifest says the mix is multimodal")
     if difference:
         observed.complete = False
         return [f"{name}: {difference}"]
@@ -539,11 +564,13 @@ def _shard_problems(root: Path, shard: dict[str, Any], observed: _ObservedRows, 
     if wrong_split:
         problems.append(f"{name}: {wrong_split} row(s) have a split other than {shard['split']!r}, "
                         "the split its manifest entry claims")
-    if "group" in shard:
-        wrong_group = sum(n for (group, _s), n in counts.items() if group != shard["group"])
-        if wrong_group:
-            problems.append(f"{name}: {wrong_group} row(s) have a group other than {shard['group']!r}, "
-                            "the group its manifest entry claims")
+    if "groups" in shard:
+        held: dict[str, int] = {}
+        for (group, _split), n in counts.items():
+            held[str(group)] = held.get(str(group), 0) + n
+        if held != shard["groups"]:
+            problems.append(f"{name}: rows by group {_compact(held)}, not {_compact(shard['groups'])} as its "
+                            "manifest entry claims")
     return problems
 
 

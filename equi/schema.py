@@ -4,10 +4,14 @@ This module is the only thing ``train/`` needs to know about ``curation/``: colu
 Arrow schema of pool and mixture rows, the group and severity vocabularies, and the directory
 layout of a mix.
 
-Schema version 2 adds two nullable columns for multimodal rows (BeaverTails-V style): ``image`` (a path,
-URL or base64 string, kept as given; categorisation uses the text) and ``image_severity``
-(minor/moderate/severe). ``equi train`` trains text-only models: it refuses a mix with image rows unless
-``--skip-images`` drops them (counted in ``summary.json``).
+Schema version 3 stores ``prompt``, ``chosen``, ``rejected`` and ``response`` in TRL's conversational format
+(lists of ``{role, content}``: every turn of the prompt kept, one assistant message per answer), names the
+held-out split ``test`` (TRL's default), and has the multimodal columns ``image`` (a path, URL or base64 string,
+kept as given; categorisation uses the text) and ``image_severity`` (minor/moderate/severe) only in a mix that
+holds images: an ``image`` column, even an all-null one, makes TRL treat a dataset as vision data. ``equi train``
+trains text-only models: it refuses a mix with image rows unless ``--skip-images`` drops them (counted in
+``summary.json``). Schema 2 (strings, an ``eval`` split, nullable image columns always present) is refused with
+the command that re-curates it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: nullable `image` and `image_severity` columns (multimodal rows)
+SCHEMA_VERSION = 3  # 3: conversational columns, `test` split, image columns only in multimodal mixes
 
 
 class Group(str, Enum):
@@ -37,27 +41,35 @@ class Group(str, Enum):
 GROUPS: tuple[str, ...] = tuple(g.value for g in Group)
 SAFETY_GROUPS: tuple[str, ...] = ("EHD", "IHD", "MHD")
 SEVERITIES: tuple[str, ...] = ("minor", "moderate", "severe")
-SPLITS: tuple[str, ...] = ("train", "eval")
+#: The safety interlock: a prompt the categoriser labels BENIGN but whose harm estimate lies in this band is too
+#: uncertain to train helpfulness on: never mixed as BENIGN (`uncertain_harm`) and never paid for compliance online.
+#: The shipped head labels BENIGN by the most probable of the five groups, so a BENIGN prompt's harm can exceed 0.5;
+#: the band is therefore [0.3, 1]. Its effect on held-out prompts: data_cards/categoriser.md.
+UNCERTAIN_HARM_BAND: tuple[float, float] = (0.3, 1.0)
+SPLITS: tuple[str, ...] = ("train", "test")
+#: The held-out split of the mixture (TRL's ``dataset_test_split`` default).
+TEST_SPLIT = "test"
 
 SPAN_TYPE = pa.list_(pa.struct([("start", pa.int32()), ("end", pa.int32()), ("sign", pa.int8())]))
+#: TRL's conversational format: a list of ``{role, content}`` messages.
+MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+IMAGE_COLUMNS: tuple[str, ...] = ("image", "image_severity")
 
 #: Columns shared by pool and mixture rows, in contract order.
 ROW_FIELDS: list[pa.Field] = [
     pa.field("id", pa.string(), nullable=False),
     pa.field("source", pa.string()),
     pa.field("source_line", pa.int64()),
-    pa.field("prompt", pa.string()),
-    pa.field("chosen", pa.string()),
-    pa.field("rejected", pa.string()),
-    pa.field("response", pa.string()),
+    pa.field("prompt", MESSAGES_TYPE),
+    pa.field("chosen", MESSAGES_TYPE),
+    pa.field("rejected", MESSAGES_TYPE),
+    pa.field("response", MESSAGES_TYPE),
     pa.field("group", pa.string()),
     pa.field("group_confidence", pa.float32()),
     pa.field("explicit_score", pa.float32()),
     pa.field("intent_score", pa.float32()),
     pa.field("severity", pa.string()),
     pa.field("harm_category", pa.string()),
-    pa.field("image", pa.string()),
-    pa.field("image_severity", pa.string()),
     pa.field("cluster", pa.int32()),
     pa.field("chosen_refusal", pa.float32()),
     pa.field("rejected_refusal", pa.float32()),
@@ -70,11 +82,29 @@ ROW_FIELDS: list[pa.Field] = [
     pa.field("split", pa.string()),
 ]
 
-POOL_SCHEMA = pa.schema(ROW_FIELDS, metadata={"equi_schema_version": str(SCHEMA_VERSION)})
-MIX_SCHEMA = pa.schema(
-    ROW_FIELDS + [pa.field("rank", pa.int64())],
-    metadata={"equi_schema_version": str(SCHEMA_VERSION)},
-)
+#: Multimodal mixes only (BeaverTails-V style rows), after ``harm_category``.
+IMAGE_FIELDS: list[pa.Field] = [pa.field("image", pa.string()), pa.field("image_severity", pa.string())]
+_METADATA = {"equi_schema_version": str(SCHEMA_VERSION)}
+
+
+def _with_images(fields: list[pa.Field]) -> list[pa.Field]:
+    at = [f.name for f in fields].index("harm_category") + 1
+    return fields[:at] + IMAGE_FIELDS + fields[at:]
+
+
+def pool_schema(multimodal: bool = False) -> pa.Schema:
+    """The pool's Arrow schema; ``multimodal`` adds the image columns."""
+    return pa.schema(_with_images(ROW_FIELDS) if multimodal else ROW_FIELDS, metadata=_METADATA)
+
+
+def mix_schema(multimodal: bool = False) -> pa.Schema:
+    """The mixture's Arrow schema (the pool's plus ``rank``); ``multimodal`` adds the image columns."""
+    fields = ROW_FIELDS + [pa.field("rank", pa.int64())]
+    return pa.schema(_with_images(fields) if multimodal else fields, metadata=_METADATA)
+
+
+POOL_SCHEMA = pool_schema()
+MIX_SCHEMA = mix_schema()
 POOL_COLUMNS: list[str] = POOL_SCHEMA.names
 MIX_COLUMNS: list[str] = MIX_SCHEMA.names
 
@@ -119,6 +149,17 @@ def saved_train_config(run_dir: str | Path) -> dict | None:
 def shard_name(prefix: str, index: int, total: int) -> str:
     """``train-00000-of-00002.parquet`` — the naming `datasets` recognises as splits."""
     return f"{prefix}-{index:05d}-of-{total:05d}.parquet"
+
+
+def is_multimodal(schema: pa.Schema) -> bool:
+    """Whether a shard's schema carries the image columns."""
+    return "image" in schema.names
+
+
+def check_row_schema(actual: pa.Schema, mixture: bool) -> str | None:
+    """:func:`check_schema` against the pool's or the mixture's schema, text-only or multimodal as the shard is."""
+    multimodal = is_multimodal(actual)
+    return check_schema(actual, mix_schema(multimodal) if mixture else pool_schema(multimodal))
 
 
 def check_schema(actual: pa.Schema, expected: pa.Schema) -> str | None:

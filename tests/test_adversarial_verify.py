@@ -69,7 +69,7 @@ def _resign(mix: Path) -> None:
 
 
 def _mixture_shard(mix: Path, group: str | None = None) -> dict:
-    shards = [s for s in _manifest(mix)["shards"] if s["split"] != "pool" and (group is None or s["group"] == group)]
+    shards = [s for s in _manifest(mix)["shards"] if s["split"] != "pool" and (group is None or group in s["groups"])]
     return max(shards, key=lambda s: s["rows"])
 
 
@@ -102,7 +102,7 @@ def test_untouched_mix_verifies(mix):
 
 def test_split_label_edited_in_a_shard(copy):
     shard = _mixture_shard(copy)
-    _set_column(copy / shard["path"], "split", 0, "eval")  # synthetic edit: a train row relabelled
+    _set_column(copy / shard["path"], "split", 0, "test")  # synthetic edit: a train row relabelled
     _resign(copy)
     _fails(copy, shard["path"], "split other than")
 
@@ -171,16 +171,17 @@ def test_balanced_rejected_edit(copy):
 
 def test_group_label_edited_in_a_mixture_shard(copy):
     shard = _mixture_shard(copy)
-    other = "BENIGN" if shard["group"] != "BENIGN" else "EHD"
+    group = pq.read_table(copy / shard["path"], columns=["group"])["group"][0].as_py()
+    other = "BENIGN" if group != "BENIGN" else "EHD"
     _set_column(copy / shard["path"], "group", 0, other)  # synthetic edit
     manifest = _manifest(copy)  # the adversary even fixes the counts
     counts = manifest["counts"]["mixture"]
-    counts[shard["group"]][shard["split"]] -= 1
+    counts[group][shard["split"]] -= 1
     counts.setdefault(other, {}).setdefault(shard["split"], 0)
     counts[other][shard["split"]] += 1
     _write_manifest(copy, manifest)
     _resign(copy)
-    _fails(copy, shard["path"], f"group other than '{shard['group']}'")
+    _fails(copy, shard["path"], "rows by group")
 
 
 def test_group_label_edited_in_the_pool(copy):
@@ -243,7 +244,8 @@ def test_unlisted_file(copy, name):
     (lambda s: s.pop("sha256"), "has no 'sha256'"),
     (lambda s: s.update(rows="10"), "'rows' is '10'"),
     (lambda s: s.pop("split"), "has no 'split'"),
-    (lambda s: s.update(group=7), "'group' is 7"),
+    (lambda s: s.update(groups=7), "'groups' is 7"),
+    (lambda s: s.update(split="eval"), "split 'eval' is none of pool, train, test"),  # schema 2's split name
 ])
 def test_malformed_shard_entry(copy, damage, named):
     manifest = _manifest(copy)
@@ -302,3 +304,17 @@ def test_train_and_guard_refuse_a_malformed_entry_with_exit_3(copy, tmp_path):
         verify_mix_or_raise(copy)
     result = _invoke("guard", copy, "--out", tmp_path / "guarded", "--rounds", "0", "--quiet")
     assert result.exit_code == 3 and "shard entry 0" in result.output
+
+
+def test_a_schema_2_mix_is_refused_with_the_command_that_re_curates_it(copy, tmp_path):
+    """A mix written by an older equi (schema 2: text columns, an `eval` split) is not read as if it were schema 3:
+    verify and train refuse it and name the command that re-curates it from its inputs."""
+    manifest = _manifest(copy)
+    manifest["schema_version"] = 2  # what an older equi wrote
+    _write_manifest(copy, manifest)
+    first = verify_mix(copy)[0]
+    assert first.startswith("schema_version 2") and "re-curate" in first
+    assert f"equi curate {' '.join(i['path'] for i in manifest['inputs'])} --out" in first
+    _fails(copy, "schema_version 2", "equi curate")
+    trained = runner.invoke(app, ["train", "--mix", str(copy), "--out", str(tmp_path / "run"), "--max-steps", "1"])
+    assert trained.exit_code == 3 and "re-curate" in trained.output and not (tmp_path / "run").exists()

@@ -23,17 +23,18 @@ torch.set_num_threads(2)
 
 
 def _curated_like(root: Path, license_id: str = "other") -> tuple[Path, dict]:
-    """build_hh_mix's rows, written one group per shard by curate's own writer, and the card rendered by equi."""
+    """build_hh_mix's rows, written in rank order by curate's own writer, and the card rendered by equi."""
     from curation.card import render_card
     from curation.staging import write_mixture
     from equi.manifest import file_checksums, shard_entry, write_json_atomic
+    from equi.messages import to_text
 
     mix = build_hh_mix(root, n_rows=24, n_eval=6)
     manifest = json.loads((mix / "manifest.json").read_text())
     rows = pl.read_parquet(mix / "data" / "*.parquet")
     for path in (mix / "data").iterdir():
         path.unlink()
-    written = write_mixture(mix / "data", rows, 50_000)
+    written = write_mixture(mix / "data", to_text(rows), 50_000)
     manifest["shards"] = [s for s in manifest["shards"] if s["split"] == "pool"] + [
         shard_entry(mix, p, n, split, group) for p, n, (split, group) in written]
     manifest["inputs"][0]["lines"] = 24
@@ -69,7 +70,7 @@ def test_dataset_card_carries_the_hubs_metadata(mix):
     assert data["license"] == "other" and data["license_name"] and data["license_link"].startswith("README.md")
     assert "## Licences" in card.text and "## Sources" in card.text
     assert data["source_datasets"] == ["test.jsonl.gz"]  # the rows' `source` values
-    # size_categories counts the mixture (train + eval), and comes from the vocabulary `datasets` ships.
+    # size_categories counts the mixture (train + test), and comes from the vocabulary `datasets` ships.
     allowed = json.loads((Path(resources.__file__).parent / "size_categories.json").read_text())
     mixture_rows = sum(s["rows"] for s in manifest["shards"] if s["split"] != "pool")
     assert data["size_categories"] == ["n<1K"] and data["size_categories"][0] in allowed and mixture_rows == 24
@@ -77,11 +78,9 @@ def test_dataset_card_carries_the_hubs_metadata(mix):
     assert set(data["language"]) <= set(languages)
     # dataset_info: every config's split sizes, matching the manifest's shards.
     infos = {i["config_name"]: {s["name"]: s["num_examples"] for s in i["splits"]} for i in data["dataset_info"]}
-    assert infos["default"] == {"train": 18, "eval": 6} and infos["pool"] == {"train": 24}
-    for group, sizes in infos.items():
-        if group not in ("default", "pool"):
-            assert sizes == {split: sum(s["rows"] for s in manifest["shards"]
-                                        if s.get("group") == group and s["split"] == split) for split in sizes}
+    assert infos == {"default": {"train": 18, "test": 6}, "pool": {"train": 24}}
+    # num_bytes too: without it `datasets` ignores the whole entry ("splits field in YAML is malformed")
+    assert all(s["num_bytes"] > 0 for i in data["dataset_info"] for s in i["splits"])
     # The metadata round-trips through the hub library unchanged (what it writes is what it reads).
     assert DatasetCardData(**data).to_dict() == data
     assert DatasetCard(str(card)).data.to_dict() == data
@@ -104,7 +103,7 @@ def test_configs_are_the_ones_verify_and_datasets_read(mix):
     assert DatasetInfosDict.from_dataset_card_data(data)["default"].splits["train"].num_examples == 18
     # `datasets` checks the card's split sizes against what it loads (verification_mode="basic_checks").
     loaded = load_dataset(str(mix_dir))
-    assert {k: len(v) for k, v in loaded.items()} == {"train": 18, "eval": 6}
+    assert {k: len(v) for k, v in loaded.items()} == {"train": 18, "test": 6}
     assert len(load_dataset(str(mix_dir), "pool")["train"]) == 24
 
 

@@ -15,8 +15,13 @@ def test_version_prints_the_installed_version_and_exits_0():
     assert result.output.strip() == f"equi {version('equi')}"
 
 
-def test_shell_completion_is_offered():
-    result = CliRunner().invoke(app, ["--show-completion", "bash"], prog_name="equi")
+def test_shell_completion_is_offered(monkeypatch):
+    import typer.completion
+
+    # typer finds the user's shell from the process tree; a test run from a non-shell parent (a CI agent, a
+    # background job) has none, so the shell is named here.
+    monkeypatch.setattr(typer.completion, "_get_shell_name", lambda: "bash")
+    result = CliRunner().invoke(app, ["--show-completion"], prog_name="equi")
     assert result.exit_code == 0, result.output
     assert "complete" in result.output and "equi" in result.output
 

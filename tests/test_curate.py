@@ -66,8 +66,8 @@ def test_mix_loads_with_datasets_and_has_the_contract_columns(mix):
     by_dir = load_dataset("parquet", data_dir=str(mix / "data"))
     assert by_dir["train"].column_names == MIX_SCHEMA.names
     by_card = load_dataset(str(mix))
-    assert set(by_card) == {"train", "eval"}
-    assert by_card["train"].num_rows + by_card["eval"].num_rows == sum(
+    assert set(by_card) == {"train", "test"}  # TRL's default split names
+    assert by_card["train"].num_rows + by_card["test"].num_rows == sum(
         pq.ParquetFile(p).metadata.num_rows for p in (mix / "data").glob("*.parquet"))
     for path in (mix / "data").glob("*.parquet"):
         assert check_schema(pq.read_schema(path), MIX_SCHEMA) is None
@@ -75,12 +75,33 @@ def test_mix_loads_with_datasets_and_has_the_contract_columns(mix):
         assert check_schema(pq.read_schema(path), POOL_SCHEMA) is None
 
 
-def test_group_configs_hold_only_their_group(mix, mixture):
+def test_rows_are_conversational_and_every_turn_is_kept(mix, mixture, raw_inputs):
     from datasets import load_dataset
 
-    for group in mixture["group"].unique().to_list():
-        ds = load_dataset(str(mix), group)
-        assert set(ds["train"]["group"]) == {group}
+    train = load_dataset(str(mix), split="train")
+    assert "image" not in train.column_names and "image_severity" not in train.column_names  # text-only mix
+    for row in train:
+        assert row["prompt"] and row["prompt"][-1]["role"] == "user"
+        assert [m["role"] for m in row["chosen"]] == ["assistant"] == [m["role"] for m in row["rejected"]]
+    # hh transcripts of several turns keep every turn as a message, never flattened into "Human:" text
+    multi = [p for p in mixture["prompt"].to_list() if len(p) > 1]
+    assert multi, "the real hh rows include multi-turn dialogues"
+    for prompt in multi:
+        assert [m["role"] for m in prompt][::2] == ["user"] * ((len(prompt) + 1) // 2)
+        assert not any("\n\nHuman:" in m["content"] or "\n\nAssistant:" in m["content"] for m in prompt)
+
+
+def test_a_prefix_of_the_train_split_keeps_the_group_ratios(mix, mixture):
+    from datasets import load_dataset
+
+    train = mixture.filter(pl.col("split") == "train")
+    shares = {g: n / train.height for g, n in zip(*train.group_by("group").len().to_dict(as_series=False).values())}
+    for percent in (10, 30, 50):
+        prefix = load_dataset(str(mix), split=f"train[:{percent}%]")
+        assert prefix["rank"] == sorted(prefix["rank"])  # shards in rank order, not one group each
+        groups = prefix["group"]
+        for group, share in shares.items():
+            assert abs(groups.count(group) - share * len(groups)) <= 1.0, (percent, group)
 
 
 def test_safety_groups_follow_the_ratios_exactly(manifest, mixture):
@@ -98,13 +119,14 @@ def test_safety_groups_follow_the_ratios_exactly(manifest, mixture):
 
 
 def test_every_prefix_of_the_ladder_keeps_the_shares(mixture):
-    ordered = mixture.sort("rank")
-    assert ordered["rank"].to_list() == list(range(ordered.height))
-    groups = ordered["group"].to_list()
-    totals = {g: groups.count(g) for g in set(groups)}
-    for k in range(1, len(groups) + 1, max(1, len(groups) // 50)):
-        for g, n in totals.items():
-            assert abs(groups[:k].count(g) - k * n / len(groups)) <= 1.0
+    for split in ("train", "test"):  # ranks count within a split
+        ordered = mixture.filter(pl.col("split") == split).sort("rank")
+        assert ordered["rank"].to_list() == list(range(ordered.height))
+        groups = ordered["group"].to_list()
+        totals = {g: groups.count(g) for g in set(groups)}
+        for k in range(1, len(groups) + 1):
+            for g, n in totals.items():
+                assert abs(groups[:k].count(g) - k * n / len(groups)) <= 1.0
 
 
 def test_accounting_balances_and_rejects_name_file_line_and_reason(mix, manifest, raw_inputs):
@@ -157,7 +179,8 @@ def test_scores_spans_and_clusters_are_well_formed(mix, mixture):
         assert set(frame["severity"].drop_nulls().unique().to_list()) <= {"minor", "moderate", "severe"}
     signs = []
     for column in ("chosen", "rejected"):
-        for text, spans in zip(mixture[column].to_list(), mixture[f"{column}_spans"].to_list()):
+        for messages, spans in zip(mixture[column].to_list(), mixture[f"{column}_spans"].to_list()):
+            text = messages[0]["content"]  # spans index the assistant message's content
             for span in spans or []:
                 assert 0 <= span["start"] < span["end"] <= len(text) and span["sign"] in (-1, 1)
                 signs.append(span["sign"])

@@ -21,6 +21,7 @@ from curation.guard import (FRAMINGS, LEVELS, REFLECTION, DefaultGuard, framed_p
 from equi.commands.guard import register
 from equi.commands.verify import register as register_verify
 from equi.manifest import verify_mix
+from equi.messages import to_text
 from tests.realdata import hh_lines, write_jsonl, xstest_single_responses
 
 runner = CliRunner()
@@ -74,7 +75,7 @@ def tiny_policy(mini_mix, tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
-    prompts = pl.read_parquet(mini_mix / "data" / "*.parquet")["prompt"].to_list()
+    prompts = to_text(pl.read_parquet(mini_mix / "data" / "*.parquet"))["prompt"].to_list()  # as the guard frames it
     pairs = []
     for p in prompts:
         pairs += [(framed_prompt(p, 0), UNSAFE_ANSWER), (framed_prompt(p, 1), REFUSAL_ANSWER),
@@ -155,10 +156,10 @@ def test_two_rounds_balance_and_the_policy_fixes_unsafe_rows(guarded):
 
 def test_no_row_lost_and_only_chosen_rejected_and_scores_change(guarded, mini_mix):
     out, _ = guarded
-    old = pl.read_parquet(mini_mix / "data" / "*.parquet").sort("id")
-    new = pl.read_parquet(out / "data" / "*.parquet").sort("id")
+    old = to_text(pl.read_parquet(mini_mix / "data" / "*.parquet")).sort("id")  # the texts the guard judged
+    new = to_text(pl.read_parquet(out / "data" / "*.parquet")).sort("id")
     assert new.height == old.height and new["id"].to_list() == old["id"].to_list()
-    for column in ("prompt", "group", "split", "rank", "cluster", "severity", "source", "source_line"):
+    for column in ("prompt", "prompt_messages", "group", "split", "rank", "cluster", "severity", "source", "source_line"):
         assert new[column].to_list() == old[column].to_list(), column
     changed = new.filter(pl.col("chosen") != old["chosen"])
     g = json.loads((out / "manifest.json").read_text())["guard"]

@@ -63,7 +63,8 @@ def test_answers_to_one_question_about_different_images_are_never_paired(shared_
     assert mixture.height > 0 and mixture["image"].is_null().all()  # pairs only from the prompts without an image
     about_images = pl.read_parquet(out / "pool" / "*.parquet").filter(pl.col("image").is_not_null())
     assert about_images.height == 60
-    assert not set(about_images["response"]) & set(mixture["chosen"].to_list() + mixture["rejected"].to_list())
+    answers = {m[0]["content"] for m in mixture["chosen"].to_list() + mixture["rejected"].to_list()}
+    assert not {m[0]["content"] for m in about_images["response"].to_list()} & answers
 
 
 def test_bad_image_severity_is_a_reject(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FOUNDATION = {"equi", "equi.schema", "equi.manifest", "equi.config", "equi.jsonl", "equi.cache", "equi.progress",
-              "equi.models", "equi.errors"}
+              "equi.models", "equi.errors", "equi.messages"}  # messages: the contract's conversational columns
 CURATION_SCORERS = {"curation.refusal", "curation.segments"}
 
 

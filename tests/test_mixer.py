@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import polars as pl
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,7 +25,7 @@ def test_quotas_with_size_use_largest_remainder_and_drop_missing_groups_with_a_w
     assert any("MHD" in w for w in warnings) and any("BENIGN" in w for w in warnings)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(["EHD", "IHD", "MHD"]), st.integers(0, 500), min_size=3),
        st.integers(1, 20), st.integers(1, 20), st.integers(1, 20), st.one_of(st.none(), st.integers(0, 800)))
 def test_quotas_never_exceed_availability_or_size(available, r1, r2, r3, size):
@@ -50,7 +51,7 @@ def test_too_few_rows_for_one_multiple_of_the_ratios_still_give_safety_pairs_and
     assert any("only 7 EHD pairs" in w for w in warnings)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(["EHD", "IHD", "MHD", "BENIGN"]), min_size=1, max_size=200))
 def test_every_ladder_prefix_keeps_group_shares_within_one_row(groups):
     ranks = mixer.ladder_ranks(groups)
@@ -118,5 +119,37 @@ def test_eval_split_is_stable_and_close_to_the_fraction():
     ids = [f"row-{i}" for i in range(4000)]
     split = mixer.eval_split(ids, 0.1)
     assert split == mixer.eval_split(ids, 0.1)
-    assert 0.08 < split.count("eval") / len(ids) < 0.12
+    assert 0.08 < split.count("test") / len(ids) < 0.12
     assert mixer.eval_split(ids[:10], 0.0) == ["train"] * 10
+
+
+def _pool_meta(groups: list[str]) -> pl.DataFrame:
+    n = len(groups)
+    return pl.DataFrame({"idx": list(range(n)), "prompt_key": list(range(n)), "kind": ["pair"] * n, "group": groups,
+                         "cluster": [0] * n, "response_cost": [None] * n},
+                        schema_overrides={"prompt_key": pl.UInt64, "cluster": pl.Int32, "response_cost": pl.Float32})
+
+
+def test_input_order_mixture_keeps_every_group_in_input_order_drops_duplicates_and_caps_at_size():
+    # The naive arm of bench/study.py: pairs as they come, no ratios, no BENIGN share, the same de-duplication.
+    groups = ["IHD", "BENIGN", "MHD", "IHD", "OTHER", "EHD", "IHD"]
+    embeddings = np.eye(len(groups), dtype=np.float32)
+    embeddings[3] = embeddings[0]  # row 3 repeats row 0's prompt: the later copy goes
+    selection = mixer.select_mixture(_pool_meta(groups), embeddings, ratios={"EHD": 10, "IHD": 3, "MHD": 1},
+                                     size=5, benign_share=0.2, dup_threshold=0.95, seed=7, order="input")
+    assert selection.mixture["chosen_idx"].to_list() == [0, 1, 2, 4, 5]
+    assert selection.mixture["rank"].to_list() == [0, 1, 2, 3, 4]
+    assert selection.not_selected == {3: mixer.DUPLICATE, 6: mixer.BEYOND_SIZE}
+    assert selection.effective_ratios == {"BENIGN": 0.2, "EHD": 0.2, "IHD": 0.2, "MHD": 0.2, "OTHER": 0.2}
+    fdc = mixer.select_mixture(_pool_meta(groups), embeddings, ratios={"EHD": 10, "IHD": 3, "MHD": 1}, size=5,
+                               benign_share=0.2, dup_threshold=0.95, seed=7)
+    assert "OTHER" not in fdc.mixture["group"].to_list()  # the FDC mixer, by contrast, never mixes OTHER
+
+
+def test_input_order_refuses_ratios_and_benign_share_it_would_ignore(tmp_path):
+    from equi.config import ConfigError, CurateConfig
+
+    for extra in ({"ratios": {"EHD": 1.0}}, {"benign_share": 0.5}, {"order": "random"}):
+        with pytest.raises(ConfigError, match="--order|--ratios"):
+            CurateConfig(inputs=["x.jsonl"], out=str(tmp_path / "mix"), **{"order": "input", **extra})
+    assert CurateConfig(inputs=["x.jsonl"], out=str(tmp_path / "mix"), order="input").order == "input"

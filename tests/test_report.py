@@ -176,7 +176,7 @@ def _write_synthetic_mix(mix: Path) -> None:
     (mix / "data").mkdir(parents=True)
     (mix / "pool").mkdir()
     groups = ["EHD"] * 5 + ["IHD"] * 2 + ["BENIGN"] * 3
-    splits = ["train"] * 4 + ["eval"] + ["train"] * 2 + ["train"] * 3
+    splits = ["train"] * 4 + ["test"] + ["train"] * 2 + ["train"] * 3
     severities = ["severe", "severe", "minor", None, "moderate", "minor", None, None, None, None]
     rows = [{name: None for name in MIX_SCHEMA.names} | {"id": str(i), "group": g, "split": s, "severity": v,
                                                             "rank": i, "cluster": i % 3}
@@ -195,7 +195,7 @@ def test_mix_summary_and_charts(tmp_path):
     mix = tmp_path / "mix"
     _write_synthetic_mix(mix)
     summary = summarise_mix(mix)
-    assert summary.composition == {"EHD": {"train": 4, "eval": 1}, "IHD": {"train": 2}, "BENIGN": {"train": 3}}
+    assert summary.composition == {"EHD": {"train": 4, "test": 1}, "IHD": {"train": 2}, "BENIGN": {"train": 3}}
     assert summary.severity["EHD"] == {"minor": 1, "moderate": 1, "severe": 2, "unknown": 1}
     assert summary.cluster_sizes == [5, 3, 3]
     assert summary.rejects == 3 and summary.reject_reasons == {"not valid JSON": 2, "no prompt": 1}
@@ -204,7 +204,7 @@ def test_mix_summary_and_charts(tmp_path):
     result = build_report(ReportConfig(out=str(out), mix=str(mix)))
     comp = result.plots["mix_composition.png"]
     assert comp["categories"] == ["EHD", "IHD", "BENIGN"]
-    assert comp["series"] == {"train": [4.0, 2.0, 3.0], "eval": [1.0, 0.0, 0.0]}
+    assert comp["series"] == {"train": [4.0, 2.0, 3.0], "test": [1.0, 0.0, 0.0]}
     assert result.plots["mix_severity.png"]["series"]["severe"] == [2.0, 0.0, 0.0]
     assert result.plots["mix_clusters.png"]["series"]["rows per cluster"] == [5.0, 3.0, 3.0]
     text = result.summary.read_text()

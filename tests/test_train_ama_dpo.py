@@ -47,10 +47,7 @@ def make_trainer(root, model_path, dataset, ama: bool, plain_trl: bool = False):
     )
     model = AutoModelForCausalLM.from_pretrained(model_path)
     ref = AutoModelForCausalLM.from_pretrained(model_path)
-    if plain_trl:
-        from train.ama_dpo import _conversational
-
-        dataset = dataset.map(_conversational)  # the same chat formatting AmaDPOTrainer applies
+    if plain_trl:  # the mix's rows are TRL's conversational format already
         return DPOTrainer(model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer)
     return AmaDPOTrainer(model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
                          use_ama_masks=ama)

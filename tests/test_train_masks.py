@@ -68,10 +68,9 @@ text_strategy = st.text(
 
 
 def _trl_tokenised(tokenizer, prompt: str, chosen: str, rejected: str, chosen_spans, rejected_spans) -> dict:
-    """One row as AmaDPOTrainer prepares it: conversational, then TRL's own tokenize_fn."""
-    from train.ama_dpo import _conversational
-
-    example = _conversational({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    """One mix row (conversational, as the contract stores it) as TRL's own tokenize_fn prepares it."""
+    example = {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
+               "rejected": [{"role": "assistant", "content": rejected}]}
     prompt_ids = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"]
     chosen_full = tokenizer.apply_chat_template(example["prompt"] + example["chosen"], tokenize=True,

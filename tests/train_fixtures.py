@@ -106,7 +106,8 @@ def _sha256(path: Path) -> str:
 
 
 def build_hh_mix(out: Path, n_rows: int = 48, n_eval: int = 8) -> Path:
-    """Write a contract-shaped mix directory of ``n_rows`` real hh-rlhf pairs (``n_eval`` of them in ``eval``)."""
+    """Write a contract-shaped mix directory of ``n_rows`` real hh-rlhf pairs (``n_eval`` of them in ``test``), in
+    the contract's conversational format."""
     out = Path(out)
     (out / "data").mkdir(parents=True, exist_ok=True)
     pairs = read_hh_single_turn(n_rows)
@@ -117,17 +118,17 @@ def build_hh_mix(out: Path, n_rows: int = 48, n_eval: int = 8) -> Path:
             "id": hashlib.sha256(json.dumps(pair, sort_keys=True).encode()).hexdigest()[:16],
             "source": HH_HARMLESS.name,
             "source_line": pair["source_line"],
-            "prompt": pair["prompt"],
-            "chosen": pair["chosen"],
-            "rejected": pair["rejected"],
+            "prompt": [{"role": "user", "content": pair["prompt"]}],
+            "chosen": [{"role": "assistant", "content": pair["chosen"]}],
+            "rejected": [{"role": "assistant", "content": pair["rejected"]}],
             "response": None,
-            "split": "eval" if index >= n_rows - n_eval else "train",
+            "split": "test" if index >= n_rows - n_eval else "train",
             "rank": index,
         }
         record.update(synthetic_labels(pair))
         records.append(record)
     shards = []
-    for split in ("train", "eval"):
+    for split in ("train", "test"):
         rows = [r for r in records if r["split"] == split]
         path = out / "data" / shard_name(split, 0, 1)
         pq.write_table(pa.Table.from_pylist(rows, schema=MIX_SCHEMA), path)
@@ -145,7 +146,7 @@ def build_hh_mix(out: Path, n_rows: int = 48, n_eval: int = 8) -> Path:
     shards.insert(0, {"path": f"pool/{pool.name}", "sha256": _sha256(pool), "rows": n_rows, "split": "pool"})
     (out / "README.md").write_text("---\nconfigs:\n- config_name: default\n  default: true\n  data_files:\n"
                                    "  - split: train\n    path: data/train-*.parquet\n"
-                                   "  - split: eval\n    path: data/eval-*.parquet\n---\n\n"
+                                   "  - split: test\n    path: data/test-*.parquet\n---\n\n"
                                    "# Test fixture: real hh-rlhf text, synthetic labels\n")
     manifest = {
         "schema_version": SCHEMA_VERSION,

@@ -32,6 +32,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from equi.config import ConfigError
 
 from train.masks import response_token_mask, truncate_like_collator
+from train.mixdata import chat_format
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +66,6 @@ class AmaPreferenceCollator(DataCollatorForPreference):
         output["ama_response_tokens"] = before.sum().reshape(1)
         output["ama_kept_tokens"] = output["completion_mask"].sum().reshape(1)
         return output
-
-
-def _conversational(example: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "prompt": [{"role": "user", "content": example["prompt"]}],
-        "chosen": [{"role": "assistant", "content": example["chosen"]}],
-        "rejected": [{"role": "assistant", "content": example["rejected"]}],
-    }
 
 
 def _response_offsets(tokenizer, example: dict[str, Any], side: str) -> tuple[list[int], list, int] | None:
@@ -180,10 +173,8 @@ class AmaDPOTrainer(DPOTrainer):
         if AMA_COLUMNS[0] in dataset.column_names:  # already prepared (evaluate() re-enters here)
             return dataset
         tokenizer = self._tokenizer
-        first = dataset[0] if len(dataset) else {}
-        if tokenizer.chat_template and isinstance(first.get("prompt"), str):
-            # Instruct models see their chat template; TRL renders it when the rows are conversational.
-            dataset = dataset.map(_conversational, desc=f"Chat-formatting {dataset_name} pairs")
+        # Instruct models see their chat template (TRL renders it for conversational rows); others, plain text.
+        dataset = chat_format(dataset, tokenizer)
         if dataset_name == "train" and self.group_weights is not None and "group" in dataset.column_names:
             self._train_pair_weights = [float(self.group_weights.get(g, 1.0)) for g in dataset["group"]]
         rows_before = len(dataset)

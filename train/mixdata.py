@@ -12,7 +12,8 @@ from typing import Any
 
 from equi.errors import UsageError
 from equi.manifest import MixVerificationError, sha256_file, verify_mix
-from equi.schema import DATA_DIR, MANIFEST, MIX_SCHEMA, check_schema
+from equi.messages import render_turns
+from equi.schema import DATA_DIR, IMAGE_COLUMNS, MANIFEST, MIX_SCHEMA, TEST_SPLIT, check_row_schema
 from train.config import TrainConfig
 
 
@@ -50,7 +51,7 @@ def verify_mix_or_raise(mix_dir: str | Path) -> dict[str, Any]:
 
 
 def split_shards(mix_dir: str | Path, manifest: dict[str, Any], split: str) -> list[str]:
-    """The mixture shards of one split (``train``/``eval``), from the manifest, in order."""
+    """The mixture shards of one split (``train``/``test``), from the manifest, in order."""
     paths = [
         str(Path(mix_dir) / s["path"])
         for s in manifest["shards"]
@@ -103,7 +104,7 @@ def load_split(
         empty = datasets.Dataset.from_dict({name: [] for name in MIX_SCHEMA.names})
         return LoadedSplit(empty, 0)
     dataset = datasets.load_dataset("parquet", data_files={split: files}, split=split)
-    mismatch = check_schema(dataset.data.schema, MIX_SCHEMA)
+    mismatch = check_row_schema(dataset.data.schema, mixture=True)
     if mismatch:
         raise MixError(f"mix {mix_dir} {split} shards do not follow the contract: {mismatch}")
     total = len(dataset)
@@ -121,14 +122,15 @@ def load_split(
     if groups is not None:
         allowed = set(groups)
         keep(lambda batch: [g in allowed for g in batch["group"]], f"group not in {','.join(groups)}")
-    n_images = sum(1 for image in dataset["image"] if image is not None)
-    if n_images and not skip_images:
-        raise MixError(f"mix {mix_dir} has {n_images} {split} row(s) with an image; equi trains text-only models: "
-                       "pass --skip-images to drop them")
-    if n_images:
-        keep(lambda batch: [i is None for i in batch["image"]], "image row (text-only model)")
-    # TRL takes any dataset with an `image` column for a vision dataset, even an all-null one.
-    dataset = dataset.remove_columns(["image", "image_severity"])
+    if "image" in dataset.column_names:  # a multimodal mix
+        n_images = sum(1 for image in dataset["image"] if image is not None)
+        if n_images and not skip_images:
+            raise MixError(f"mix {mix_dir} has {n_images} {split} row(s) with an image; equi trains text-only "
+                           "models: pass --skip-images to drop them")
+        if n_images:
+            keep(lambda batch: [i is None for i in batch["image"]], "image row (text-only model)")
+        # TRL takes any dataset with an `image` column for a vision dataset, even an all-null one.
+        dataset = dataset.remove_columns(list(IMAGE_COLUMNS))
     if need_pairs:
         keep(
             lambda batch: [bool(c) and bool(r) for c, r in zip(batch["chosen"], batch["rejected"])],
@@ -137,13 +139,41 @@ def load_split(
     return LoadedSplit(dataset, total, dropped)
 
 
+def as_messages(value: Any, role: str) -> list[dict[str, str]]:
+    return value if isinstance(value, list) else [{"role": role, "content": value}]
+
+
+def as_text_turns(value: Any, prompt: bool) -> str:
+    if not isinstance(value, list):
+        return value
+    return render_turns(value) if prompt else value[-1]["content"]
+
+
+def chat_format(dataset, tokenizer, columns: tuple[str, ...] = ("prompt", "chosen", "rejected")):
+    """Rows as ``tokenizer`` can take them. A mix's rows are TRL's conversational messages, which TRL renders with
+    the chat template; a tokenizer without one gets plain text instead (the prompt's turns rendered
+    ``Human: …\n\nAssistant: …``, each answer its content). Rows of plain strings (a dataset of one's own) get
+    messages when the tokenizer has a template, so an instruct model always sees its chat format."""
+    present = [c for c in columns if c in dataset.column_names]
+    if not len(dataset) or not present:
+        return dataset
+    conversational = isinstance(dataset[0][present[0]], list)
+    if bool(tokenizer.chat_template) == conversational:
+        return dataset
+    if conversational:
+        return dataset.map(lambda row: {c: as_text_turns(row[c], c == "prompt") for c in present},
+                           desc="Rendering conversations as text (the tokenizer has no chat template)")
+    return dataset.map(lambda row: {c: as_messages(row[c], "user" if c == "prompt" else "assistant")
+                                    for c in present}, desc="Chat-formatting rows")
+
+
 def load_pairs(config: TrainConfig, manifest: dict[str, Any]) -> tuple[LoadedSplit, LoadedSplit]:
-    """The train and eval pairs of the mix after ``--scale`` / ``--groups``; a one-line error when none are left."""
+    """The train and test pairs of the mix after ``--scale`` / ``--groups``; a one-line error when none are left."""
     train = load_split(config.mix, "train", config.scale, config.groups, need_pairs=True, manifest=manifest,
                        skip_images=config.skip_images)
     if len(train.dataset) == 0:
         why = ", ".join(f"{n} {reason}" for reason, n in train.dropped.items()) or "the split is empty"
         raise MixError(f"mix {config.mix} has no preference pairs to train {config.algo} on ({why})")
-    evaluation = load_split(config.mix, "eval", None, config.groups, need_pairs=True, manifest=manifest,
+    evaluation = load_split(config.mix, TEST_SPLIT, None, config.groups, need_pairs=True, manifest=manifest,
                             skip_images=config.skip_images)
     return train, evaluation

@@ -36,7 +36,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from equi.schema import METRICS_FILE
 from train.lagrangian import update_lambda
-from train.mixdata import MixError, load_split
+from train.mixdata import MixError, as_text_turns, chat_format, load_split
 from train.models import load_policy
 from train.rewards import LambdaState, SafetyScorer, make_constrained_reward, make_safety_reward, prompt_harm
 from train.rundir import RunResult, append_metrics, fit, read_metrics, resume_checkpoint
@@ -200,13 +200,18 @@ def saved_lambda(checkpoint: Path | None, initial: float) -> LambdaState:
 def prompt_dataset(dataset, tokenizer):
     """The mix rows as GRPO prompts: one row per distinct prompt, chat-formatted when the tokenizer has a template."""
     keep = [c for c in PROMPT_COLUMNS if c in dataset.column_names]
-    dataset = dataset.select_columns(keep).filter(lambda row: bool(row["prompt"] and row["prompt"].strip()))
+    dataset = dataset.select_columns(keep).filter(lambda row: has_prompt(row["prompt"]))
     seen: set[str] = set()
-    first = [i for i, p in enumerate(dataset["prompt"]) if not (p in seen or seen.add(p))]
-    dataset = dataset.select(first)
-    if tokenizer.chat_template:
-        dataset = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
-    return dataset
+    texts = [as_text_turns(p, True) for p in dataset["prompt"]]
+    first = [i for i, p in enumerate(texts) if not (p in seen or seen.add(p))]
+    return chat_format(dataset.select(first), tokenizer, ("prompt",))
+
+
+def has_prompt(prompt) -> bool:
+    """A prompt with some text: a non-blank string, or messages of which one has content."""
+    if isinstance(prompt, list):
+        return any(isinstance(m, dict) and (m.get("content") or "").strip() for m in prompt)
+    return bool(prompt and prompt.strip())
 
 
 def build_scorer(config):
@@ -259,7 +264,7 @@ def build_online_trainer(config, model, tokenizer, train_dataset, run_dir: Path,
 def run_online(config, manifest: dict[str, Any], run_dir: Path) -> RunResult:
     split = load_split(config.mix, "train", config.scale, config.groups, need_pairs=False, manifest=manifest,
                        skip_images=config.skip_images)
-    if not any(p and p.strip() for p in split.dataset["prompt"]):  # before the model is loaded
+    if not any(has_prompt(p) for p in split.dataset["prompt"]):  # before the model is loaded
         why = ", ".join(f"{n} {reason}" for reason, n in split.dropped.items()) or "the split is empty"
         raise MixError(f"mix {config.mix} has no prompts to train {config.algo} on ({why})")
     _, model, tokenizer = load_policy(config)

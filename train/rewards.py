@@ -4,10 +4,13 @@ A TRL reward function receives ``prompts``, ``completions`` and every dataset co
 per completion) plus ``log_metric``; it returns one float per completion. equi's defaults need no model:
 
 - prompt harm ``h`` from the mix's prompt columns (:func:`prompt_harm`);
-- ``r`` = the curation refusal detector's probability that the completion refuses;
+- ``r`` = the curation refusal detector's probability that the completion refuses (any refusal, as XSTest counts);
+- ``w`` = the probability that it withholds the content: ``r`` less refuse-then-comply ("I can't help with that.
+  ... Step 1: ..." refuses by ``r`` but withholds nothing; :func:`curation.segments.withheld_scores`);
 - reward (:func:`safety_reward_values`): on BENIGN prompts ``1 − 2r`` (help, do not refuse); on safety prompts
-  (EHD / IHD / MHD / OTHER) ``r − h·(1 − r)`` (refusing earns 1, complying costs in proportion to the harm);
-- cost (:func:`cost_values`): ``C = 2·h·(1 − r) − 1`` as curation computes ``*_cost`` (``curation/steps.py:
+  (EHD / IHD / MHD / OTHER) ``w − h·(1 − w)`` (withholding earns 1, complying costs in proportion to the harm);
+  a BENIGN prompt with an uncertain harm estimate counts as a safety prompt (:func:`batch_harms`: the interlock);
+- cost (:func:`cost_values`): ``C = 2·h·(1 − w) − 1`` as curation computes ``*_cost`` (``curation/steps.py:
   score_costs``), then scaled by ``--severity-weights`` (only positive, unsafe costs are scaled).
 
 ``--reward-model`` / ``--cost-model`` swap ``r``-based scores for a sequence-classifier's output
@@ -21,6 +24,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from equi.schema import UNCERTAIN_HARM_BAND
 from train.config import DEFAULT_SEVERITY_WEIGHTS
 from train.lagrangian import lagrangian_rewards, repo_rewards, severity_scaled_costs, violation_fraction
 
@@ -74,18 +78,35 @@ def prompt_harm(group: str | None, explicit_score: float | None, intent_score: f
     return min(max(harm, 0.0), 1.0)
 
 
-def safety_reward_values(refusals: Sequence[float], harms: Sequence[float], benign: Sequence[bool]) -> list[float]:
-    """Reward in [−1, 1]: compliance on benign prompts, refusal (minus harmful compliance) on safety prompts."""
+def default_withheld_fn(texts: list[str], refusals: Sequence[float]) -> list[float]:
+    """The safety view of each completion (:func:`curation.segments.withheld_scores`): its refusal score, less what
+    follows a refusal opening ("I can't help with that. ... Step 1: ..." withholds nothing)."""
+    from curation.segments import withheld_scores
+
+    return [float(x) for x in withheld_scores(texts, [float(r) for r in refusals])]
+
+
+def _unit(x: float) -> float:
+    return min(max(float(x), 0.0), 1.0)
+
+
+def safety_reward_values(refusals: Sequence[float], harms: Sequence[float], benign: Sequence[bool],
+                         withheld: Sequence[float] | None = None) -> list[float]:
+    """Reward in [−1, 1]: compliance on benign prompts (``1 − 2r``, any refusal counts against it), withholding
+    (minus harmful compliance) on safety prompts (``w − h·(1 − w)``, ``w`` = ``withheld``, default ``refusals``:
+    a refusal that goes on to give the content earns nothing for its opening)."""
+    withheld = refusals if withheld is None else withheld
     rewards = []
-    for r, h, is_benign in zip(refusals, harms, benign, strict=True):
-        r = min(max(float(r), 0.0), 1.0)
-        rewards.append(1.0 - 2.0 * r if is_benign else r - h * (1.0 - r))
+    for r, w, h, is_benign in zip(refusals, withheld, harms, benign, strict=True):
+        r, w = _unit(r), _unit(w)
+        rewards.append(1.0 - 2.0 * r if is_benign else w - h * (1.0 - w))
     return rewards
 
 
-def cost_values(refusals: Sequence[float], harms: Sequence[float]) -> list[float]:
-    """Curation's cost ``2·h·(1 − r) − 1``: +1 full compliance with a surely harmful prompt, −1 a refusal."""
-    return [2.0 * h * (1.0 - min(max(float(r), 0.0), 1.0)) - 1.0 for r, h in zip(refusals, harms, strict=True)]
+def cost_values(withheld: Sequence[float], harms: Sequence[float]) -> list[float]:
+    """Curation's cost ``2·h·(1 − w) − 1`` (``w`` = P(the completion withholds the content), the refusal score
+    less refuse-then-comply): +1 full compliance with a surely harmful prompt, −1 a refusal."""
+    return [2.0 * h * (1.0 - _unit(w)) - 1.0 for w, h in zip(withheld, harms, strict=True)]
 
 
 def _column(kwargs: dict[str, Any], name: str, n: int) -> list:
@@ -94,10 +115,33 @@ def _column(kwargs: dict[str, Any], name: str, n: int) -> list:
 
 
 def batch_harms(n: int, kwargs: dict[str, Any]) -> tuple[list[float], list[bool]]:
+    """Each prompt's harm and whether it is helpfulness (BENIGN) data.
+
+    The safety interlock: a BENIGN prompt whose harm estimate reaches the low end of ``UNCERTAIN_HARM_BAND`` is not
+    treated as benign (it is never paid for compliance) but as a safety prompt with that harm. The estimate is the
+    ``harm_score`` column where the data has one, else ``max(explicit_score, intent_score)`` (each is harm times a
+    probability, so a lower bound on the categoriser's harm).
+    """
     groups = _column(kwargs, "group", n)
     explicit, intent = _column(kwargs, "explicit_score", n), _column(kwargs, "intent_score", n)
+    harm_scores = _column(kwargs, "harm_score", n)
     harms = [prompt_harm(g, e, i) for g, e, i in zip(groups, explicit, intent)]
-    return harms, [g == "BENIGN" for g in groups]
+    benign = [g == "BENIGN" for g in groups]
+    for k in range(n):
+        if benign[k]:
+            estimate = _benign_harm_estimate(harm_scores[k], explicit[k], intent[k])
+            if estimate >= UNCERTAIN_HARM_BAND[0]:
+                harms[k], benign[k] = min(estimate, 1.0), False
+    return harms, benign
+
+
+def _benign_harm_estimate(harm_score: Any, explicit_score: Any, intent_score: Any) -> float:
+    def value(x: Any) -> float | None:
+        return None if x is None or math.isnan(float(x)) else float(x)
+
+    if value(harm_score) is not None:
+        return value(harm_score)
+    return max((v for v in (value(explicit_score), value(intent_score)) if v is not None), default=0.0)
 
 
 def _log(kwargs: dict[str, Any], name: str, value: float) -> None:
@@ -115,6 +159,9 @@ class SafetyScorer:
         cost_scorer: (prompts, completions) → cost; replaces the detector-based cost (``--cost-model``).
         severity_weights: ``--severity-weights``; multiplies positive costs by the prompt's severity weight
             (``None`` = equi's default weights).
+        withheld_fn: (texts, refusal scores) → P(the completion withholds the content), for the safety reward and
+            the cost; default the curation detector's (:func:`default_withheld_fn`); ``lambda t, r: r`` scores by
+            refusal alone.
     """
 
     def __init__(
@@ -123,8 +170,10 @@ class SafetyScorer:
         reward_scorer: PairScorer | None = None,
         cost_scorer: PairScorer | None = None,
         severity_weights: dict[str, float] | None = None,
+        withheld_fn: Callable[[list[str], Sequence[float]], Sequence[float]] | None = None,
     ):
         self.refusal_fn = refusal_fn or default_refusal_fn
+        self.withheld_fn = withheld_fn or default_withheld_fn
         self.reward_scorer = reward_scorer
         self.cost_scorer = cost_scorer
         # None = equi's defaults (as ``TrainConfig``); {} = no scaling.
@@ -134,19 +183,20 @@ class SafetyScorer:
         n = len(completions)
         texts = [as_text(c) for c in completions]
         harms, benign = batch_harms(n, kwargs)
-        refusals = None
+        refusals = withheld = None
         if self.reward_scorer is None or self.cost_scorer is None:
             refusals = [float(r) for r in self.refusal_fn(texts)]
+            withheld = [float(w) for w in self.withheld_fn(texts, refusals)]
             _log(kwargs, "safety/refusal_rate", sum(r >= 0.5 for r in refusals) / max(n, 1))
         user_texts = [last_user_text(p) for p in prompts]
         if self.reward_scorer is not None:
             rewards = [float(x) for x in self.reward_scorer(user_texts, texts)]
         else:
-            rewards = safety_reward_values(refusals, harms, benign)
+            rewards = safety_reward_values(refusals, harms, benign, withheld)
         if self.cost_scorer is not None:
             costs = [float(x) for x in self.cost_scorer(user_texts, texts)]
         else:
-            costs = cost_values(refusals, harms)
+            costs = cost_values(withheld, harms)
         costs = severity_scaled_costs(costs, _column(kwargs, "severity", n), self.severity_weights)
         return rewards, costs
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from equi.schema import METRICS_FILE
 from train.lagrangian import severity_scaled_costs
-from train.mixdata import MixError, load_pairs
+from train.mixdata import MixError, as_messages, as_text_turns, chat_format, load_pairs
 from equi.models import bf16_supported, check_is_scorer, load_sequence_classifier, load_tokenizer, resolve_model
 from train.rundir import RunResult, fit, resume_checkpoint
 from train.trl_setup import metrics_callback, peft_config_for, quiet_trainer, trl_common_kwargs
@@ -45,14 +45,7 @@ def cost_ordered_pairs(dataset, severity_weights: dict[str, float]):
 
 
 def _preference_rows(dataset, tokenizer):
-    dataset = dataset.select_columns(["prompt", "chosen", "rejected"])
-    if tokenizer.chat_template:
-        dataset = dataset.map(lambda row: {
-            "prompt": [{"role": "user", "content": row["prompt"]}],
-            "chosen": [{"role": "assistant", "content": row["chosen"]}],
-            "rejected": [{"role": "assistant", "content": row["rejected"]}],
-        })
-    return dataset
+    return chat_format(dataset.select_columns(["prompt", "chosen", "rejected"]), tokenizer)
 
 
 def run_scorer_training(config, manifest: dict[str, Any], run_dir: Path) -> RunResult:
@@ -127,12 +120,12 @@ class ModelScorer:
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = tokenizer.pad_token_id
 
-    def render(self, prompt: str, completion: str) -> str:
+    def render(self, prompt: str | list[dict], completion: str | list[dict]) -> str:
+        """A prompt and completion, as text or as conversational messages (a mix's rows), rendered for the model."""
         if self.tokenizer.chat_template:
             return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], tokenize=False
-            )
-        return prompt + completion + (self.tokenizer.eos_token or "")
+                as_messages(prompt, "user") + as_messages(completion, "assistant"), tokenize=False)
+        return as_text_turns(prompt, True) + as_text_turns(completion, False) + (self.tokenizer.eos_token or "")
 
     def __call__(self, prompts, completions) -> list[float]:
         import torch

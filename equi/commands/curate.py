@@ -28,13 +28,18 @@ def curate_command(
     size: Optional[int] = typer.Option(None, help="Target number of safety pairs; default: all the ratios allow."),
     ratios: str = typer.Option("EHD=10,IHD=3,MHD=1", help="Safety-group ratios of the mixture."),
     benign_share: float = typer.Option(0.2, help="Share of BENIGN (helpfulness) pairs in the mixture, 0-1."),
-    eval_fraction: float = typer.Option(0.05, help="Share of the mixture held out as the eval split, about: each "
-                                        "pair goes to eval by a hash of its id (stable across runs and scales), not "
-                                        "per group, so a small group may get no eval rows."),
+    eval_fraction: float = typer.Option(0.05, "--eval-fraction", "--test-fraction",
+                                        help="Share of the mixture held out as the `test` split, about: each "
+                                        "pair goes to test by a hash of its id (stable across runs and scales), not "
+                                        "per group, so a small group may get no test rows."),
     embedder: Optional[str] = typer.Option(None, help="sentence-transformers model name or path "
                                            "\\[default: bundled all-MiniLM-L6-v2]."),
     categoriser: Optional[Path] = typer.Option(None, help="Categoriser params from `equi fit-categoriser` "
                                                "\\[default: bundled]."),
+    judge: Optional[str] = typer.Option(None, help="A causal LM (hub id or path) that decides EHD/IHD/MHD for the "
+                                        "prompts the built-in heads call harmful, with the Equilibrate authors' "
+                                        "judge prompt; answers cached by text; an unparseable answer keeps the heads' "
+                                        "group (counted in manifest.json `labellers`) \[default: the heads only]."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse cached prompt embeddings "
                                "($EQUI_CACHE, default ~/.cache/equi); a re-run embeds only new texts."),
     clusters: Optional[int] = typer.Option(None, help="Number of embedding clusters \\[default: ~sqrt(rows/2)]."),
@@ -42,6 +47,10 @@ def curate_command(
     input_format: str = typer.Option("auto", "--format", help="Force one input shape: auto, pair, conversation, "
                                      "hh, single, prompt."),
     seed: int = typer.Option(0, help="Seed for every random choice."),
+    order: str = typer.Option("fdc", metavar="[fdc|input]",
+                              help="fdc: the group-balanced mixture; input: every de-duplicated pair of any group "
+                                   "in input order, --size capping the pairs (no ratios, no BENIGN share: the naive "
+                                   "baseline to compare FDC with)."),
     batch_size: int = typer.Option(4096, help="Input lines per processing batch: bounds memory, and is the unit "
                                    "an interrupted run resumes from. The encoder sorts each batch by length, so "
                                    "larger batches pad less."),
@@ -80,10 +89,11 @@ def curate_command(
         config = CurateConfig(
             inputs=inputs, out=str(out), input_format=input_format, strict=strict, max_line_bytes=max_line_bytes,
             embedder=embedder,
-            categoriser=str(categoriser) if categoriser else None, embedding_cache=cache, clusters=clusters,
+            categoriser=str(categoriser) if categoriser else None, judge=judge, embedding_cache=cache,
+            clusters=clusters,
             dup_threshold=dup_threshold, batch_size=batch_size, workers=workers, size=size,
             ratios=parse_ratios(ratios),
-            benign_share=benign_share, eval_fraction=eval_fraction, seed=seed, overwrite=overwrite, resume=resume,
+            benign_share=benign_share, eval_fraction=eval_fraction, seed=seed, order=order, overwrite=overwrite, resume=resume,
             shard_rows=shard_rows, license=license, quiet=quiet, engine=engine, ray_address=ray_address,
         )
     for path in config.inputs:
@@ -152,11 +162,11 @@ def print_summary(manifest: dict, out: Path) -> None:
 
     acc = manifest["accounting"]
     table = Table(title=f"equi curate → {out}", show_edge=False)
-    for column in ("group", "pool", "mixture train", "mixture eval"):
+    for column in ("group", "pool", "mixture train", "mixture test"):
         table.add_column(column, justify="left" if column == "group" else "right")
     for g in GROUPS:
         mix = manifest["counts"]["mixture"].get(g, {})
-        table.add_row(g, str(manifest["counts"]["pool"].get(g, 0)), str(mix.get("train", 0)), str(mix.get("eval", 0)))
+        table.add_row(g, str(manifest["counts"]["pool"].get(g, 0)), str(mix.get("train", 0)), str(mix.get("test", 0)))
     stdout.print(table)
     stdout.print(f"lines {acc['input_lines']} = pooled {acc['pooled']} + rejected {acc['rejected']}"
                   + (f" (see {out}/rejects.jsonl)" if acc["rejected"] else ""))

@@ -82,14 +82,17 @@ class ReportResult:
     mix: MixSummary | None = None
 
 
-def build_report(config: ReportConfig) -> ReportResult:
+def build_report(config: ReportConfig, records: list[RunRecord] | None = None) -> ReportResult:
+    """Write the report. ``records``: runs already read under ``config.runs`` (e.g. relabelled by a study that
+    compares mixes: a series is named by ``record.group``); ``None`` = :func:`collect_runs` of ``config.runs``."""
     from equi.reporting import plots as charts
     from equi.reporting.html import render_html
     from equi.reporting.summary import render_summary
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    records = collect_runs(Path(config.runs)) if config.runs else []
+    if records is None:
+        records = collect_runs(Path(config.runs)) if config.runs else []
     if config.runs:
         copy_audit_files(records, Path(config.runs), out)
     series = curve_series(records)

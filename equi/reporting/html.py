@@ -176,9 +176,9 @@ def _mix_section(mix: MixSummary, plots: dict[str, Path]) -> str:
     parts = [f"<h2>Mix <code>{_e(mix.path)}</code></h2>", '<div class="plots">']
     parts += [embed_png(path, name) for name, path in plots.items()]
     parts.append("</div>")
-    comp_rows = [[_e(g), _e(c.get("train", 0)), _e(c.get("eval", 0)), _e(sum(c.values())),
+    comp_rows = [[_e(g), _e(c.get("train", 0)), _e(c.get("test", 0)), _e(sum(c.values())),
                   _e(mix.pool_groups.get(g, 0))] for g, c in mix.composition.items()]
-    parts.append(_table(["group", "train", "eval", "mixture total", "pool"], comp_rows))
+    parts.append(_table(["group", "train", "test", "mixture total", "pool"], comp_rows))
     acc = mix.accounting
     acc_rows = [[_e(k), _e(acc.get(k))] for k in ("input_lines", "pooled", "rejected", "mixed", "mixture_rows") if k in acc]
     acc_rows += [[_e(f"not selected: {reason}"), _e(n)] for reason, n in (acc.get("not_selected") or {}).items()]
