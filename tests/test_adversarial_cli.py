@@ -157,11 +157,11 @@ def test_scale_beyond_the_mix_is_refused_before_training(tmp_path, monkeypatch):
 
     trained = []
     monkeypatch.setattr(train.run, "train", lambda config: trained.append(config))
-    mix = build_hh_mix(tmp_path / "mix")  # 48 ranked rows
+    mix = build_hh_mix(tmp_path / "mix")  # 48 rows, 40 of them ranked train rows
     result = invoke("scale", "--mix", mix, "--scales", "0.5,1000", "--out", tmp_path / "runs", "--no-eval",
                     "--quiet")
     assert result.exit_code == 2, result.output
-    assert "1000 asks for more rows than the mix ranks (48)" in " ".join(result.output.split())
+    assert "1000 asks for more rows than the mix ranks (40)" in " ".join(result.output.split())
     assert trained == [] and not (tmp_path / "runs").exists()
 
 

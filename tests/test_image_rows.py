@@ -24,7 +24,9 @@ def image_mix(shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
     rows = [r for m in ("llama2new", "mistralinstruct", "gpt4") for r in xstest_single_responses(shared_data, m, n=40)]
     for i, row in enumerate(rows):
-        if i % 40 < 20:  # the first twenty prompts of each model come with a (synthetic) image
+        # prompts 20-29 of each model come with a (synthetic) image: prompts whose answers differ enough in safety
+        # to be paired (most of XSTest's first prompts are safe homonyms, answered equally safely by all three)
+        if 20 <= i % 40 < 30:
             row["image"] = f"images/synthetic-{i % 40}.png"
             row["image_severity"] = "Moderate"
     raw = write_jsonl(root / "raw.jsonl", rows)
@@ -40,7 +42,7 @@ def test_image_and_its_severity_pass_through_pool_and_mixture(image_mix):
     assert verify_mix(mix) == []
     pool = pl.read_parquet(mix / "pool" / "*.parquet")
     with_image = pool.filter(pl.col("image").is_not_null())
-    assert with_image.height == 60 and set(with_image["image_severity"].to_list()) == {"moderate"}
+    assert with_image.height == 30 and set(with_image["image_severity"].to_list()) == {"moderate"}
     mixture = pl.read_parquet(mix / "data" / "*.parquet")
     assert mixture["image"].is_not_null().any() and mixture["image"].is_null().any()
 

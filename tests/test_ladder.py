@@ -78,8 +78,8 @@ def test_ladder_trains_evaluates_and_reports_each_rung(tmp_path):
                          eval_limit=2, max_new_tokens=4, quiet=True)
     result = run_ladder(config)
     ladders = [json.loads((r.run_dir / "ladder.json").read_text()) for r in result.rungs]
-    assert [l["rank_limit"] for l in ladders] == [24, 48]
-    assert [l["n_safety"] for l in ladders] == [_independent_count(mix, 24, "IHD"), _independent_count(mix, 48, "IHD")]
+    assert [l["rank_limit"] for l in ladders] == [20, 40]  # of the 40 ranked train rows
+    assert [l["n_safety"] for l in ladders] == [_independent_count(mix, 20, "IHD"), _independent_count(mix, 40, "IHD")]
     assert ladders[0]["n_safety"] < ladders[1]["n_safety"]
     for rung in result.rungs:
         train_config = json.loads((rung.run_dir / "config.json").read_text())["train_config"]
@@ -182,7 +182,7 @@ def test_rerun_with_changed_settings_refuses_before_training_and_keeps_every_rec
     assert fake_ladder.trained == [("ama-dpo-ihd-s0.5", False), ("ama-dpo-ihd-s1", False)]
     before = _snapshot(fake_ladder.runs)
     rung = json.loads(before["ama-dpo-ihd-s0.5/ladder.json"])
-    assert rung["rank_limit"] == 24 and (rung["n_safety"], rung["n_benign"], rung["n_train"]) == (7, 3, 10)
+    assert rung["rank_limit"] == 20 and (rung["n_safety"], rung["n_benign"], rung["n_train"]) == (7, 3, 10)
     assert rung["n_selected"] == sum(rung["counts"].values())
     # Unchanged settings (talking or not does not define a run): all kept, nothing rewritten.
     again = run_ladder(fake_ladder(quiet=False))
@@ -233,7 +233,7 @@ def test_rerun_resumes_an_interrupted_rung_and_refuses_one_started_differently(f
     again = run_ladder(fake_ladder(scales=[0.25, 0.5, 1.0]))
     assert fake_ladder.trained[2:] == [("ama-dpo-ihd-s0.25", False), ("ama-dpo-ihd-s1", True)]
     assert "ama-dpo-ihd-s0.5: already trained, kept" in again.notes
-    assert json.loads((fake_ladder.runs / "ama-dpo-ihd-s1" / "ladder.json").read_text())["rank_limit"] == 48
+    assert json.loads((fake_ladder.runs / "ama-dpo-ihd-s1" / "ladder.json").read_text())["rank_limit"] == 40
 
 
 def test_a_second_algorithm_shares_the_baseline_and_both_ladders_are_recorded(fake_ladder):

@@ -123,7 +123,7 @@ def build_hh_mix(out: Path, n_rows: int = 48, n_eval: int = 8) -> Path:
             "rejected": [{"role": "assistant", "content": pair["rejected"]}],
             "response": None,
             "split": "test" if index >= n_rows - n_eval else "train",
-            "rank": index,
+            "rank": index if index < n_rows - n_eval else index - (n_rows - n_eval),  # ranks count within a split
         }
         record.update(synthetic_labels(pair))
         records.append(record)
