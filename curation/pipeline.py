@@ -77,7 +77,8 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
                                    benign_share=config.benign_share, dup_threshold=config.dup_threshold,
                                    seed=config.seed, order=config.order)
         scored.embeddings = None  # the largest thing held, and no longer needed
-        mixture = build_mixture_rows(scored.stage_files, selection.mixture, config.eval_fraction)
+        mixture = build_mixture_rows(scored.stage_files, selection.mixture, config.eval_fraction,
+                                     interleave=config.order == "fdc")
         data_files = write_mixture(work / DATA_DIR, mixture, config.shard_rows, multimodal)
         scored.remove_stage()
         unchanged_since_start(files)

@@ -284,9 +284,10 @@ def write_pool(stage_files: list, clusters: np.ndarray, folder: Path, config: Cu
     return pool.close()
 
 
-def build_mixture_rows(stage_files: list, selected: pl.DataFrame, eval_fraction: float) -> pl.DataFrame:
+def build_mixture_rows(stage_files: list, selected: pl.DataFrame, eval_fraction: float,
+                       interleave: bool = True) -> pl.DataFrame:
     """Full mixture rows for the selection (as text, like the staged rows): native pairs copied, single responses
-    joined into pairs."""
+    joined into pairs. ``interleave=False`` (``--order input``) keeps the selection's order within each split."""
     if selected.height == 0:
         return pl.from_arrow(STAGE_SCHEMA.empty_table()).with_columns(
             pl.lit(None, pl.Int32).alias("cluster"), pl.lit(None, pl.Int64).alias("rank"))
@@ -318,19 +319,21 @@ def build_mixture_rows(stage_files: list, selected: pl.DataFrame, eval_fraction:
     mixture = pl.concat([native.select(columns), single.select(columns)] if single.height else
                         [native.select(columns)]).sort("rank")
     mixture = mixture.with_columns(pl.Series("split", eval_split(mixture["id"].to_list(), eval_fraction)))
-    return rank_within_splits(mixture)
+    return rank_within_splits(mixture, interleave)
 
 
-def rank_within_splits(mixture: pl.DataFrame) -> pl.DataFrame:
+def rank_within_splits(mixture: pl.DataFrame, interleave: bool = True) -> pl.DataFrame:
     """``rank`` counted within each split, interleaved again (:func:`curation.mixer.ladder_ranks`, each group's rows
     in their mixture order): the held-out rows are drawn by id hash, so the train rows of the mixture-wide ladder
     would keep the ratios only roughly; re-ranked, every prefix of the train split (``rank < k``,
-    ``split="train[:10%]"``) keeps them to within one row."""
+    ``split="train[:10%]"``) keeps them to within one row. ``interleave=False``: counted in the mixture's order
+    (an input-order mixture has no ratios to keep)."""
     parts = []
     for split in SPLITS:
         part = mixture.filter(pl.col("split") == split).sort("rank")
         if part.height:
-            parts.append(part.with_columns(pl.Series("rank", ladder_ranks(part["group"].to_list()), pl.Int64)))
+            ranks = ladder_ranks(part["group"].to_list()) if interleave else np.arange(part.height)
+            parts.append(part.with_columns(pl.Series("rank", ranks, pl.Int64)))
     return pl.concat(parts).sort("split", "rank") if parts else mixture
 
 
