@@ -68,7 +68,9 @@ class StudyProfile:
 
     Data: ``inputs`` (raw JSONL for ``equi curate``), ``embedder`` (None = bundled MiniLM), ``rungs`` (whole numbers
     of ranked pairs, the same for every arm). Training (every rung of every arm): ``model`` (None = SmolLM2-135M-
-    Instruct), ``max_steps``, ``batch_size``, ``lr``, ``beta``, ``lora_r``, ``max_length``, ``seed``. Evaluation:
+    Instruct), ``max_steps``, ``batch_size``, ``lr``, ``beta``, ``lora_r``, ``max_length``, ``truncation_mode``
+    (``keep_end``: every pair of a rung is trained, a prompt longer than ``max_length`` loses its start; TRL's
+    ``keep_start`` would drop such pairs, so arms would train on different numbers of pairs), ``seed``. Evaluation:
     ``suites``, ``eval_limit`` (prompts per suite), ``max_new_tokens``, ``eval_batch_size``.
     """
 
@@ -80,6 +82,7 @@ class StudyProfile:
     beta: float = 0.1
     lora_r: int = 0
     max_length: int = 256
+    truncation_mode: str = "keep_end"  # a long prompt loses its first turns, never its pair: equal pairs per rung
     seed: int = 0
     model: str | None = None
     inputs: list[str] = field(default_factory=lambda: [str(p) for p in BUNDLED_INPUTS])
@@ -111,7 +114,8 @@ PROFILES: dict[str, StudyProfile] = {
                         model="HuggingFaceTB/SmolLM2-1.7B-Instruct", eval_limit=200, max_new_tokens=64,
                         eval_batch_size=64, save_steps=24),
     # Seconds: two rungs, two steps, four prompts per suite (tests/test_study.py, with a tiny test-built model).
-    "tiny": StudyProfile(name="tiny", rungs=[4, 8], max_steps=2, lr=1e-3, batch_size=2, max_length=1024,
+    # max_length 96 truncates most HH dialogues: keep_end must still train every pair of every rung.
+    "tiny": StudyProfile(name="tiny", rungs=[4, 8], max_steps=2, lr=1e-3, batch_size=2, max_length=96,
                          suites=["advbench", "xstest-safe"], eval_limit=4, max_new_tokens=8,
                          eval_batch_size=4, save_steps=1,
                          inputs=[str(EXAMPLES / "hh_rlhf_harmless_sample.jsonl.gz")]),
@@ -159,7 +163,8 @@ def run_rung(profile: StudyProfile, arm: Arm, rung: int, mix: Path, runs: Path, 
                          algo=arm.algo, model=profile.model, max_steps=profile.max_steps,
                          batch_size=profile.batch_size, lr=profile.lr, beta=profile.beta, seed=profile.seed,
                          lora_r=profile.lora_r,
-                         train_options={"max_length": profile.max_length, "save_steps": profile.save_steps},
+                         train_options={"max_length": profile.max_length, "truncation_mode": profile.truncation_mode,
+                                        "save_steps": profile.save_steps},
                          baseline=baseline, suites=list(profile.suites), eval_limit=profile.eval_limit,
                          max_new_tokens=profile.max_new_tokens, eval_batch_size=profile.eval_batch_size,
                          data_dir=data_dir, quiet=True)

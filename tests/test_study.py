@@ -51,13 +51,17 @@ def test_study_trains_every_arm_on_the_same_pairs_and_reports_one_curve_per_arm(
         assert len(points) == 3, label  # baseline + two rungs
         assert all(p["safety_rate"]["n"] == 4 and p["over_refusal_rate"]["n"] == 4 for p in points), label
 
-    # Same number of pairs selected per rung in every arm; the naive arm's pairs come in input order.
-    trained = {}
+    # Same number of pairs selected and trained per rung in every arm, though max_length 96 truncates most of these
+    # dialogues (keep_end: none is dropped); the naive arm's pairs come in input order.
+    trained, fitted = {}, {}
     for ladder in sorted((work / "runs").glob("*/*/ladder.json")):
         record = json.loads(ladder.read_text())
         if not record["baseline"]:
             trained.setdefault(ladder.parent.parent.name, []).append(record["n_selected"])
-    assert trained == {"naive": [4, 8], "fdc": [4, 8], "fdc-ama": [4, 8]}
+            summary = json.loads((ladder.parent / "summary.json").read_text())
+            assert summary["rows_dropped_prompt_too_long"] == 0, ladder
+            fitted.setdefault(ladder.parent.parent.name, []).append(summary["n_safety"] + summary["n_benign"])
+    assert trained == fitted == {"naive": [4, 8], "fdc": [4, 8], "fdc-ama": [4, 8]}
     naive = pq.read_table(sorted((work / "mix-naive" / "data").glob("*.parquet"))).to_pylist()
     lines = [row["source_line"] for row in sorted(naive, key=lambda row: row["rank"])]
     assert lines == sorted(lines) and len({row["group"] for row in naive}) > 1

@@ -191,6 +191,7 @@ def test_tampered_mix_is_refused_with_exit_3(material, tmp_path):
         (["--groups", "OTHER"], "no preference pairs"),
         (["--group-weights", "XYZ=1"], "bad group weight"),
         (["--beta", "0"], "--beta must be positive"),
+        (["--truncation-mode", "middle"], "--truncation-mode must be one of keep_start, keep_end"),
         (["--group-weights", "EHD=inf"], "must be finite"),
         (["--severity-weights", "severe=nan"], "must be finite"),
         # Found only once the data is prepared or the model loaded: still one line, and no half-made run is left.
@@ -222,6 +223,16 @@ def test_pairs_dropped_for_long_prompts_are_warned_and_not_counted_as_trained(ma
     assert 0 < dropped < summary["train_rows"]
     assert summary["n_safety"] + summary["n_benign"] == summary["train_rows"] - dropped  # the report's x: trained
     assert f"{dropped} of {summary['train_rows']} training pairs were dropped" in result.output  # even with --quiet
+
+    # keep_end cuts the start of what is too long instead: every pair is trained, AMA masks and all.
+    kept = tmp_path / "keep-end"
+    result = invoke(*common(mix, model, kept, "--max-steps", "1", "--batch-size", "2"), "--max-length", "48",
+                    "--truncation-mode", "keep_end")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((kept / "summary.json").read_text())
+    assert summary["rows_dropped_prompt_too_long"] == 0 and "dropped" not in result.output
+    assert summary["n_safety"] + summary["n_benign"] == summary["train_rows"]
+    assert json.loads((kept / "config.json").read_text())["train_config"]["truncation_mode"] == "keep_end"
 
 
 def test_a_mix_given_as_a_file_is_named_so(material, tmp_path):

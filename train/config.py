@@ -27,6 +27,8 @@ ALGOS = OFFLINE_ALGOS + ONLINE_ALGOS + SCORER_ALGOS
 
 #: DPO loss types whose masked form is still the contract's formula (or its documented length-normalised form).
 AMA_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+#: TRL's truncation modes for a prompt+response longer than ``max_length``.
+TRUNCATION_MODES = ("keep_start", "keep_end")
 
 DEFAULT_SEVERITY_WEIGHTS: dict[str, float] = {"minor": 1.0, "moderate": 2.0, "severe": 4.0}
 
@@ -120,6 +122,9 @@ class TrainConfig:
         scale: keep the nested subset ``rank < scale`` (the mix's scale ladder); ``None`` = every row.
         groups: restrict to these groups (e.g. ``["EHD", "BENIGN"]``); ``None`` = all.
         max_length: tokens per prompt+response; longer ones are truncated (masks follow the truncation).
+        truncation_mode: TRL's ``keep_start`` (default: cut the end; a pair whose prompt alone fills ``max_length``
+            is dropped and counted) or ``keep_end`` (cut the start: a long multi-turn prompt loses its first turns
+            and system prompt, never the pair), for DPO and AMA-DPO.
     Algorithm:
         algo: one of ``ALGOS``; ``ama-dpo`` (default) masks tokens by the mix's AMA spans.
         beta: DPO temperature / KL coefficient.
@@ -151,6 +156,7 @@ class TrainConfig:
     scale: int | None = None
     groups: list[str] | None = None
     max_length: int = 512
+    truncation_mode: str = "keep_start"
     beta: float = 0.1
     loss_type: str = "sigmoid"
     severity_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SEVERITY_WEIGHTS))
@@ -200,6 +206,9 @@ class TrainConfig:
                 raise ConfigError(f"--groups names unknown group(s) {unknown}; choose from {', '.join(GROUPS)}")
         if self.max_length < 8:
             raise ConfigError("--max-length must be at least 8 tokens")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ConfigError(f"--truncation-mode must be one of {', '.join(TRUNCATION_MODES)}, "
+                              f"not {self.truncation_mode!r}")
         if self.beta <= 0:
             raise ConfigError("--beta must be positive")
         if self.algo == "ama-dpo" and self.loss_type not in AMA_LOSS_TYPES:

@@ -39,6 +39,7 @@ def build_dpo_trainer(
         beta=config.beta,
         loss_type=[config.loss_type],
         max_length=config.max_length,
+        truncation_mode=config.truncation_mode,
         precompute_ref_log_probs=precompute,
         eval_strategy="no",
     )

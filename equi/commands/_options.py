@@ -20,6 +20,8 @@ TRAINING_HELP = {
     "beta": "DPO temperature; online: KL coefficient to the reference",
     "seed": "Random seed",
     "max_length": "Max tokens of prompt+response",
+    "truncation_mode": "keep_start cuts a long pair's end (a prompt alone over --max-length drops its pair); "
+                       "keep_end cuts its start (first turns, system prompt): no pair is dropped",
     "loss_type": "TRL DPO loss type",
     "lora_r": "LoRA rank; 0 = full fine-tuning (needs equi\\[lora])",
     "lambda_init": "Initial Lagrange multiplier λ",

@@ -43,6 +43,7 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = training_option("seed"),
         lora_r: Optional[int] = training_option("lora_r"),
         max_length: Optional[int] = training_option("max_length"),
+        truncation_mode: Optional[str] = training_option("truncation_mode"),
         save_steps: Optional[int] = training_option("save_steps"),
         keep_checkpoints: bool = keep_checkpoints_option(),
         train_config: Optional[Path] = typer.Option(
@@ -59,7 +60,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from equi.ladder import ScaleConfig, parse_scales, run_ladder
 
-        options = _train_options(train_config, max_length=max_length, save_steps=save_steps,
+        options = _train_options(train_config, max_length=max_length, truncation_mode=truncation_mode, save_steps=save_steps,
                                  keep_checkpoints=keep_checkpoints or None)
         with reported_errors():
             training = {"algo": algo, "max_steps": max_steps, "epochs": epochs, "batch_size": batch_size, "lr": lr,

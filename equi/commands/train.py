@@ -68,6 +68,7 @@ def train_command(
     beta: Optional[float] = training_option("beta"),
     seed: Optional[int] = training_option("seed"),
     max_length: Optional[int] = training_option("max_length"),
+    truncation_mode: Optional[str] = training_option("truncation_mode"),
     loss_type: Optional[str] = training_option("loss_type"),
     lora_r: Optional[int] = training_option("lora_r"),
     severity_weights: Optional[str] = typer.Option(
@@ -127,6 +128,7 @@ def train_command(
             "beta": beta,
             "seed": seed,
             "max_length": max_length,
+            "truncation_mode": truncation_mode,
             "loss_type": loss_type,
             "lora_r": lora_r,
             "severity_weights": severity_weights or None,
@@ -177,7 +179,7 @@ def train_command(
     if dropped := result.summary.get("rows_dropped_prompt_too_long"):  # on stderr even with --quiet
         console.print(f"[yellow]warning:[/yellow] {dropped} of {result.summary.get('train_rows')} training pairs were "
                       f"dropped: their prompt alone is longer than --max-length {config.max_length} tokens "
-                      "(n_safety/n_benign count the pairs trained on)", soft_wrap=True)
+                      "(n_safety/n_benign count the pairs trained on); --truncation-mode keep_end keeps them", soft_wrap=True)
 
 
 def check_resume_restates(saved: dict[str, Any], given: dict[str, Any], out: Path) -> None:
