@@ -12,7 +12,9 @@ Steps (each a small function):
 3. :func:`group_quotas` — exact group counts from the ratios (and the BENIGN share).
 4. :func:`cluster_round_robin` — within a group, take rows cluster by cluster so a quota spreads
    over the whole embedding space instead of sampling the biggest cluster.
-5. :func:`ladder_ranks` — interleave groups so that every prefix ``rank < k`` keeps the ratios.
+5. :func:`ladder_ranks` — interleave groups so that every prefix ``rank < k`` keeps the ratios. The mixer
+   only orders its picks (``rank`` = pick order, group after group); the ladder is made once the held-out
+   split is drawn, within each split (:func:`curation.staging.rank_within_splits`).
 
 ``order="input"`` skips 3-5: every de-duplicated pair of any group, ranked in input order (the naive
 baseline a group-balanced mixture is compared with: safety data as it comes).
@@ -49,7 +51,9 @@ MIN_COST_GAP = 0.2
 class Selection:
     """The mixer's answer: mixture rows (as pool indices) and a reason for every other pool row."""
 
-    mixture: pl.DataFrame  # columns: chosen_idx, rejected_idx (null for native pairs), group, rank
+    # columns: chosen_idx, rejected_idx (null for native pairs), group, cluster, rank: the pick order (fdc: group
+    # after group, each in cluster round-robin order; input: input order), made a ladder per split when written.
+    mixture: pl.DataFrame
     not_selected: dict[int, str] = field(default_factory=dict)
     effective_ratios: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -303,7 +307,7 @@ def select_mixture(meta: pl.DataFrame, embeddings: np.ndarray, *, ratios: dict[s
             picked.append(rows[: quotas[g]])
     if picked:
         mixture = pl.concat(picked)
-        mixture = mixture.with_columns(pl.Series("rank", ladder_ranks(mixture["group"].to_list())))
+        mixture = mixture.with_columns(pl.Series("rank", np.arange(mixture.height, dtype=np.int64)))
     else:
         mixture = candidates.clear().with_columns(pl.lit(0, pl.Int64).alias("rank"))
     total = sum(quotas.values()) or 1

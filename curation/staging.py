@@ -323,11 +323,11 @@ def build_mixture_rows(stage_files: list, selected: pl.DataFrame, eval_fraction:
 
 
 def rank_within_splits(mixture: pl.DataFrame, interleave: bool = True) -> pl.DataFrame:
-    """``rank`` counted within each split, interleaved again (:func:`curation.mixer.ladder_ranks`, each group's rows
-    in their mixture order): the held-out rows are drawn by id hash, so the train rows of the mixture-wide ladder
-    would keep the ratios only roughly; re-ranked, every prefix of the train split (``rank < k``,
-    ``split="train[:10%]"``) keeps them to within one row. ``interleave=False``: counted in the mixture's order
-    (an input-order mixture has no ratios to keep)."""
+    """``rank`` counted within each split: the selection's pick order (``rank`` in, each group's rows in their
+    round-robin order) interleaved by :func:`curation.mixer.ladder_ranks`, so every prefix of a split
+    (``rank < k``, ``split="train[:10%]"``) keeps the group ratios to within one row. It is done here, once the
+    held-out rows are drawn (by id hash), not mixture-wide: a mixture-wide ladder's train rows would keep the ratios
+    only roughly. ``interleave=False`` (``--order input``): counted in the pick order (no ratios to keep)."""
     parts = []
     for split in SPLITS:
         part = mixture.filter(pl.col("split") == split).sort("rank")

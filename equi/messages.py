@@ -29,6 +29,33 @@ def render_turns(messages: list[dict[str, Any]]) -> str:
     return "\n\n".join(f"{ROLE_NAMES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
 
 
+def prompt_text(prompt: Any) -> str:
+    """A prompt as one string, as curation scores it: text as given, messages through :func:`render_turns`."""
+    if prompt is None:
+        return ""
+    return prompt if isinstance(prompt, str) else render_turns(list(prompt))
+
+
+def answer_text(answer: Any) -> str:
+    """An answer (chosen, rejected, a completion) as plain text: a string as given, a message its content, a list
+    of messages their contents one per line (TRL passes a conversational completion as one assistant message)."""
+    if answer is None:
+        return ""
+    if isinstance(answer, str):
+        return answer
+    if isinstance(answer, dict):
+        return str(answer.get("content") or "")
+    return "\n".join(answer_text(m) for m in answer)
+
+
+def last_user_text(prompt: Any) -> str:
+    """The user's request in a prompt: the last user turn of a conversation, or the text given."""
+    if isinstance(prompt, list):
+        users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        return answer_text(users[-1]) if users else answer_text(prompt)
+    return answer_text(prompt)
+
+
 def hh_messages(transcript: str) -> list[dict[str, str]]:
     """The turns of a ``Human: …\\n\\nAssistant: …`` transcript as messages (text before the first turn, if any,
     belongs to the first user turn)."""

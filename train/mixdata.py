@@ -12,7 +12,7 @@ from typing import Any
 
 from equi.errors import UsageError
 from equi.manifest import MixVerificationError, sha256_file, verify_mix
-from equi.messages import render_turns
+from equi.messages import answer_text, prompt_text
 from equi.schema import DATA_DIR, IMAGE_COLUMNS, MANIFEST, MIX_SCHEMA, TEST_SPLIT, check_row_schema
 from train.config import TrainConfig
 
@@ -143,12 +143,6 @@ def as_messages(value: Any, role: str) -> list[dict[str, str]]:
     return value if isinstance(value, list) else [{"role": role, "content": value}]
 
 
-def as_text_turns(value: Any, prompt: bool) -> str:
-    if not isinstance(value, list):
-        return value
-    return render_turns(value) if prompt else value[-1]["content"]
-
-
 def chat_format(dataset, tokenizer, columns: tuple[str, ...] = ("prompt", "chosen", "rejected")):
     """Rows as ``tokenizer`` can take them. A mix's rows are TRL's conversational messages, which TRL renders with
     the chat template; a tokenizer without one gets plain text instead (the prompt's turns rendered
@@ -161,7 +155,8 @@ def chat_format(dataset, tokenizer, columns: tuple[str, ...] = ("prompt", "chose
     if bool(tokenizer.chat_template) == conversational:
         return dataset
     if conversational:
-        return dataset.map(lambda row: {c: as_text_turns(row[c], c == "prompt") for c in present},
+        return dataset.map(lambda row: {c: prompt_text(row[c]) if c == "prompt" else answer_text(row[c])
+                                        for c in present},
                            desc="Rendering conversations as text (the tokenizer has no chat template)")
     return dataset.map(lambda row: {c: as_messages(row[c], "user" if c == "prompt" else "assistant")
                                     for c in present}, desc="Chat-formatting rows")

@@ -34,9 +34,10 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from equi.messages import prompt_text
 from equi.schema import METRICS_FILE
 from train.lagrangian import update_lambda
-from train.mixdata import MixError, as_text_turns, chat_format, load_split
+from train.mixdata import MixError, chat_format, load_split
 from train.models import load_policy
 from train.rewards import LambdaState, SafetyScorer, make_constrained_reward, make_safety_reward, prompt_harm
 from train.rundir import RunResult, append_metrics, fit, read_metrics, resume_checkpoint
@@ -202,7 +203,7 @@ def prompt_dataset(dataset, tokenizer):
     keep = [c for c in PROMPT_COLUMNS if c in dataset.column_names]
     dataset = dataset.select_columns(keep).filter(lambda row: has_prompt(row["prompt"]))
     seen: set[str] = set()
-    texts = [as_text_turns(p, True) for p in dataset["prompt"]]
+    texts = [prompt_text(p) for p in dataset["prompt"]]
     first = [i for i, p in enumerate(texts) if not (p in seen or seen.add(p))]
     return chat_format(dataset.select(first), tokenizer, ("prompt",))
 

@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from equi.messages import answer_text, last_user_text
 from equi.schema import UNCERTAIN_HARM_BAND
 from train.config import DEFAULT_SEVERITY_WEIGHTS
 from train.lagrangian import lagrangian_rewards, repo_rewards, severity_scaled_costs, violation_fraction
@@ -41,25 +42,6 @@ def default_refusal_fn(texts: list[str]) -> list[float]:
     from curation.refusal import refusal_scores
 
     return [float(x) for x in refusal_scores(texts)]
-
-
-def as_text(message: Any) -> str:
-    """A prompt or completion as plain text: TRL passes strings, or message lists for conversational data."""
-    if message is None:
-        return ""
-    if isinstance(message, str):
-        return message
-    if isinstance(message, dict):
-        return str(message.get("content") or "")
-    return "\n".join(as_text(m) for m in message)
-
-
-def last_user_text(prompt: Any) -> str:
-    """The user's request in a prompt (the last user turn of a conversation)."""
-    if isinstance(prompt, list):
-        users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
-        return as_text(users[-1]) if users else as_text(prompt)
-    return as_text(prompt)
 
 
 def prompt_harm(group: str | None, explicit_score: float | None, intent_score: float | None) -> float:
@@ -181,7 +163,7 @@ class SafetyScorer:
 
     def score(self, prompts: list, completions: list, kwargs: dict[str, Any]) -> tuple[list[float], list[float]]:
         n = len(completions)
-        texts = [as_text(c) for c in completions]
+        texts = [answer_text(c) for c in completions]
         harms, benign = batch_harms(n, kwargs)
         refusals = withheld = None
         if self.reward_scorer is None or self.cost_scorer is None:

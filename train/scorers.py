@@ -17,9 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from equi.messages import answer_text, prompt_text
 from equi.schema import METRICS_FILE
 from train.lagrangian import severity_scaled_costs
-from train.mixdata import MixError, as_messages, as_text_turns, chat_format, load_pairs
+from train.mixdata import MixError, as_messages, chat_format, load_pairs
 from equi.models import bf16_supported, check_is_scorer, load_sequence_classifier, load_tokenizer, resolve_model
 from train.rundir import RunResult, fit, resume_checkpoint
 from train.trl_setup import metrics_callback, peft_config_for, quiet_trainer, trl_common_kwargs
@@ -125,7 +126,7 @@ class ModelScorer:
         if self.tokenizer.chat_template:
             return self.tokenizer.apply_chat_template(
                 as_messages(prompt, "user") + as_messages(completion, "assistant"), tokenize=False)
-        return as_text_turns(prompt, True) + as_text_turns(completion, False) + (self.tokenizer.eos_token or "")
+        return prompt_text(prompt) + answer_text(completion) + (self.tokenizer.eos_token or "")
 
     def __call__(self, prompts, completions) -> list[float]:
         import torch
