@@ -35,3 +35,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"real datasets not found at {SHARED_DATA}: the repo must sit beside shared/")
     return SHARED_DATA
+
+
+@pytest.fixture
+def private_equi_cache(tmp_path, monkeypatch):
+    """``$EQUI_CACHE`` of this test alone (reference log-probs, judge answers), not the session's shared one; use
+    it as ``pytestmark = pytest.mark.usefixtures("private_equi_cache")``."""
+    monkeypatch.setenv("EQUI_CACHE", str(tmp_path / "equi-cache"))
+    return tmp_path / "equi-cache"

@@ -16,10 +16,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import torch
 from train_fixtures import build_hh_mix, build_tiny_model
 
-torch.set_num_threads(2)
 
 
 def _curated_like(root: Path, license_id: str = "other") -> tuple[Path, dict]:

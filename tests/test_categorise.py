@@ -38,11 +38,9 @@ pytestmark = pytest.mark.skipif(not RELABEL.is_file(), reason="needs ../shared/d
 
 @pytest.fixture(scope="module")
 def embedder():
-    import torch
 
     from curation.embed import get_embedder
 
-    torch.set_num_threads(2)
     return get_embedder()
 
 

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from train_fixtures import build_hh_mix, build_tiny_model
 
-torch.set_num_threads(2)
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("private_equi_cache")
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +27,6 @@ def material(tmp_path_factory):
     return build_hh_mix(root / "mix", n_rows=16, n_eval=2), build_tiny_model(root / "model")
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EQUI_CACHE", str(tmp_path / "equi-cache"))
 
 
 def train_args(mix, model, out, *extra):

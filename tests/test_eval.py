@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from equi.evaluation import (
@@ -16,7 +15,6 @@ from equi.evaluation import (
 )
 from test_eval_support import build_tiny_model
 
-torch.set_num_threads(2)
 
 
 def _row(suite, expected, label, subtype=None):

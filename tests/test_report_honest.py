@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_report import _make_run, _write_synthetic_mix  # noqa: E402
 
 from equi.evaluation.metrics import compute_metrics  # noqa: E402
-from equi.reporting import ReportConfig, build_report, collect_runs, curve_series  # noqa: E402
+from equi.reporting import ReportConfig, build_report  # noqa: E402
 from equi.reporting.intervals import (  # noqa: E402
     balanced_interval, metric_rate, suite_counts, suite_mean_rate, wilson_interval)
 from equi.reporting.runs import CurvePoint  # noqa: E402

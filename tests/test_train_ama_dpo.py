@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from train_fixtures import build_hh_mix, build_tiny_model
 
-torch.set_num_threads(2)
 BETA = 0.1
 
 

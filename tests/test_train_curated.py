@@ -17,6 +17,7 @@ from tests.realdata import hh_lines, write_jsonl, xstest_single_responses
 from train_fixtures import build_tiny_model
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("private_equi_cache")
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,6 @@ def curated(shared_data, tmp_path_factory):
     return mix, build_tiny_model(root / "model")
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EQUI_CACHE", str(tmp_path / "equi-cache"))
 
 
 ONLINE = ["--num-generations", "2", "--max-completion-length", "12"]

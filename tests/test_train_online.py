@@ -29,8 +29,8 @@ from train.rewards import (
     prompt_harm,
 )
 
-torch.set_num_threads(2)
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("private_equi_cache")
 
 
 def synthetic_refusal(texts):
@@ -140,9 +140,6 @@ def material(tmp_path_factory):
     return root, mix, model
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EQUI_CACHE", str(tmp_path / "equi-cache"))
 
 
 def test_completion_offsets_cover_the_decoded_text(material):

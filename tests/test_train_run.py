@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from train_fixtures import build_hh_mix, build_tiny_model
 
-torch.set_num_threads(2)
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("private_equi_cache")
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +28,6 @@ def material(tmp_path_factory):
     return root, mix, model
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EQUI_CACHE", str(tmp_path / "equi-cache"))
 
 
 def invoke(*args: str):

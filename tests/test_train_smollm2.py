@@ -9,11 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest
-import torch
 
 from train_fixtures import build_hh_mix
 
-torch.set_num_threads(2)
 
 
 @pytest.mark.slow

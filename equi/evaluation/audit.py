@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from equi.schema import EVAL_ANSWERS, EVAL_METRICS
+from equi.schema import EVAL_ANSWERS, EVAL_DIR, EVAL_METRICS  # noqa: F401 (EVAL_DIR: re-exported)
 
 # This package's names for the eval directory's files (spelled in equi.schema).
 ANSWERS_FILE = EVAL_ANSWERS
