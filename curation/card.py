@@ -153,14 +153,18 @@ def card_front_matter(manifest: dict[str, Any], root: str | Path | None = None) 
 
 
 def _judge_line(manifest: dict[str, Any]) -> str:
-    """What ``--judge`` decided, from the manifest's ``labellers`` (empty without a judge)."""
+    """What ``--guard-model`` and ``--judge`` decided, from the manifest's ``labellers`` (empty without them)."""
     labellers = manifest.get("labellers") or {}
-    if not labellers.get("judge"):
-        return ""
-    counts = labellers.get("group", {})
-    return (f" EHD/IHD/MHD re-decided by the judge `{labellers['judge']}` (Equilibrate's prompt) for "
-            f"{counts.get('judge', 0)} rows; {counts.get('heads (judge unparseable)', 0)} judge answers could not be "
-            "parsed and kept the heads' group.")
+    line = ""
+    if labellers.get("guard"):
+        line += (f" Prompt harm (BENIGN below 0.5) and answer costs (2·P(unsafe) − 1) by the guard "
+                 f"`{labellers['guard']}`; refusal scores by equi's detector.")
+    if labellers.get("judge"):
+        counts = labellers.get("group", {})
+        line += (f" EHD/IHD/MHD re-decided by the judge `{labellers['judge']}` (Equilibrate's prompt) for "
+                 f"{counts.get('judge', 0)} rows; {counts.get('heads (judge unparseable)', 0)} judge answers could "
+                 "not be parsed and kept the heads' group.")
+    return line
 
 
 def render_card(manifest: dict[str, Any], root: str | Path | None = None) -> str:

@@ -443,11 +443,14 @@ _OUTPUT_COLUMNS = ("harm_score", "explicit_score", "intent_score", "group", "gro
 _GROUP_INDEX = {g: i for i, g in enumerate(GROUPS)}
 
 
-def categorise(frame: pl.DataFrame, prompt_embeddings: np.ndarray, model: Categoriser | None = None) -> pl.DataFrame:
+def categorise(frame: pl.DataFrame, prompt_embeddings: np.ndarray, model: Categoriser | None = None,
+               harm: np.ndarray | None = None) -> pl.DataFrame:
     """Add ``harm_score``, ``explicit_score``, ``intent_score``, ``group``, ``group_confidence``, ``severity``
     and ``harm_category`` to a frame with a ``prompt`` column (optional ``category``, ``severity``, ``is_safe``).
 
-    ``prompt_embeddings[i]`` is row ``i``'s prompt embedding from the embedder the model was fit with.
+    ``prompt_embeddings[i]`` is row ``i``'s prompt embedding from the embedder the model was fit with. ``harm``
+    (a guard's P(harmful) per row, ``equi curate --guard-model``) replaces the harm head: harm ≥ 0.5 makes the row
+    the heads' best safety group, below it BENIGN (confidence 1 − harm). Labels carried by the input win either way.
     """
     model = model or Categoriser.load_default()
     n = frame.height
@@ -466,15 +469,21 @@ def categorise(frame: pl.DataFrame, prompt_embeddings: np.ndarray, model: Catego
     # Known harmful: a harm category, or an unsafe response (an unsafe answer means the prompt asked for harm).
     known_harmful = np.array([hc is not None or s is False for hc, s in zip(harm_categories, is_safe)], dtype=bool)
 
-    harm = pred["harm"].astype(np.float64)
+    guarded = harm is not None
+    harm = np.asarray(harm if guarded else pred["harm"], dtype=np.float64)
     harm = np.where(known_harmful, 1.0, harm)
     log_probs = pred["log_probs"].copy()
-    log_probs[known_harmful, _GROUP_INDEX["BENIGN"]] = -np.inf
+    harmful = known_harmful | (harm >= 0.5) if guarded else known_harmful
+    log_probs[harmful, _GROUP_INDEX["BENIGN"]] = -np.inf
     probs = np.exp(log_probs - log_probs.max(axis=1, keepdims=True)) if n else log_probs
     probs = probs / probs.sum(axis=1, keepdims=True) if n else probs
     best = probs.argmax(axis=1) if n else np.zeros(0, dtype=int)
+    if guarded:  # the guard decides harmful or not; the heads, which safety group
+        best = np.where(harmful, best, _GROUP_INDEX["BENIGN"])
     groups = [GROUPS[i] for i in best]
     confidence = probs[np.arange(n), best] if n else np.zeros(0)
+    if guarded and n:
+        confidence = np.where(harmful, harm * confidence, 1.0 - harm)
 
     for i, lg in enumerate(label_groups):
         if lg is not None:

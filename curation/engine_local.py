@@ -35,7 +35,7 @@ from equi.schema import REJECTS
 from curation.embed import fills_every_core, usable_cores
 from curation.readers import RawRow, ReadStats, Reject, parse_lines, read_lines, read_rows
 from curation.staging import ScoredInput, batched, read_staged_batch, write_staged_batch
-from curation.steps import BatchScorer, batch_meta, configured_judge, prompt_texts, stage_rows
+from curation.steps import BatchScorer, batch_meta, configured_labellers, prompt_texts, stage_rows
 
 
 def read_and_score(config: CurateConfig, work: Path, embedder, categoriser, resume: bool = False,
@@ -128,7 +128,7 @@ def _score_here(config: CurateConfig, stage_dir: Path, stats: ReadStats, embedde
     """
     rows = read_rows(config.inputs, config.input_format, config.strict, stats, config.max_line_bytes)
     batches = enumerate(batched(rows, config.batch_size))
-    judge = configured_judge(config)
+    labellers = configured_labellers(config)
     with (_InlineExecutor() if fills_every_core(embedder) else ThreadPoolExecutor(1)) as encoder:
 
         def start(item: tuple[int, list]) -> tuple[_Staged, list[RawRow], Future | None]:
@@ -142,7 +142,7 @@ def _score_here(config: CurateConfig, stage_dir: Path, stats: ReadStats, embedde
 
         for staged, rows, embedding in _one_ahead(batches, start):
             if embedding is not None:
-                staged.write(*stage_rows(rows, embedding.result(), categoriser, config.eval_fraction, judge))
+                staged.write(*stage_rows(rows, embedding.result(), categoriser, config.eval_fraction, labellers))
             yield staged
 
 

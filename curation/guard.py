@@ -7,7 +7,8 @@ The stage, as :func:`guard_mix` runs it:
    ``rejected``, ``response`` of the pool — with a severity ``none`` / ``minor`` / ``moderate`` / ``severe`` and a
    safety cost (> 0 unsafe, the contract's sign). The default guard (:class:`DefaultGuard`) needs no model beyond
    what curation already ships: the categoriser's prompt scores, the refusal detector and a response-side
-   actionability score; ``--guard-model`` takes any sequence-classification checkpoint (:class:`ClassifierGuard`).
+   actionability score; ``--guard-model`` takes any sequence-classification checkpoint (:class:`ClassifierGuard`)
+   or a Llama-Guard-style causal LM (:class:`CausalGuard`).
 2. **Rounds**: mixture rows whose chosen answer is unsafe (or missing) — and, with ``refine_ehd``, EHD rows whose
    chosen answer is a bare refusal — get K candidates from the policy (greedy, one per *steering* framing of the
    prompt, so candidates differ without sampling and every round tries new framings), the candidates are guarded,
@@ -195,13 +196,57 @@ class DefaultGuard:
         return Verdicts(severity_levels(unsafe, severe), unsafe, refusal, classes)
 
 
-class ClassifierGuard:
-    """Any sequence-classification checkpoint as the guard (``--guard-model``), e.g. a Llama-Guard-style classifier.
+def conversation(prompt: str, response: str | None = None) -> list[dict[str, str]]:
+    """A prompt (one turn, or a ``Human: …\n\nAssistant: …`` transcript) and an optional answer as chat messages."""
+    from equi.messages import hh_messages
 
-    The exchange is encoded as a (prompt, response) text pair. The labels decide how logits become P(unsafe) and a
-    level: labels naming the levels (``none``/``safe``, ``minor``, ``moderate``, ``severe``) give the level directly
-    (P(unsafe) = 1 − P(none)); two labels give P(unsafe) = P(the label named unsafe/harmful/toxic, else label 1);
-    one label gives sigmoid(logit). Refusal scores still come from equi's refusal detector.
+    messages = hh_messages(prompt) if prompt.startswith("Human:") else [{"role": "user", "content": prompt}]
+    return messages + ([{"role": "assistant", "content": response}] if response is not None else [])
+
+
+def split_conversation(messages: Sequence[dict[str, str]]) -> tuple[str, str | None]:
+    """``(prompt text, answer)``: the last assistant message is the answer when the conversation ends with one."""
+    from equi.messages import render_turns
+
+    messages = list(messages)
+    if len(messages) > 1 and messages[-1]["role"] == "assistant":
+        return render_turns(messages[:-1]), messages[-1]["content"]
+    return render_turns(messages), None
+
+
+class ModelGuard:
+    """What the model guards share: ``unsafe_probability(conversations)`` (P(the last turn is unsafe): a prompt's
+    harm when the conversation ends with the user, an answer's when it ends with the assistant), and the
+    :class:`Guard` call ``equi guard`` makes, with severity from that probability and equi's refusal detector."""
+
+    name: str
+
+    def unsafe_probability(self, conversations: Sequence[Sequence[dict[str, str]]]) -> np.ndarray:
+        raise NotImplementedError
+
+    def levels(self, unsafe: np.ndarray, prompts: Sequence[str], responses: Sequence[str | None]) -> list[str]:
+        from curation.categorise import severe_term_hits
+
+        return severity_levels(unsafe, severe_term_hits([f"{q}\n{r or ''}" for q, r in zip(prompts, responses)]))
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str | None]) -> Verdicts:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if not prompts:
+            return Verdicts([], np.zeros(0, np.float32), np.zeros(0, np.float32), [])
+        unsafe = np.clip(self.unsafe_probability([conversation(q, r or "") for q, r in zip(prompts, responses)]),
+                         0.0, 1.0).astype(np.float32)
+        refusal, classes = _refusals(responses)
+        return Verdicts(self.levels(unsafe, prompts, responses), unsafe, refusal, classes)
+
+
+class ClassifierGuard(ModelGuard):
+    """Any sequence-classification checkpoint as the guard (``--guard-model``), e.g. a fine-tuned safety classifier.
+
+    A prompt is encoded alone, an exchange as a (prompt, response) text pair. The labels decide how logits become
+    P(unsafe) and a level: labels naming the levels (``none``/``safe``, ``minor``, ``moderate``, ``severe``) give the
+    level directly (P(unsafe) = 1 − P(none)); two labels give P(unsafe) = P(the label named unsafe/harmful/toxic,
+    else label 1); one label gives sigmoid(logit). Refusal scores still come from equi's refusal detector.
     """
 
     def __init__(self, model, tokenizer, name: str, batch_size: int = 16, max_length: int = 512):
@@ -222,35 +267,101 @@ class ClassifierGuard:
         elif self.num_labels != 1:
             raise GuardError(f"guard model {name}: {self.num_labels} labels; expected 1, 2, or the severity levels "
                              "none/minor/moderate/severe")
+        self._last_probs: np.ndarray | None = None
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str | None]) -> Verdicts:
+    def _probabilities(self, prompts: list[str], responses: list[str | None]) -> np.ndarray:
         import torch
 
-        from curation.categorise import severe_term_hits
-
-        if not prompts:
-            return Verdicts([], np.zeros(0, np.float32), np.zeros(0, np.float32), [])
         probs = []
         device = next(self.model.parameters()).device
         for start in range(0, len(prompts), self.batch_size):
-            batch = self.tokenizer(list(prompts[start:start + self.batch_size]),
-                                   [r or "" for r in responses[start:start + self.batch_size]],
-                                   truncation=True, max_length=self.max_length, padding=True,
+            first = prompts[start:start + self.batch_size]
+            second = responses[start:start + self.batch_size]
+            pair = [r or "" for r in second] if any(r is not None for r in second) else None
+            batch = self.tokenizer(first, pair, truncation=True, max_length=self.max_length, padding=True,
                                    return_tensors="pt").to(device)
             with torch.inference_mode():
                 logits = self.model(**batch).logits.float()
             probs.append((torch.sigmoid(logits) if self.num_labels == 1 else torch.softmax(logits, -1)).cpu().numpy())
-        p = np.concatenate(probs)
-        refusal, classes = _refusals(responses)
+        return np.concatenate(probs) if probs else np.zeros((0, max(self.num_labels, 1)), np.float32)
+
+    def unsafe_probability(self, conversations: Sequence[Sequence[dict[str, str]]]) -> np.ndarray:
+        parts = [split_conversation(c) for c in conversations]
+        # Prompts alone and exchanges in separate batches: a text pair is encoded with a separator a prompt lacks.
+        p = np.zeros((len(parts), max(self.num_labels, 1)), np.float32)
+        for has_answer in (False, True):
+            idx = [i for i, (_, r) in enumerate(parts) if (r is not None) == has_answer]
+            if idx:
+                p[idx] = self._probabilities([parts[i][0] for i in idx],
+                                             [parts[i][1] for i in idx] if has_answer else [None] * len(idx))
+        self._last_probs = p
         if self.level_of_label is not None:
             none_cols = [k for k, v in self.level_of_label.items() if v == "none"]
-            unsafe = (1.0 - p[:, none_cols].sum(axis=1)).astype(np.float32)
-            severity = [self.level_of_label[int(k)] for k in p.argmax(axis=1)]
-        else:
-            unsafe = (p[:, 0] if self.num_labels == 1 else p[:, self.unsafe_label]).astype(np.float32)
-            severe = severe_term_hits([f"{q}\n{r or ''}" for q, r in zip(prompts, responses)])
-            severity = severity_levels(unsafe, severe)
-        return Verdicts(severity, np.clip(unsafe, 0.0, 1.0), refusal, classes)
+            return (1.0 - p[:, none_cols].sum(axis=1)).astype(np.float32)
+        return (p[:, 0] if self.num_labels == 1 else p[:, self.unsafe_label]).astype(np.float32)
+
+    def levels(self, unsafe: np.ndarray, prompts: Sequence[str], responses: Sequence[str | None]) -> list[str]:
+        if self.level_of_label is not None and self._last_probs is not None:
+            return [self.level_of_label[int(k)] for k in self._last_probs.argmax(axis=1)]
+        return super().levels(unsafe, prompts, responses)
+
+
+def verdict_token_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """The first tokens a Llama-Guard-style guard starts its verdict with: ``safe`` and ``unsafe`` as written at the
+    start of an answer, with or without a leading space or capital; tokens both words can start with are left out."""
+    firsts: dict[str, set[int]] = {}
+    for word in ("safe", "unsafe"):
+        firsts[word] = set()
+        for variant in (word, f" {word}", word.capitalize(), f" {word.capitalize()}"):
+            ids = tokenizer.encode(variant, add_special_tokens=False)
+            if ids:
+                firsts[word].add(ids[0])
+    shared = firsts["safe"] & firsts["unsafe"]
+    safe, unsafe = sorted(firsts["safe"] - shared), sorted(firsts["unsafe"] - shared)
+    if not safe or not unsafe:
+        raise GuardError("the guard's tokenizer starts 'safe' and 'unsafe' with the same token: it cannot be read as "
+                         "a Llama-Guard-style guard")
+    return safe, unsafe
+
+
+class CausalGuard(ModelGuard):
+    """A Llama-Guard-style causal LM as the guard (``--guard-model``): its own chat template frames the conversation
+    (a prompt alone is judged as the user's turn, an exchange as the assistant's), and its verdict's first token
+    gives P(unsafe) = P(unsafe…) / (P(safe…) + P(unsafe…)) at the answer's first position — one forward pass, no
+    generation, so the probability is a number, not a parsed string. Category codes (``S1``…) are not read: equi
+    takes the level from the probability and its severe-harm lexicon, like any guard."""
+
+    def __init__(self, model, tokenizer, name: str, batch_size: int = 8, max_length: int = 4096):
+        if not getattr(tokenizer, "chat_template", None):
+            raise GuardError(f"guard model {name}: a causal guard needs its chat template (Llama Guard frames the "
+                             "conversation with it); this tokenizer has none")
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.batch_size, self.max_length = batch_size, max_length
+        self.safe_ids, self.unsafe_ids = verdict_token_ids(tokenizer)
+
+    def unsafe_probability(self, conversations: Sequence[Sequence[dict[str, str]]]) -> np.ndarray:
+        import torch
+
+        texts = [self.tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True)
+                 for c in conversations]
+        device = next(self.model.parameters()).device
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            # Left padding and truncation: the verdict is read after the last token, and the template's instruction
+            # to assess the last turn sits at the end.
+            batch = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
+                                   max_length=self.max_length, add_special_tokens=False, return_tensors="pt",
+                                   padding_side="left")
+            mask = batch["attention_mask"]
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                logits = self.model(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device),
+                                    position_ids=positions.to(device)).logits[:, -1, :].float()
+            probs = torch.softmax(logits, -1)
+            unsafe = probs[:, self.unsafe_ids].sum(-1)
+            safe = probs[:, self.safe_ids].sum(-1)
+            out.append((unsafe / (unsafe + safe).clamp(min=1e-30)).cpu().numpy())
+        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,19 +370,32 @@ class ClassifierGuard:
 
 
 def load_guard(guard_model: str | None, embedder=None, trust_remote_code: bool = False) -> Guard:
-    """The default guard, or a sequence-classification checkpoint (local path or hub id)."""
+    """The default guard, or a model: a sequence-classification checkpoint (:class:`ClassifierGuard`) or a
+    Llama-Guard-style causal LM with a chat template (:class:`CausalGuard`), by the architecture its config names."""
     if guard_model is None:
         return DefaultGuard(embedder=embedder)
+    return load_model_guard(guard_model, trust_remote_code=trust_remote_code)
+
+
+def load_model_guard(guard_model: str, trust_remote_code: bool = False) -> ModelGuard:
+    """A guard model (local path or hub id; hub ids from the local cache when offline), on the GPU when there is one."""
     import os
 
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or Path(guard_model).exists()
     try:
+        model_config = AutoConfig.from_pretrained(guard_model, local_files_only=offline,
+                                                  trust_remote_code=trust_remote_code)
+        architectures = list(getattr(model_config, "architectures", None) or [])
+        causal = any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in architectures) and not any(
+            a.endswith("ForSequenceClassification") for a in architectures)
         tokenizer = AutoTokenizer.from_pretrained(guard_model, local_files_only=offline,
                                                   trust_remote_code=trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(guard_model, local_files_only=offline,
-                                                                   trust_remote_code=trust_remote_code)
+        auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+        model = auto.from_pretrained(guard_model, local_files_only=offline, trust_remote_code=trust_remote_code,
+                                     dtype=torch.bfloat16 if causal and torch.cuda.is_available() else None)
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise GuardError(f"cannot load guard model {guard_model!r}: {first}") from None
@@ -280,9 +404,9 @@ def load_guard(guard_model: str | None, embedder=None, trust_remote_code: bool =
             raise GuardError(f"guard model {guard_model!r}: tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    import torch
-
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    if causal:
+        return CausalGuard(model, tokenizer, name=str(guard_model))
     return ClassifierGuard(model, tokenizer, name=str(guard_model))
 
 
@@ -422,7 +546,8 @@ class GuardConfig:
         out: the new mix directory (appears atomically); must not be ``mix``.
         overwrite: replace an existing ``out``.
     Guard:
-        guard_model: a sequence-classification checkpoint (path or hub id); ``None`` = equi's default guard.
+        guard_model: a sequence-classification checkpoint or a Llama-Guard-style causal LM (path or hub id);
+            ``None`` = equi's default guard.
     Regeneration:
         policy: causal LM that writes candidates; ``None`` = SmolLM2-135M-Instruct, the ``equi train`` default.
         rounds: at most this many guard → regenerate rounds (0 = only label, rewrite nothing); rounds stop early when

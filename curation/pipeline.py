@@ -92,8 +92,9 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
             "embedder": embedder.name,
             "categoriser": config.categoriser or "bundled",
             # which labeller made each pooled row's group: the heads, the --judge, or the heads where the judge's
-            # answer could not be parsed
-            "labellers": {"judge": config.judge, "group": _labeller_counts(meta["group_labeller"].to_list())},
+            # answer could not be parsed; and what gave prompt harm and answer costs: the heads or the --guard-model
+            "labellers": {"judge": config.judge, "group": _labeller_counts(meta["group_labeller"].to_list()),
+                          "guard": config.guard_model, "harm_and_cost": "guard" if config.guard_model else "heads"},
             "clusters": int(k),
             "multimodal": multimodal,  # image columns present (some row has an image)
             "inputs": [{"path": name, "sha256": files[name]["sha256"] if name in files else None, "lines": lines}

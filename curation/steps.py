@@ -8,6 +8,7 @@ and categoriser, loaded once, and the batch's scoring.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -20,6 +21,7 @@ from equi.progress import quiet_transformers
 from curation.categorise import Categoriser, categorise
 from curation.embed import STATIC_EMBEDDER, EmbedderError, get_embedder
 from curation.embed_cache import CachedEmbedder, EmbeddingCache
+from curation.guard_labels import GuardLabeller, guard_costs, guard_harm, load_guard_labeller
 from curation.judge import Judge, apply_judge, load_judge
 from curation.mixer import eval_split, prompt_key
 from curation.readers import InputError, RawRow, Reject
@@ -122,10 +124,10 @@ def text_for_embedding(prompt: str) -> str:
 
 
 def score_batch(rows: list[RawRow], embed: Callable[[list[str]], np.ndarray],
-                categoriser, judge: Judge | None = None) -> tuple[pl.DataFrame, np.ndarray]:
+                categoriser, labellers: Labellers | None = None) -> tuple[pl.DataFrame, np.ndarray]:
     """All per-row columns of the contract except ``cluster`` and ``split``, plus the prompt embeddings."""
     embeddings = embed(prompt_texts(rows))
-    return score_rows(rows, embeddings, categoriser, judge), embeddings
+    return score_rows(rows, embeddings, categoriser, labellers), embeddings
 
 
 def prompt_texts(rows: list[RawRow]) -> list[str]:
@@ -133,31 +135,32 @@ def prompt_texts(rows: list[RawRow]) -> list[str]:
     return [text_for_embedding(r.prompt) for r in rows]
 
 
-def score_rows(rows: list[RawRow], embeddings: np.ndarray, categoriser, judge: Judge | None = None) -> pl.DataFrame:
+def score_rows(rows: list[RawRow], embeddings: np.ndarray, categoriser, labellers: Labellers | None = None) -> pl.DataFrame:
     """:func:`score_batch` once the prompt embeddings are known (the local engine computes them ahead)."""
+    labellers = labellers or Labellers()
     frame = rows_to_frame(rows)
-    frame = categorise(frame, embeddings, categoriser)
-    frame = apply_judge(frame, judge)
+    frame = categorise(frame, embeddings, categoriser, harm=guard_harm(frame, labellers.guard))
+    frame = apply_judge(frame, labellers.judge)
     frame = score_refusals(frame)
-    frame = score_costs(frame)
+    frame = guard_costs(score_costs(frame), labellers.guard)
     return score_spans(frame)
 
 
 def stage_batch(rows: list[RawRow], embed: Callable[[list[str]], np.ndarray], categoriser,
-                eval_fraction: float, judge: Judge | None = None) -> tuple[pl.DataFrame, np.ndarray]:
+                eval_fraction: float, labellers: Labellers | None = None) -> tuple[pl.DataFrame, np.ndarray]:
     """One batch's staged rows (:func:`score_batch` plus ``split``) and its float16 prompt embeddings."""
-    return stage_rows(rows, embed(prompt_texts(rows)), categoriser, eval_fraction, judge)
+    return stage_rows(rows, embed(prompt_texts(rows)), categoriser, eval_fraction, labellers)
 
 
 def stage_rows(rows: list[RawRow], embeddings: np.ndarray, categoriser,
-               eval_fraction: float, judge: Judge | None = None) -> tuple[pl.DataFrame, np.ndarray]:
+               eval_fraction: float, labellers: Labellers | None = None) -> tuple[pl.DataFrame, np.ndarray]:
     """:func:`stage_batch` once the prompt embeddings are known.
 
     Everything downstream sees the embeddings as stored, in float16: the categoriser included, so a run that
     takes them from the embedding cache (float16) writes the same mix as one that encodes them afresh.
     """
     stored = np.asarray(embeddings).astype(np.float16)
-    frame = score_rows(rows, stored.astype(np.float32), categoriser, judge)
+    frame = score_rows(rows, stored.astype(np.float32), categoriser, labellers)
     frame = frame.with_columns(pl.Series("split", eval_split(frame["id"].to_list(), eval_fraction)))
     return frame, stored
 
@@ -213,15 +216,25 @@ class BatchScorer:
     def __init__(self, config: CurateConfig, embedder=None, categoriser=None):
         self.config = config
         self.embedder, self.categoriser = load_models(config, embedder, categoriser)
-        self.judge = configured_judge(config)
+        self.labellers = configured_labellers(config)
 
     def stage(self, rows: list[RawRow]) -> tuple[pl.DataFrame, np.ndarray]:
-        return stage_batch(rows, self.embedder.encode, self.categoriser, self.config.eval_fraction, self.judge)
+        return stage_batch(rows, self.embedder.encode, self.categoriser, self.config.eval_fraction, self.labellers)
 
 
-def configured_judge(config: CurateConfig) -> Judge | None:
-    """``--judge``'s model as a :class:`~curation.judge.Judge` (cached answers unless ``--no-cache``), or None."""
-    if not config.judge:
-        return None
+@dataclass
+class Labellers:
+    """The optional models that take labels over from the built-in heads: ``--judge`` (the group among
+    EHD/IHD/MHD, :mod:`curation.judge`) and ``--guard-model`` (prompt harm and answer costs,
+    :mod:`curation.guard_labels`)."""
+
+    judge: Judge | None = None
+    guard: GuardLabeller | None = None
+
+
+def configured_labellers(config: CurateConfig) -> Labellers:
+    """``--judge`` and ``--guard-model`` loaded (answers cached unless ``--no-cache``); None where not asked for."""
     with quiet_transformers(config.quiet):
-        return load_judge(config.judge, quiet=config.quiet, use_cache=config.embedding_cache)
+        judge = load_judge(config.judge, quiet=config.quiet, use_cache=config.embedding_cache) if config.judge else None
+        guard = load_guard_labeller(config.guard_model, use_cache=config.embedding_cache) if config.guard_model else None
+    return Labellers(judge=judge, guard=guard)

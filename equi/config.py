@@ -84,6 +84,8 @@ class CurateConfig:
             (default ``~/.cache/equi``), so a re-run embeds only new texts.
         categoriser: fitted categoriser parameters (``equi fit-categoriser``); ``None`` = the bundled one.
         judge: a causal LM (hub id or path) that re-decides EHD/IHD/MHD (:mod:`curation.judge`); ``None`` = heads only.
+        guard_model: a Llama-Guard-style causal LM or a sequence-classification guard (hub id or path) that gives
+            each prompt's harm and each answer's cost (:mod:`curation.guard_labels`); ``None`` = the heads.
         clusters: number of embedding clusters; ``None`` = chosen from the data size.
         dup_threshold: cosine similarity above which two prompts count as near-duplicates.
         batch_size: rows per processing batch (bounded memory).
@@ -123,6 +125,7 @@ class CurateConfig:
     embedder: str | None = None
     categoriser: str | None = None
     judge: str | None = None
+    guard_model: str | None = None
     embedding_cache: bool = True
     clusters: int | None = None
     dup_threshold: float = 0.95

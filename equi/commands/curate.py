@@ -39,7 +39,13 @@ def curate_command(
     judge: Optional[str] = typer.Option(None, help="A causal LM (hub id or path) that decides EHD/IHD/MHD for the "
                                         "prompts the built-in heads call harmful, with the Equilibrate authors' "
                                         "judge prompt; answers cached by text; an unparseable answer keeps the heads' "
-                                        "group (counted in manifest.json `labellers`) \[default: the heads only]."),
+                                        "group (counted in manifest.json `labellers`) \\[default: the heads only]."),
+    guard_model: Optional[str] = typer.Option(None, "--guard-model", help="A safety guard (hub id or path): a "
+                                              "Llama-Guard-style causal LM with its chat template, or a "
+                                              "sequence-classification model. It gives each prompt's harm (BENIGN "
+                                              "below 0.5; the heads pick the safety group above) and each answer's "
+                                              "cost 2*P(unsafe)-1; refusal stays equi's detector; cached by text "
+                                              "\\[default: the heads]."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse cached prompt embeddings "
                                "($EQUI_CACHE, default ~/.cache/equi); a re-run embeds only new texts."),
     clusters: Optional[int] = typer.Option(None, help="Number of embedding clusters \\[default: ~sqrt(rows/2)]."),
@@ -89,7 +95,7 @@ def curate_command(
         config = CurateConfig(
             inputs=inputs, out=str(out), input_format=input_format, strict=strict, max_line_bytes=max_line_bytes,
             embedder=embedder,
-            categoriser=str(categoriser) if categoriser else None, judge=judge, embedding_cache=cache,
+            categoriser=str(categoriser) if categoriser else None, judge=judge, guard_model=guard_model, embedding_cache=cache,
             clusters=clusters,
             dup_threshold=dup_threshold, batch_size=batch_size, workers=workers, size=size,
             ratios=parse_ratios(ratios),

@@ -21,7 +21,8 @@ def guard_command(
     out: Path = typer.Option(..., "--out", "-o", help="New mix directory to write (appears atomically)."),
     policy: Optional[str] = typer.Option(None, help="Causal LM (path or hub id) that writes candidates "
                                          "\\[default: SmolLM2-135M-Instruct, as equi train]."),
-    guard_model: Optional[str] = typer.Option(None, help="Sequence-classification checkpoint used as the guard "
+    guard_model: Optional[str] = typer.Option(None, help="Guard model (path or hub id): a sequence-classification "
+                                              "checkpoint or a Llama-Guard-style causal LM with its chat template "
                                               "\\[default: equi's refusal detector + harm scorers, no model]."),
     rounds: int = typer.Option(5, help="At most this many guard → regenerate rounds (0: label only)."),
     candidates: int = typer.Option(2, "--candidates", "-k", help="Candidates per prompt and round (one per framing)."),
