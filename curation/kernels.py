@@ -1,11 +1,14 @@
 """Compiled inner loops of the per-row heuristics (numba): hashed n-grams and the refusal head's dense products.
 
-:func:`ascii_ngram_counts` is the refusal detector's n-gram block (:func:`curation.refusal._ngram_features`),
-sklearn's ``HashingVectorizer(ngram_range=(1, 3), alternate_sign=False, norm="l2")``. On ASCII text its token
-pattern ``\\b\\w\\w+\\b`` is a maximal run of two or more of ``[A-Za-z0-9_]``, so one loop over the bytes finds the
-tokens, writes them joined by single spaces into a scratch row (where every n-gram is a contiguous byte range, as
-HashingVectorizer builds it), hashes each 1–3-gram with MurmurHash3_x86_32 (seed 0), folds it into a bucket the
-way sklearn's FeatureHasher does, and counts buckets per row: the CSR arrays HashingVectorizer gives, bit for bit.
+:func:`ngram_counts` is the refusal detector's n-gram block (:func:`curation.refusal._ngram_features`),
+sklearn's ``HashingVectorizer(ngram_range=(1, 3), alternate_sign=False, norm="l2")``. Its token pattern
+``\\b\\w\\w+\\b`` is a maximal run of two or more word characters, so one loop over the UTF-8 bytes (decoding each
+character and reading whether Python's ``re`` calls it ``\\w`` from a table indexed by code point) finds the tokens,
+writes them joined by single spaces into a scratch row (where every n-gram is a contiguous byte range, as
+HashingVectorizer builds it), hashes each 1–3-gram with MurmurHash3_x86_32 (seed 0; the 1-, 2- and 3-gram that
+start at the same token share their first blocks, which are mixed once), folds it into a bucket the way sklearn's
+FeatureHasher does, and counts buckets per row: the CSR arrays HashingVectorizer gives, bit for bit.
+:func:`ascii_ngram_counts` is the same over ASCII rows given by byte offsets.
 
 :func:`add_dense_products` adds a dense block's share of a linear head's logits in scipy's order.
 
@@ -32,24 +35,24 @@ def _rotl32(x, r):
     return ((x << np.uint64(r)) | (x >> np.uint64(32 - r))) & _M
 
 
-@njit(cache=True)
-def _murmurhash3_32(buf, start, length):
-    """Unsigned MurmurHash3_x86_32, seed 0, of ``buf[start:start + length]`` (uint8)."""
-    c1, c2 = np.uint64(0xCC9E2D51), np.uint64(0x1B873593)
-    h = np.uint64(0)
-    blocks = length // 4
-    for b in range(blocks):
-        p = start + 4 * b
-        k = (np.uint64(buf[p]) | (np.uint64(buf[p + 1]) << np.uint64(8)) | (np.uint64(buf[p + 2]) << np.uint64(16))
-             | (np.uint64(buf[p + 3]) << np.uint64(24)))
-        k = (k * c1) & _M
-        k = _rotl32(k, 15)
-        k = (k * c2) & _M
-        h ^= k
-        h = _rotl32(h, 13)
-        h = (h * np.uint64(5) + np.uint64(0xE6546B64)) & _M
+@njit(cache=True, inline="always")
+def _murmur_block(buf, p, h):
+    """One 4-byte block of MurmurHash3_x86_32 at ``buf[p:p + 4]`` mixed into ``h``."""
+    k = (np.uint64(buf[p]) | (np.uint64(buf[p + 1]) << np.uint64(8)) | (np.uint64(buf[p + 2]) << np.uint64(16))
+         | (np.uint64(buf[p + 3]) << np.uint64(24)))
+    k = (k * np.uint64(0xCC9E2D51)) & _M
+    k = _rotl32(k, 15)
+    k = (k * np.uint64(0x1B873593)) & _M
+    h ^= k
+    h = _rotl32(h, 13)
+    return (h * np.uint64(5) + np.uint64(0xE6546B64)) & _M
+
+
+@njit(cache=True, inline="always")
+def _murmur_finish(buf, start, length, h):
+    """MurmurHash3_x86_32 of ``buf[start:start + length]`` given ``h`` after its ``length // 4`` full blocks."""
     tail = length & 3
-    p = start + 4 * blocks
+    p = start + 4 * (length // 4)
     k = np.uint64(0)
     if tail == 3:
         k ^= np.uint64(buf[p + 2]) << np.uint64(16)
@@ -57,9 +60,9 @@ def _murmurhash3_32(buf, start, length):
         k ^= np.uint64(buf[p + 1]) << np.uint64(8)
     if tail >= 1:
         k ^= np.uint64(buf[p])
-        k = (k * c1) & _M
+        k = (k * np.uint64(0xCC9E2D51)) & _M
         k = _rotl32(k, 15)
-        k = (k * c2) & _M
+        k = (k * np.uint64(0x1B873593)) & _M
         h ^= k
     h ^= np.uint64(length)
     h ^= h >> np.uint64(16)
@@ -70,6 +73,15 @@ def _murmurhash3_32(buf, start, length):
     return h
 
 
+@njit(cache=True)
+def _murmurhash3_32(buf, start, length):
+    """Unsigned MurmurHash3_x86_32, seed 0, of ``buf[start:start + length]`` (uint8)."""
+    h = np.uint64(0)
+    for b in range(length // 4):
+        h = _murmur_block(buf, start + 4 * b, h)
+    return _murmur_finish(buf, start, length, h)
+
+
 @njit(cache=True, inline="always")
 def _is_word(c):
     return (97 <= c <= 122) or (65 <= c <= 90) or (48 <= c <= 57) or c == 95
@@ -77,11 +89,60 @@ def _is_word(c):
 
 @njit(cache=True)
 def ascii_ngram_counts(data, offsets, n_buckets):
+    """:func:`ngram_counts` of ASCII rows: ``data`` holds the rows' bytes back to back, ``offsets`` (int64, n + 1)
+    where each row starts and ends."""
+    word = np.zeros(128, np.uint8)
+    for c in range(128):
+        word[c] = 1 if _is_word(c) else 0
+    return _ngram_counts(data, offsets, word, n_buckets)
+
+
+@njit(cache=True)
+def ngram_counts(data, row_chars, word, n_buckets):
     """CSR ``(indptr, indices, data)`` of the l2-normalised bucket counts of each row's 1–3-grams.
 
-    ``data`` holds the rows' ASCII bytes back to back, ``offsets`` (int64, n + 1) where each row starts and ends.
-    Indices are sorted within a row; a row without tokens is empty. ``n_buckets`` > 0.
+    ``data`` holds the rows' UTF-8 bytes back to back, ``row_chars`` (int64, n) each row's length in characters,
+    ``word`` (uint8, indexed by code point, covering every code point in ``data``) 1 where the character is a word
+    character (Python's ``re`` ``\\w``). A token is a maximal run of word characters, at least two characters long;
+    its bytes are hashed, as sklearn hashes the UTF-8 of the n-gram string. Indices are sorted within a row; a row
+    without tokens is empty. ``n_buckets`` > 0.
     """
+    n = len(row_chars)
+    offsets = np.zeros(n + 1, np.int64)
+    p = 0
+    for r in range(n):
+        for _ in range(row_chars[r]):
+            p += _utf8_size(data[p])
+        offsets[r + 1] = p
+    return _ngram_counts(data, offsets, word, n_buckets)
+
+
+@njit(cache=True, inline="always")
+def _utf8_size(lead):
+    if lead < 0x80:
+        return 1
+    if lead < 0xE0:
+        return 2
+    if lead < 0xF0:
+        return 3
+    return 4
+
+
+@njit(cache=True, inline="always")
+def _code_point(data, i, size):
+    if size == 1:
+        return np.int64(data[i])
+    if size == 2:
+        return ((np.int64(data[i]) & 0x1F) << 6) | (np.int64(data[i + 1]) & 0x3F)
+    if size == 3:
+        return ((np.int64(data[i]) & 0x0F) << 12) | ((np.int64(data[i + 1]) & 0x3F) << 6) | (np.int64(data[i + 2]) & 0x3F)
+    return (((np.int64(data[i]) & 0x07) << 18) | ((np.int64(data[i + 1]) & 0x3F) << 12)
+            | ((np.int64(data[i + 2]) & 0x3F) << 6) | (np.int64(data[i + 3]) & 0x3F))
+
+
+@njit(cache=True)
+def _ngram_counts(data, offsets, word, n_buckets):
+    """:func:`ngram_counts` with each row's byte ``offsets`` (n + 1)."""
     n = len(offsets) - 1
     widest = 0
     cap = 0
@@ -95,6 +156,7 @@ def ascii_ngram_counts(data, offsets, n_buckets):
     row_buckets = np.empty(3 * (widest // 2 + 1), np.int64)
     seen = np.zeros(n_buckets, np.int64)
     bits = np.zeros((n_buckets + 63) // 64, np.uint64)
+    summary = np.zeros((len(bits) + 63) // 64, np.uint64)
     indptr = np.zeros(n + 1, np.int64)
     indices = np.empty(cap, np.int32)
     values = np.empty(cap, np.float64)
@@ -109,13 +171,19 @@ def ascii_ngram_counts(data, offsets, n_buckets):
         written = 0
         i, end = offsets[r], offsets[r + 1]
         while i < end:
-            if not _is_word(data[i]):
-                i += 1
+            size = _utf8_size(data[i])
+            if word[_code_point(data, i, size)] == 0:
+                i += size
                 continue
             j = i
-            while j < end and _is_word(data[j]):
-                j += 1
-            if j - i >= 2:
+            chars = 0
+            while j < end:
+                size = _utf8_size(data[j])
+                if word[_code_point(data, j, size)] == 0:
+                    break
+                chars += 1
+                j += size
+            if chars >= 2:
                 if tokens:
                     scratch[written] = 32
                     written += 1
@@ -128,42 +196,60 @@ def ascii_ngram_counts(data, offsets, n_buckets):
             i = j
         m = 0
         for a in range(tokens):
+            # the 1-, 2- and 3-gram starting at token a share their first bytes: their full 4-byte blocks are mixed
+            # once, in order, and each n-gram's hash finishes from the state after its own full blocks
+            start = token_start[a]
+            h = np.uint64(0)
+            done = 0
             for g in range(3):
                 b = a + g
                 if b >= tokens:
                     break
-                h = _murmurhash3_32(scratch, token_start[a], token_end[b] - token_start[a])
-                # FeatureHasher's fold of the signed int32 hash: abs(h) % n_buckets (abs(-2**31) taken as 2**31 - 1
-                # - (n_buckets - 1)); abs of a negative h is 2**32 - h unsigned
-                if h == top:
+                length = token_end[b] - start
+                while done < length // 4:
+                    h = _murmur_block(scratch, start + 4 * done, h)
+                    done += 1
+                u = _murmur_finish(scratch, start, length, h)
+                # FeatureHasher's fold of the signed int32 hash: abs(u) % n_buckets (abs(-2**31) taken as 2**31 - 1
+                # - (n_buckets - 1)); abs of a negative u is 2**32 - u unsigned
+                if u == top:
                     row_buckets[m] = fold_min
-                elif h > top:
-                    row_buckets[m] = (np.uint64(2**32) - h) & mask if power_of_two else (np.uint64(2**32) - h) % buckets
+                elif u > top:
+                    row_buckets[m] = (np.uint64(2**32) - u) & mask if power_of_two else (np.uint64(2**32) - u) % buckets
                 else:
-                    row_buckets[m] = h & mask if power_of_two else h % buckets
+                    row_buckets[m] = u & mask if power_of_two else u % buckets
                 m += 1
-        # Each row's distinct buckets in increasing order without a sort: a bitmap of the buckets seen, read word by
-        # word, lowest set bit first (de Bruijn), beside their counts.
+        # Each row's distinct buckets in increasing order without a sort: a bitmap of the buckets seen, and a bitmap of
+        # its non-empty words, each read lowest set bit first (de Bruijn), beside their counts.
         for q in range(m):
             bucket = row_buckets[q]
             if seen[bucket] == 0:
-                bits[bucket >> 6] |= np.uint64(1) << np.uint64(bucket & 63)
+                w = bucket >> 6
+                if bits[w] == 0:
+                    summary[w >> 6] |= np.uint64(1) << np.uint64(w & 63)
+                bits[w] |= np.uint64(1) << np.uint64(bucket & 63)
             seen[bucket] += 1
         first = nnz
         squares = 0.0
-        for w in range(len(bits)):
-            word = bits[w]
-            while word:
-                low = word & (~word + np.uint64(1))
-                bucket = w * 64 + _BIT_INDEX[(low * _DEBRUIJN) >> np.uint64(58)]
-                count = seen[bucket]
-                indices[nnz] = bucket
-                values[nnz] = count
-                squares += count * count
-                nnz += 1
-                seen[bucket] = 0
-                word ^= low
-            bits[w] = 0
+        for v in range(len(summary)):
+            words = summary[v]
+            while words:
+                low_word = words & (~words + np.uint64(1))
+                w = v * 64 + _BIT_INDEX[(low_word * _DEBRUIJN) >> np.uint64(58)]
+                word_bits = bits[w]
+                while word_bits:
+                    low = word_bits & (~word_bits + np.uint64(1))
+                    bucket = w * 64 + _BIT_INDEX[(low * _DEBRUIJN) >> np.uint64(58)]
+                    count = seen[bucket]
+                    indices[nnz] = bucket
+                    values[nnz] = count
+                    squares += count * count
+                    nnz += 1
+                    seen[bucket] = 0
+                    word_bits ^= low
+                bits[w] = 0
+                words ^= low_word
+            summary[v] = 0
         if squares > 0:  # sklearn's inplace_csr_row_normalize_l2: integer counts, so every order sums exactly
             norm = np.sqrt(squares)
             for q in range(first, nnz):

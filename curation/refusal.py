@@ -125,11 +125,8 @@ def _heuristics(strings: list[str], extra: Sequence[str] = ()) -> tuple[np.ndarr
         return (np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32), np.zeros(0, dtype=bool),
                 np.zeros((0, len(extra)), dtype=np.int64))
     text, ascii_text = pl.col("t"), pl.col("a")
-    counts = [
-        part.str.count_matches(_stand_in_pattern(pattern)).fill_null(0).alias(f"{name}_{k}")
-        for name, part in (("head", pl.col("head")), ("rest", pl.col("rest")))
-        for k, pattern in enumerate(_REFUSAL_PATTERNS.values())
-    ]
+    patterns = [_stand_in_pattern(pattern) for pattern in _REFUSAL_PATTERNS.values()]
+    counts = [pl.col("head").str.count_matches(p).fill_null(0).alias(f"head_{k}") for k, p in enumerate(patterns)]
     counts += [ascii_text.str.count_matches(_stand_in_pattern(p)).fill_null(0).alias(f"extra_{k}")
                for k, p in enumerate(extra)]
     first = ascii_text.str.find(_CORE)
@@ -140,20 +137,26 @@ def _heuristics(strings: list[str], extra: Sequence[str] = ()) -> tuple[np.ndarr
         .otherwise(text.str.slice(0, first).str.len_bytes())
     )
     stripped = pl.Series("t", strings, dtype=pl.String).str.strip_chars()
-    frame = (
-        _with_stand_in(stripped)
-        .with_columns(ascii_text.str.slice(0, HEAD_CHARS).alias("head"), ascii_text.str.slice(HEAD_CHARS).alias("rest"))
-        # One select: polars runs every pattern (on the opening and on the rest) in parallel.
-        .select(*counts, text.str.len_chars().alias("chars"), text.str.count_matches("\n").alias("lines"),
-                first_byte.alias("first"))
-    )
-    n_counts = len(counts) - len(extra)
-    columns = [np.log1p(frame[:, k].to_numpy().astype(np.float32)) for k in range(n_counts)]
-    extra_counts = np.stack([frame[:, n_counts + k].to_numpy().astype(np.int64) for k in range(len(extra))], axis=1) \
-        if extra else np.zeros((len(strings), 0), dtype=np.int64)
-    chars = frame["chars"].to_numpy().astype(np.float32)
-    lines = frame["lines"].to_numpy().astype(np.float32)
-    first = frame["first"].to_numpy()
+    frame = _with_stand_in(stripped).with_columns(ascii_text.str.slice(0, HEAD_CHARS).alias("head"))
+    # One select: polars runs every pattern in parallel.
+    frame_counts = frame.select(*counts, text.str.len_chars().alias("chars"), text.str.count_matches("\n").alias("lines"),
+                                first_byte.alias("first"))
+    chars = frame_counts["chars"].to_numpy().astype(np.float32)
+    # The rest (past the opening) is empty for most texts, and an empty text matches no pattern: only the others
+    # are counted (the patterns all need at least one character: each count on "" is 0).
+    rest_counts = np.zeros((len(strings), len(patterns)), dtype=np.float32)
+    longer = np.flatnonzero(chars > HEAD_CHARS)
+    if len(longer):
+        rest = frame["a"].gather(longer).str.slice(HEAD_CHARS).to_frame("rest").select(
+            [pl.col("rest").str.count_matches(p).fill_null(0).alias(f"rest_{k}") for k, p in enumerate(patterns)])
+        rest_counts[longer] = rest.to_numpy().astype(np.float32)
+    columns = [np.log1p(frame_counts[:, k].to_numpy().astype(np.float32)) for k in range(len(patterns))]
+    columns += [np.log1p(rest_counts[:, k]) for k in range(len(patterns))]
+    n_counts = len(patterns)
+    extra_counts = np.stack([frame_counts[:, n_counts + k].to_numpy().astype(np.int64) for k in range(len(extra))],
+                            axis=1) if extra else np.zeros((len(strings), 0), dtype=np.int64)
+    lines = frame_counts["lines"].to_numpy().astype(np.float32)
+    first = frame_counts["first"].to_numpy()
     first = np.where(np.isnan(first.astype(np.float64)), -1, first).astype(np.float64)
     refusal_pos = np.where(first >= 0, first / np.maximum(chars, 1.0), 1.0).astype(np.float32)
     has_refusal = first >= 0
@@ -227,9 +230,10 @@ def _ngram_features(strings: list[str]):
     r"""Hashed word 1–3-grams of each response's opening, L2-normalised (scipy CSR). Stateless: no vocabulary.
 
     Bit for bit ``HashingVectorizer(n_features=NGRAM_BUCKETS, ngram_range=(1, 3), alternate_sign=False,
-    norm="l2", lowercase=True).transform(...)`` (the shipped heads were fit on it). Openings that are ASCII after
-    lowercasing (nearly all) go through one compiled pass (:mod:`curation.kernels`, numba); the others, and
-    every opening where numba is not installed, through :func:`_general_ngram_features`.
+    norm="l2", lowercase=True).transform(...)`` (the shipped heads were fit on it). Every opening goes through one
+    compiled pass over the UTF-8 bytes of the batch (:mod:`curation.kernels`, numba; which characters are word
+    characters is Python's ``re``'s reading, :func:`_python_word_table`); openings with a lone surrogate,
+    and every opening where numba is not installed, through :func:`_general_ngram_features`.
     """
     from scipy import sparse
 
@@ -237,15 +241,39 @@ def _ngram_features(strings: list[str]):
     kernels = _kernels()
     if kernels is None:
         return _general_ngram_features(openings)
+    lengths = np.fromiter(map(len, openings), dtype=np.int64, count=len(openings))
+    try:
+        data = np.frombuffer("".join(openings).encode("utf-8"), dtype=np.uint8)
+    except UnicodeEncodeError:  # a lone surrogate, which UTF-8 cannot hold: those openings take the general path
+        return _mixed_ngram_features(openings, kernels)
+    indptr, indices, values = kernels.ngram_counts(data, lengths, _python_word_table(), NGRAM_BUCKETS)
+    return sparse.csr_matrix((values, indices, indptr), shape=(len(openings), NGRAM_BUCKETS))
+
+
+@functools.lru_cache(maxsize=1)
+def _python_word_table() -> np.ndarray:
+    """Per code point (0 to 0x10FFFF): 1 where Python's ``re`` reads the character as ``\\w``, else 0 (surrogates
+    0). Built once per process (~0.1 s) by matching ``\\w`` over every character."""
+    points = np.arange(0x110000, dtype=np.uint32)
+    points[0xD800:0xE000] = 0x20  # lone surrogates cannot be decoded; no text that reaches the kernel holds one
+    every = points.tobytes().decode("utf-32-le")
+    table = np.zeros(len(points), dtype=np.uint8)
+    table[[m.start() for m in re.finditer(r"\w", every)]] = 1
+    return table
+
+
+def _mixed_ngram_features(openings: list[str], kernels):
+    """:func:`_ngram_features` of lowercased openings when some cannot be encoded: ASCII openings through the
+    compiled pass, the others through :func:`_general_ngram_features`."""
+    from scipy import sparse
+
     fast = np.fromiter((o.isascii() for o in openings), dtype=bool, count=len(openings))
-    kept = openings if fast.all() else [o if f else "" for o, f in zip(openings, fast)]
+    kept = [o if f else "" for o, f in zip(openings, fast)]
     offsets = np.zeros(len(kept) + 1, dtype=np.int64)
     np.cumsum(np.fromiter(map(len, kept), dtype=np.int64, count=len(kept)), out=offsets[1:])
     data = np.frombuffer("".join(kept).encode("ascii"), dtype=np.uint8)
     indptr, indices, values = kernels.ascii_ngram_counts(data, offsets, NGRAM_BUCKETS)
     x = sparse.csr_matrix((values, indices, indptr), shape=(len(openings), NGRAM_BUCKETS))
-    if fast.all():
-        return x
     slow = np.flatnonzero(~fast)
     order = np.arange(len(openings))
     order[slow] = len(openings) + np.arange(len(slow))

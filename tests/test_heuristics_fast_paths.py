@@ -1,0 +1,92 @@
+"""Issue 18, second pass: the n-gram kernel over UTF-8 (every opening, not only ASCII ones) and the refusal features'
+rest counts taken only where there is a rest, against the paths they replaced, on real texts (../shared/data) and
+on characters those paths treat specially."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import polars as pl
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from curation import refusal  # noqa: E402
+from tests.realdata import real_texts  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def texts(shared_data):
+    return real_texts(shared_data)
+
+
+def _hashing_vectorizer(strings):
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    return HashingVectorizer(n_features=refusal.NGRAM_BUCKETS, ngram_range=(1, 3), alternate_sign=False, norm="l2",
+                             lowercase=True).transform([s.strip()[: refusal.NGRAM_CHARS] for s in strings])
+
+
+def _same_csr(got, want):
+    return (got.shape == want.shape and got.dtype == want.dtype and np.array_equal(got.indptr, want.indptr)
+            and np.array_equal(got.indices, want.indices) and np.array_equal(got.data, want.data))
+
+
+#: Word characters of every UTF-8 width, characters Rust and Python read differently (superscripts, combining
+#: marks), case folding that changes length (İ), the Kelvin sign, emoji, curly quotes, non-ASCII whitespace.
+_ODD = [
+    "caf\u00e9 na\u00efve d\u00e9j\u00e0 vu", "x\u00b2 + y\u00b2 = z\u00b2 \u00bd\u00bd", "\u0130stanbul \u0130\u0130",
+    "e\u0301te\u0301 co\u0308operate", "\u4e0d\u8981 \u5e2e\u52a9\u6211 ab", "\U0001d400\U0001d401 \U0001f60a\U0001f60a ok",
+    "\u212a\u212a is kk", "I can\u2019t help\u2014sorry\u2026 \u201cquoted\u201d", "a\u00a0b\u2003cd\u3000ef",
+    "\u0661\u0662\u0663 \u0968\u0969 12", "\u00df\u00df stra\u00dfe", "_\u00e9 \u00e9_ __", "\u00e9", "",
+]
+
+
+def test_ngram_kernel_over_utf8_equals_hashing_vectorizer(texts):
+    pytest.importorskip("numba")
+    odd = [t for t in texts if not t.strip()[: refusal.NGRAM_CHARS].lower().isascii()]
+    assert len(odd) > 100  # the real data holds plenty of non-ASCII openings
+    strings = odd[:1500] + texts[:500] + _ODD + [s * 40 for s in _ODD]
+    got = refusal._ngram_features(strings)
+    assert _same_csr(got, _hashing_vectorizer(strings)) and got.has_sorted_indices
+
+
+def test_ngram_kernel_equals_the_mixed_path_it_replaced(texts):
+    kernels = pytest.importorskip("curation.kernels")
+    strings = texts[:800] + texts[6000:6400] + _ODD
+    openings = [s.strip()[: refusal.NGRAM_CHARS].lower() for s in strings]
+    assert _same_csr(refusal._ngram_features(strings), refusal._mixed_ngram_features(openings, kernels))
+
+
+def test_python_word_table_is_res_word_class():
+    table = refusal._python_word_table()
+    rng = np.random.default_rng(0)
+    points = np.concatenate([np.arange(0, 0x3000), rng.integers(0x3000, 0x110000, 20000)])
+    points = points[(points < 0xD800) | (points >= 0xE000)]
+    want = np.array([re.match(r"\w", chr(c)) is not None for c in points], dtype=np.uint8)
+    assert np.array_equal(table[points], want)
+    assert not table[0xD800:0xE000].any()
+
+
+def _reference_features(strings):
+    """The refusal features as before: every pattern counted on the opening and on the rest of every text."""
+    stripped = pl.Series("t", strings, dtype=pl.String).str.strip_chars()
+    frame = refusal._with_stand_in(stripped).with_columns(
+        pl.col("a").str.slice(0, refusal.HEAD_CHARS).alias("head"), pl.col("a").str.slice(refusal.HEAD_CHARS).alias("rest"))
+    counts = frame.select([pl.col(part).str.count_matches(refusal._stand_in_pattern(p)).fill_null(0).alias(f"{part}{k}")
+                           for part in ("head", "rest") for k, p in enumerate(refusal._REFUSAL_PATTERNS.values())])
+    return np.stack([np.log1p(counts[:, k].to_numpy().astype(np.float32)) for k in range(counts.width)], axis=1)
+
+
+def test_rest_counts_only_where_there_is_a_rest(texts):
+    n = len(refusal.PATTERN_NAMES)
+    cut = refusal.HEAD_CHARS
+    edge = ["x" * (cut - 1) + ". 1. step", "y" * cut + "\n- item\n", "z" * (cut + 1) + ".", "I can't. " * 30,
+            "a" * (cut - 5) + " " * 10 + "I cannot help.", "  " + "b" * cut + "  ", "\n\n1. a\n" * 60, "", "   "]
+    strings = texts[:2000] + texts[6000:6300] + edge
+    features = refusal.refusal_features(strings)
+    want = _reference_features(strings)
+    assert features.dtype == np.float32 and np.array_equal(features[:, : 2 * n], want)
+    assert (features[:, n : 2 * n] > 0).any(axis=1).mean() > 0.1  # rests were counted
