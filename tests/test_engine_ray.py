@@ -17,7 +17,7 @@ runner = CliRunner()
 # Synthetic broken lines (not data), in the middle of the input so that one batch holds rejects.
 BROKEN = [b"{not json", b'{"prompt": 7}', b""]
 # Small batches: several reader batches, more than the two actors, so order across actors is exercised.
-BATCH = 100
+BATCH = 50
 
 
 def _curate(*args):
@@ -27,12 +27,12 @@ def _curate(*args):
 @pytest.fixture(scope="module")
 def raw_inputs(shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("raw")
-    hh = write_jsonl(root / "hh.jsonl", hh_lines(shared_data, 250))
+    hh = write_jsonl(root / "hh.jsonl", hh_lines(shared_data, 120))
     with open(hh, "ab") as fh:
         fh.write(b"\n".join(BROKEN) + b"\n")
-    singles = [row for model in ("llama2new", "gpt4") for row in xstest_single_responses(shared_data, model, n=100)]
+    singles = [row for model in ("llama2new", "gpt4") for row in xstest_single_responses(shared_data, model, n=50)]
     xs = write_jsonl(root / "xstest_completions.jsonl", singles)
-    prompts = write_jsonl(root / "prompts.jsonl", xstest_prompts(shared_data)[:40] + advbench_rows(shared_data, 40))
+    prompts = write_jsonl(root / "prompts.jsonl", xstest_prompts(shared_data)[:20] + advbench_rows(shared_data, 20))
     return [hh, xs, prompts]
 
 
@@ -81,8 +81,8 @@ def test_engines_reject_and_account_identically(mixes):
     local, ray = mixes
     assert (local / "rejects.jsonl").read_text() == (ray / "rejects.jsonl").read_text()
     rejected = [json.loads(line) for line in (ray / "rejects.jsonl").read_text().splitlines()]
-    assert [(r["line"], r["raw"]) for r in rejected if r["line"] > 250] == [(251, "{not json"), (252, '{"prompt": 7}'),
-                                                                          (253, "")]
+    assert [(r["line"], r["raw"]) for r in rejected if r["line"] > 120] == [(121, "{not json"), (122, '{"prompt": 7}'),
+                                                                          (123, "")]
     a, b = _manifest(local), _manifest(ray)
     for key in ("accounting", "counts", "inputs", "shards", "clusters", "ratios", "warnings", "config_hash"):
         assert a[key] == b[key], key

@@ -99,7 +99,7 @@ def test_curate_keeps_real_uncertain_prompts_out_of_the_benign_mixture(tmp_path)
     texts = [r["prompt"] for r in relabel] + alpaca
     data = LabelledPrompts(texts, embedder.encode(texts), [group_from_label(r["category"]) for r in relabel]
                            + [None] * len(alpaca), [None] * len(relabel) + [False] * len(alpaca))
-    model = fit_arrays(data, FitConfig(inner_folds=3), embedder_name="static")
+    model = fit_arrays(data, FitConfig(tune_offsets=False), embedder_name="static")  # no inner folds: 4x faster
     cat_path = model.save(tmp_path / "categoriser.json")
 
     pairs = _xstest_pairs()
