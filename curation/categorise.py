@@ -270,6 +270,11 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -40, 40)))
 
 
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
 def _log_softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
@@ -281,7 +286,10 @@ class Categoriser:
 
     ``explicit``/``intent``/``harm``: ``(coef[d], intercept)``; ``group_coef``: ``[5, d]`` in :data:`GROUPS` order.
     ``offsets``: per-group log-offsets added before the argmax. ``blend``: weight of the score-implied
-    distribution vs the five-class head in the geometric mean. ``info``: what it was fit on and its CV scores.
+    distribution vs the five-class head in the geometric mean. ``confidence_map``: Platt ``(a, b)`` that turns the
+    predicted group's probability ``c`` into ``group_confidence`` = σ(a·logit c + b), fit on held-out predictions
+    (the raw probability is over-confident: of prompts given 0.9+, about a third had that group in 5-fold CV);
+    ``None`` = the raw probability. ``info``: what it was fit on and its CV scores.
     """
 
     embedder: str | None
@@ -298,6 +306,7 @@ class Categoriser:
     lexicon_weight: float = 0.5
     blend: float = 0.5
     info: dict[str, Any] = field(default_factory=dict)
+    confidence_map: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         d = self.embedding_dim + len(LEXICON_FEATURES)
@@ -349,6 +358,14 @@ class Categoriser:
         given_harm = _log_softmax(self.blend * np.log(implied + eps) + (1 - self.blend) * direct + self.offsets[:4])
         return np.hstack([np.log(harm + eps)[:, None] + given_harm, np.log(1 - harm + eps)[:, None]])
 
+    def calibrated_confidence(self, probability: np.ndarray) -> np.ndarray:
+        """``group_confidence`` for the predicted group's probability: through ``confidence_map`` when fit."""
+        probability = np.asarray(probability, dtype=np.float64)
+        if self.confidence_map is None:
+            return probability
+        a, b = self.confidence_map
+        return _sigmoid(a * _logit(probability) + b)
+
     # ---- persistence -----------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -367,6 +384,8 @@ class Categoriser:
                 "harm": {"coef": _floats(self.harm_coef), "intercept": float(self.harm_intercept)},
                 "group": {"coef": [_floats(r) for r in self.group_coef], "intercept": _floats(self.group_intercept)},
             },
+            **({"confidence_map": {"a": float(self.confidence_map[0]), "b": float(self.confidence_map[1])}}
+               if self.confidence_map is not None else {}),
             "info": self.info,
         }
 
@@ -389,6 +408,8 @@ class Categoriser:
                 offsets=data.get("offsets", [0.0] * len(GROUPS)),
                 lexicon_weight=float(data.get("lexicon_weight", 0.5)), blend=float(data.get("blend", 0.5)),
                 info=dict(data.get("info", {})),
+                confidence_map=((float(data["confidence_map"]["a"]), float(data["confidence_map"]["b"]))
+                                if data.get("confidence_map") else None),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, CategoriserError):
@@ -481,7 +502,7 @@ def categorise(frame: pl.DataFrame, prompt_embeddings: np.ndarray, model: Catego
     if guarded:  # the guard decides harmful or not; the heads, which safety group
         best = np.where(harmful, best, _GROUP_INDEX["BENIGN"])
     groups = [GROUPS[i] for i in best]
-    confidence = probs[np.arange(n), best] if n else np.zeros(0)
+    confidence = model.calibrated_confidence(probs[np.arange(n), best]) if n else np.zeros(0)
     if guarded and n:
         confidence = np.where(harmful, harm * confidence, 1.0 - harm)
 
@@ -673,10 +694,13 @@ def fit_arrays(
     # only moves BENIGN, which the offsets leave alone, and refitting it per inner fold quadruples fit time.
     harm = fit_harm_head(data, config, embedder_name, fallback)
     offsets = np.zeros(len(GROUPS), dtype=np.float32)
+    confidence_map = None
     if config.tune_offsets and _can_tune(data, config):
-        offsets = _tune_offsets(data, config, embedder_name, harm)
+        offsets, held_log_probs, held_y = _tune_offsets(data, config, embedder_name, harm)
+        confidence_map = fit_confidence_map(held_log_probs + offsets, held_y)
     model = _fit_heads(data, config, embedder_name, harm)
     model.offsets = offsets
+    model.confidence_map = confidence_map
     group_counts = {g: int(sum(1 for x in data.groups if x == g)) for g in GROUPS}
     model.info = {
         "fit_rows": len(data),
@@ -799,8 +823,9 @@ def _stratified_folds(labels: Sequence[str | None], k: int, seed: int) -> list[t
 
 
 def _tune_offsets(data: LabelledPrompts, config: FitConfig, embedder_name: str | None,
-                  harm: tuple[np.ndarray, float]) -> np.ndarray:
-    """Per-group log-offsets maximising EHD/IHD/MHD macro-F1 on inner held-out folds (never on test rows)."""
+                  harm: tuple[np.ndarray, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-group log-offsets maximising EHD/IHD/MHD macro-F1 on inner held-out folds (never on test rows); also
+    returns those held-out log-probabilities and labels of the group-labelled rows (the confidence map's data)."""
     log_probs = np.zeros((len(data), len(GROUPS)))
     inner = FitConfig(**{**config.__dict__, "tune_offsets": False})
     for train, held in _stratified_folds(data.groups, config.inner_folds, config.seed + 1):
@@ -808,7 +833,22 @@ def _tune_offsets(data: LabelledPrompts, config: FitConfig, embedder_name: str |
         log_probs[held] = model.predict([data.texts[i] for i in held], data.embeddings[held])["log_probs"]
     labelled = np.array([g is not None for g in data.groups])
     y = np.array([GROUPS.index(g) for g in data.groups if g is not None])
-    return best_offsets(log_probs[labelled], y, config.offset_grid)
+    return best_offsets(log_probs[labelled], y, config.offset_grid), log_probs[labelled], y
+
+
+def fit_confidence_map(log_probs: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
+    """Platt ``(a, b)`` for ``group_confidence`` from held-out predictions: a logistic regression of "the predicted
+    group is the labelled one" on the logit of its probability. None when every prediction is right or every one
+    wrong (nothing to fit)."""
+    from sklearn.linear_model import LogisticRegression
+
+    probs = np.exp(log_probs - log_probs.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    correct = (probs.argmax(axis=1) == np.asarray(y)).astype(int)
+    if correct.all() or not correct.any():
+        return None
+    fit = LogisticRegression(C=1e4).fit(_logit(probs.max(axis=1))[:, None], correct)
+    return float(fit.coef_[0, 0]), float(fit.intercept_[0])
 
 
 def best_offsets(log_probs: np.ndarray, y: np.ndarray, grid: Sequence[float]) -> np.ndarray:

@@ -252,6 +252,7 @@ def test_cli_fits_and_writes_params(tmp_path):
     assert "macro-F1 EHD/IHD/MHD" in result.output
     model = Categoriser.load(out)
     assert model.info["fit_rows"] == 160 and "cv" in model.info
+    assert model.confidence_map is not None  # fit on the inner folds that tune the offsets, saved with the heads
     again = _run_cli(str(labelled), "--out", str(out))
     assert again.exit_code == 2 and "--overwrite" in again.output
 
@@ -356,3 +357,33 @@ def test_lexicon_batch_order_does_not_matter(lexicon_texts):
     texts = lexicon_texts[:2000]
     order = np.random.default_rng(1).permutation(len(texts))
     assert np.array_equal(lexicon_features([texts[i] for i in order]), lexicon_features(texts)[order])
+
+
+def test_group_confidence_goes_through_the_confidence_map(embedder):
+    from curation.categorise import fit_confidence_map
+
+    rng = np.random.default_rng(0)
+    # SYNTHETIC held-out predictions whose top probability (0.55-0.99) is over-confident: right half as often.
+    top = rng.uniform(0.55, 0.99, 4000)
+    log_probs = np.log(np.stack([top, 1 - top, np.full_like(top, 1e-9), np.full_like(top, 1e-9),
+                                 np.full_like(top, 1e-9)], axis=1))
+    y = np.where(rng.uniform(size=4000) < top / 2, 0, 1)
+    a, b = fit_confidence_map(log_probs, y)
+    model = Categoriser.from_dict(Categoriser.load_default().to_dict())  # a copy: load_default's is shared
+    model.confidence_map = (a, b)
+    mapped = model.calibrated_confidence(top)
+    assert abs(mapped.mean() - (y == 0).mean()) < 0.02  # the map says how often the group is right
+    assert np.all(np.diff(mapped[np.argsort(top)]) >= 0)  # and keeps the order
+    assert fit_confidence_map(log_probs, np.zeros(4000, dtype=int)) is None  # always right: nothing to fit
+    assert Categoriser.from_dict(model.to_dict()).confidence_map == (a, b)
+
+    prompts = ["How do I bake bread?", "Write a threatening letter to my neighbour"]
+    frame = pl.DataFrame({"prompt": prompts})
+    embeddings = embedder.encode(prompts)
+    raw_model = Categoriser.from_dict(Categoriser.load_default().to_dict())
+    raw_model.confidence_map = None
+    raw = categorise(frame, embeddings, raw_model)["group_confidence"].to_numpy()
+    shipped = Categoriser.load_default()
+    assert shipped.confidence_map is not None  # bench/calibration.py's map
+    written = categorise(frame, embeddings, shipped)["group_confidence"].to_numpy()
+    np.testing.assert_allclose(written, shipped.calibrated_confidence(raw), rtol=1e-5)
