@@ -133,19 +133,10 @@ def refusal_probabilities() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def group_confidences(embed, embedder_label: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """5-fold CV on the Equilibrate labels: ``(probability of the predicted group, group_confidence as equi writes
     it (through the map each fold's model fit on its own inner folds), predicted == label, fold)``."""
-    from curation.categorise import GROUPS, LabelledPrompts, _concat, _stratified_folds, fit_arrays
-    from quality_loso import FOLDS, _norm, _train_without, harm_rows
+    from curation.categorise import GROUPS, _concat, _stratified_folds, fit_arrays
+    from quality_loso import FOLDS, group_data
 
-    rows = harm_rows()
-    texts = [r["text"] for r in rows]
-    emb = embed.encode(texts)
-    sources = np.array([r["source"] for r in rows])
-    keys = [_norm(t) for t in texts]
-    rel = np.flatnonzero(sources == "equilibrate_relabel_dev")
-    other = _train_without(np.flatnonzero(sources != "equilibrate_relabel_dev"), rel, keys)
-    relabel = LabelledPrompts([texts[i] for i in rel], emb[rel], [rows[i]["group"] for i in rel], [None] * len(rel))
-    harm_only = LabelledPrompts([texts[i] for i in other], emb[other], [None] * len(other),
-                                [rows[i]["harmful"] for i in other])
+    relabel, harm_only, _, _ = group_data(embed)
     y = np.array([GROUPS.index(g) for g in relabel.groups])
     confidence, written = np.zeros(len(y)), np.zeros(len(y))
     correct, folds = np.zeros(len(y)), np.zeros(len(y), dtype=int)

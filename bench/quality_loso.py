@@ -468,11 +468,10 @@ def _xstest_strmatch_rows() -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------- group
 
 
-def evaluate_group(embed, embedder_label: str) -> dict:
-    from sklearn.cluster import KMeans
-    from sklearn.linear_model import LogisticRegression
-
-    from curation.categorise import GROUPS, LabelledPrompts, _concat, cross_validate, fit_arrays, macro_f1
+def group_data(embed):
+    """The group-labelled prompts (``equilibrate_relabel_dev``), every other source's prompts as harm-only rows (less
+    any whose normalised text is also a labelled one), every row's normalised text and the labelled rows' indices."""
+    from curation.categorise import LabelledPrompts
 
     rows = harm_rows()
     texts = [r["text"] for r in rows]
@@ -484,6 +483,16 @@ def evaluate_group(embed, embedder_label: str) -> dict:
     relabel = LabelledPrompts([texts[i] for i in rel], emb[rel], [rows[i]["group"] for i in rel], [None] * len(rel))
     harm_only = LabelledPrompts([texts[i] for i in other], emb[other], [None] * len(other),
                                 [rows[i]["harmful"] for i in other])
+    return relabel, harm_only, keys, rel
+
+
+def evaluate_group(embed, embedder_label: str) -> dict:
+    from sklearn.cluster import KMeans
+    from sklearn.linear_model import LogisticRegression
+
+    from curation.categorise import GROUPS, _concat, cross_validate, fit_arrays, macro_f1
+
+    relabel, harm_only, keys, rel = group_data(embed)
     y = np.array([GROUPS.index(g) for g in relabel.groups])
 
     started = time.perf_counter()
@@ -535,7 +544,7 @@ def evaluate_group(embed, embedder_label: str) -> dict:
             "cv_per_group_f1": {g: round(v, 4) for g, v in cv["per_group_f1"].items()},
             "topic_cluster_out_macro_f1": f1(cl_pred), "per_cluster": per_cluster,
             "baseline_lr_cv": f1(lr), "baseline_lr_cluster_out": f1(lr_cl), "baseline_majority": f1(maj),
-            "rows": len(y), "harm_only_rows_in_training": len(other), "cv_seconds": round(cv_s, 1)}
+            "rows": len(y), "harm_only_rows_in_training": len(harm_only), "cv_seconds": round(cv_s, 1)}
 
 
 # ------------------------------------------------------------------------------------------------------------ main

@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from curation import refusal  # noqa: E402
 from tests.realdata import real_texts  # noqa: E402
+from tests.test_heuristics_speed_reference import _hashing_vectorizer, _same_csr  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +23,6 @@ def texts(shared_data):
     return real_texts(shared_data)
 
 
-def _hashing_vectorizer(strings):
-    from sklearn.feature_extraction.text import HashingVectorizer
-
-    return HashingVectorizer(n_features=refusal.NGRAM_BUCKETS, ngram_range=(1, 3), alternate_sign=False, norm="l2",
-                             lowercase=True).transform([s.strip()[: refusal.NGRAM_CHARS] for s in strings])
-
-
-def _same_csr(got, want):
-    return (got.shape == want.shape and got.dtype == want.dtype and np.array_equal(got.indptr, want.indptr)
-            and np.array_equal(got.indices, want.indices) and np.array_equal(got.data, want.data))
 
 
 #: Word characters of every UTF-8 width, characters Rust and Python read differently (superscripts, combining
