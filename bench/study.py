@@ -6,7 +6,7 @@ evaluates every rung and the untrained model on harmful suites (safety) and beni
 ``equi report``'s curves (Wilson 95% intervals), ``summary.md``, ``report.json``, ``results.md`` (one row per run)
 and ``study.json`` (settings, versions, hardware, wall time per stage) to ``--out``::
 
-    python bench/study.py --profile cpu --data-dir ../shared/data            # ~75 min on 2 CPU cores → docs/study/
+    python bench/study.py --profile cpu --data-dir ../shared/data            # ~40 min on 2 CPU cores → docs/study/
     python bench/study.py --profile gpu --data-dir ../shared/data            # one GPU, bf16 → docs/study/gpu/
     python bench/study.py --profile tiny --model TINY_MODEL --out /tmp/s     # seconds: what tests/test_study.py runs
 
@@ -100,7 +100,7 @@ class StudyProfile:
             raise ValueError("max_steps, batch_size and eval_limit must be at least 1")
 
 
-#: ``--profile``: cpu fits about 75 min on 2 (shared) cores; gpu one GPU in minutes; tiny is what the test runs.
+#: ``--profile``: cpu took 37 min on 2 (shared) cores; gpu one GPU in minutes; tiny is what the test runs.
 PROFILES: dict[str, StudyProfile] = {
     # 3 arms × 3 rungs (8, 16, 32 pairs) × 8 full fine-tuning steps of 4 pairs (the largest rung once, the smallest
     # four times); 100 AdvBench + 100 XSTest-safe prompts per evaluation, 32 new tokens (refusals show at once).
@@ -108,9 +108,9 @@ PROFILES: dict[str, StudyProfile] = {
                         suites=["advbench", "xstest-safe"], eval_limit=100, max_new_tokens=32, eval_batch_size=50,
                         save_steps=4),
     # A 1.7B instruct model in bf16 (a hub id read from the local Hugging Face cache, or --model PATH); rungs up to
-    # nearly the whole FDC mix of the bundled data; 200 prompts per suite, AdvBench + HarmBench (harmful),
-    # XSTest-safe + Alpaca (benign; Alpaca needs --data-dir).
-    "gpu": StudyProfile(name="gpu", rungs=[24, 48, 96], max_steps=48, lr=5e-6, batch_size=8, max_length=512,
+    # nearly the whole FDC mix of the bundled data (94 pairs: the interlock holds 53 BENIGN pairs back); 200 prompts
+    # per suite, AdvBench + HarmBench (harmful), XSTest-safe + Alpaca (benign; Alpaca needs --data-dir).
+    "gpu": StudyProfile(name="gpu", rungs=[20, 40, 80], max_steps=48, lr=5e-6, batch_size=8, max_length=512,
                         model="HuggingFaceTB/SmolLM2-1.7B-Instruct", eval_limit=200, max_new_tokens=64,
                         eval_batch_size=64, save_steps=24),
     # Seconds: two rungs, two steps, four prompts per suite (tests/test_study.py, with a tiny test-built model).
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="shared data directory: adds the alpaca suite (and its data)")
     parser.add_argument("--model", help="override the profile's model (a path or hub id)")
     parser.add_argument("--inputs", nargs="+", help="override the profile's raw JSONL inputs")
-    parser.add_argument("--rungs", help="override the rungs, e.g. 24,48,96 (pairs)")
+    parser.add_argument("--rungs", help="override the rungs, e.g. 20,40,80 (pairs)")
     parser.add_argument("--max-steps", type=int, help="override the steps per rung")
     parser.add_argument("--lr", type=float, help="override the learning rate")
     parser.add_argument("--lora-r", type=int, help="override the LoRA rank (0 = full fine-tuning)")
