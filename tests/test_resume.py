@@ -156,7 +156,12 @@ def test_a_killed_cli_run_resumes_byte_identically(raw, uninterrupted, tmp_path,
     out = tmp_path / "mix"
     cmd = [sys.executable, "-m", "equi.cli", "curate", *raw, "--out", str(out), "--quiet", "--no-cache",
            "--batch-size", str(BATCH), "--seed", "5", "--workers", str(workers)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    import torch
+
+    # The child runs torch with this process's thread count (EQUI_TEST_THREADS), as the reference run did: the
+    # byte-identity promise holds for one thread count, and torch's default is the machine's core count.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stage = tmp_path / ".mix.partial" / ".stage"
     deadline = time.monotonic() + 300
