@@ -47,8 +47,10 @@ def build_input(rows: int, seed: int, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def encoder_rows_per_s(raw: Path, embedder: str | None, limit: int | None = None) -> float:
-    """The raw encoder alone on exactly the texts the pipeline embeds (the first ``limit`` of them)."""
+def encoder_rows_per_s(raw: Path, embedder: str | None, limit: int | None = None, batch: int = 4096) -> float:
+    """The raw encoder alone on exactly the texts the pipeline embeds (the first ``limit`` of them), in the
+    pipeline's batches of ``batch`` lines (``equi curate``'s default ``--batch-size``): an encoder call embeds each
+    distinct text once, so one call over a resampled input would embed far fewer texts than the pipeline does."""
     from curation.embed import get_embedder
     from curation.steps import text_for_embedding
     from curation.readers import RawRow, read_rows
@@ -58,7 +60,8 @@ def encoder_rows_per_s(raw: Path, embedder: str | None, limit: int | None = None
     model = get_embedder(embedder)
     model.encode(texts[:64])  # warm-up
     start = time.perf_counter()
-    model.encode(texts)
+    for first in range(0, len(texts), batch):
+        model.encode(texts[first:first + batch])
     return len(texts) / (time.perf_counter() - start)
 
 
