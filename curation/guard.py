@@ -224,20 +224,23 @@ class ModelGuard:
     def unsafe_probability(self, conversations: Sequence[Sequence[dict[str, str]]]) -> np.ndarray:
         raise NotImplementedError
 
-    def levels(self, unsafe: np.ndarray, prompts: Sequence[str], responses: Sequence[str | None]) -> list[str]:
-        from curation.categorise import severe_term_hits
-
-        return severity_levels(unsafe, severe_term_hits([f"{q}\n{r or ''}" for q, r in zip(prompts, responses)]))
+    def scored(self, conversations: Sequence[Sequence[dict[str, str]]]) -> tuple[np.ndarray, list[str] | None]:
+        """P(unsafe) per conversation, and the levels the guard itself names (None: levels follow from P(unsafe))."""
+        return self.unsafe_probability(conversations), None
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str | None]) -> Verdicts:
+        from curation.categorise import severe_term_hits
+
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         if not prompts:
             return Verdicts([], np.zeros(0, np.float32), np.zeros(0, np.float32), [])
-        unsafe = np.clip(self.unsafe_probability([conversation(q, r or "") for q, r in zip(prompts, responses)]),
-                         0.0, 1.0).astype(np.float32)
+        unsafe, levels = self.scored([conversation(q, r or "") for q, r in zip(prompts, responses)])
+        unsafe = np.clip(unsafe, 0.0, 1.0).astype(np.float32)
+        if levels is None:
+            levels = severity_levels(unsafe, severe_term_hits([f"{q}\n{r or ''}" for q, r in zip(prompts, responses)]))
         refusal, classes = _refusals(responses)
-        return Verdicts(self.levels(unsafe, prompts, responses), unsafe, refusal, classes)
+        return Verdicts(levels, unsafe, refusal, classes)
 
 
 class ClassifierGuard(ModelGuard):
@@ -267,7 +270,6 @@ class ClassifierGuard(ModelGuard):
         elif self.num_labels != 1:
             raise GuardError(f"guard model {name}: {self.num_labels} labels; expected 1, 2, or the severity levels "
                              "none/minor/moderate/severe")
-        self._last_probs: np.ndarray | None = None
 
     def _probabilities(self, prompts: list[str], responses: list[str | None]) -> np.ndarray:
         import torch
@@ -286,6 +288,9 @@ class ClassifierGuard(ModelGuard):
         return np.concatenate(probs) if probs else np.zeros((0, max(self.num_labels, 1)), np.float32)
 
     def unsafe_probability(self, conversations: Sequence[Sequence[dict[str, str]]]) -> np.ndarray:
+        return self.scored(conversations)[0]
+
+    def scored(self, conversations: Sequence[Sequence[dict[str, str]]]) -> tuple[np.ndarray, list[str] | None]:
         parts = [split_conversation(c) for c in conversations]
         # Prompts alone and exchanges in separate batches: a text pair is encoded with a separator a prompt lacks.
         p = np.zeros((len(parts), max(self.num_labels, 1)), np.float32)
@@ -294,16 +299,11 @@ class ClassifierGuard(ModelGuard):
             if idx:
                 p[idx] = self._probabilities([parts[i][0] for i in idx],
                                              [parts[i][1] for i in idx] if has_answer else [None] * len(idx))
-        self._last_probs = p
         if self.level_of_label is not None:
             none_cols = [k for k, v in self.level_of_label.items() if v == "none"]
-            return (1.0 - p[:, none_cols].sum(axis=1)).astype(np.float32)
-        return (p[:, 0] if self.num_labels == 1 else p[:, self.unsafe_label]).astype(np.float32)
-
-    def levels(self, unsafe: np.ndarray, prompts: Sequence[str], responses: Sequence[str | None]) -> list[str]:
-        if self.level_of_label is not None and self._last_probs is not None:
-            return [self.level_of_label[int(k)] for k in self._last_probs.argmax(axis=1)]
-        return super().levels(unsafe, prompts, responses)
+            return ((1.0 - p[:, none_cols].sum(axis=1)).astype(np.float32),
+                    [self.level_of_label[int(k)] for k in p.argmax(axis=1)])
+        return (p[:, 0] if self.num_labels == 1 else p[:, self.unsafe_label]).astype(np.float32), None
 
 
 def verdict_token_ids(tokenizer) -> tuple[list[int], list[int]]:

@@ -46,11 +46,11 @@ class GuardLabeller:
     def unsafe(self, conversations: Sequence[list[dict[str, str]]]) -> np.ndarray:
         """P(the last turn is unsafe) per conversation (same order), each distinct conversation asked once."""
         keys = [json.dumps(c, ensure_ascii=False, sort_keys=True) for c in conversations]
-        distinct = list(dict.fromkeys(keys))
-        known = {k: float(v) for k, v in (self.cache.get(distinct) if self.cache is not None else {}).items()}
-        missing = [k for k in distinct if k not in known]
+        by_key = dict(zip(keys, conversations))
+        known = {k: float(v) for k, v in (self.cache.get(list(by_key)) if self.cache is not None else {}).items()}
+        missing = [k for k in by_key if k not in known]
         if missing:
-            values = self.guard.unsafe_probability([json.loads(k) for k in missing])
+            values = self.guard.unsafe_probability([by_key[k] for k in missing])
             new = {k: float(v) for k, v in zip(missing, values, strict=True)}
             if self.cache is not None:
                 self.cache.put({k: repr(v) for k, v in new.items()})
@@ -90,17 +90,16 @@ def guard_costs(frame: pl.DataFrame, labeller: GuardLabeller | None) -> pl.DataF
     if labeller is None or frame.height == 0:
         return frame
     prompts = prompt_conversations(frame)
+    labelled = frame["is_safe"].to_list() if "is_safe" in frame.columns else [None] * frame.height
     asked, where = [], []
     for column in ANSWER_COLUMNS:
         for i, answer in enumerate(frame[column].to_list()):
-            if answer is not None:
+            # a response whose row carries an is_safe label keeps the label's cost: the guard is not asked
+            if answer is not None and not (column == "response" and labelled[i] is not None):
                 asked.append(prompts[i] + [{"role": "assistant", "content": answer}])
                 where.append((column, i))
     unsafe = labeller.unsafe(asked) if asked else np.zeros(0, np.float32)
     costs = {c: frame[f"{c}_cost"].to_list() for c in ANSWER_COLUMNS}
     for (column, i), p in zip(where, unsafe):
         costs[column][i] = float(2.0 * p - 1.0)
-    labelled = frame["is_safe"].to_list() if "is_safe" in frame.columns else [None] * frame.height
-    costs["response"] = [old if flag is not None else new
-                         for old, new, flag in zip(frame["response_cost"].to_list(), costs["response"], labelled)]
     return frame.with_columns(*(pl.Series(f"{c}_cost", costs[c], pl.Float32) for c in ANSWER_COLUMNS))

@@ -87,7 +87,7 @@ def test_guard_harm_decides_benign_and_costs_are_its_probabilities(tmp_path):
     assert guard_harm(frame, labeller).tolist() == pytest.approx(harm.tolist())  # from the cache
     assert guard_costs(out.with_columns(chosen_cost=pl.lit(0.0, pl.Float32), rejected_cost=pl.lit(0.0, pl.Float32),
                                         response_cost=pl.lit(-1.0, pl.Float32)), labeller).equals(costed)
-    assert asked == 2 + 5  # two distinct prompts; five answers (the third row's labelled one is asked, not used)
+    assert asked == 2 + 4  # two distinct prompts; four answers (the third row's is_safe-labelled one is not asked)
 
 
 @pytest.fixture(scope="module")
