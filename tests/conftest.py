@@ -43,3 +43,4 @@ def private_equi_cache(tmp_path, monkeypatch):
     it as ``pytestmark = pytest.mark.usefixtures("private_equi_cache")``."""
     monkeypatch.setenv("EQUI_CACHE", str(tmp_path / "equi-cache"))
     return tmp_path / "equi-cache"
+

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_calibration", REPO / "bench" / "calibration.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.benches import load_bench
 
 
 def test_ece_is_near_zero_when_calibrated_and_large_when_over_confident():
-    bench = _bench()
+    bench = load_bench("calibration")
     rng = np.random.default_rng(0)
     p = rng.uniform(size=20000)
     calibrated = rng.uniform(size=20000) < p
@@ -32,7 +20,7 @@ def test_ece_is_near_zero_when_calibrated_and_large_when_over_confident():
 
 
 def test_the_out_of_source_map_is_fit_without_the_source():
-    bench = _bench()
+    bench = load_bench("calibration")
     rng = np.random.default_rng(1)
     p = rng.uniform(0.01, 0.99, 6000)
     sources = np.repeat(np.array(["a", "b", "c"]), 2000)

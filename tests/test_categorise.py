@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -11,9 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from curation.categorise import (  # noqa: E402
+from curation.categorise import (
     LEXICON_FEATURES,
     Categoriser,
     CategoriserError,
@@ -28,8 +25,8 @@ from curation.categorise import (  # noqa: E402
     macro_f1,
     severe_term_hits,
 )
-from equi.schema import GROUPS, SEVERITIES  # noqa: E402
-from tests.realdata import real_texts  # noqa: E402
+from equi.schema import GROUPS, SEVERITIES
+from tests.realdata import real_texts
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RELABEL = SHARED / "equilibrate_relabel_dev" / "beavertails_relabelled_dev.jsonl"

@@ -6,11 +6,8 @@ both are saved to disk and loaded back with ``from_pretrained`` so equi's real l
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 CORPUS = [
     "I cannot help with that request. I'm sorry.",

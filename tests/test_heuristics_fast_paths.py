@@ -4,14 +4,11 @@ on characters those paths treat specially."""
 
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
 import polars as pl
 import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from curation import refusal  # noqa: E402
 from tests.realdata import real_texts  # noqa: E402

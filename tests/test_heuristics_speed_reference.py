@@ -3,7 +3,6 @@ on real texts (../shared/data) and on characters the fast paths treat specially.
 
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
@@ -11,8 +10,6 @@ import polars as pl
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from curation import refusal, segments  # noqa: E402
 from curation.segments import _CONCRETE, _LIST_ITEM, split_segments  # noqa: E402
@@ -216,6 +213,15 @@ def test_murmurhash_of_byte_ranges_equals_sklearns():
 
 # ---- compiled kernels (numba) against their numpy/polars paths ------------------------------------------------------
 
+@pytest.fixture(params=["numba", "numpy"])
+def kernel_mode(request, monkeypatch):
+    """Each test twice: with the numba kernels, and with them switched off (the numpy/polars paths)."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    else:
+        monkeypatch.setattr(refusal, "_kernels", lambda: None)
+    return request.param
+
 def _hashing_vectorizer(strings):
     from sklearn.feature_extraction.text import HashingVectorizer
 
@@ -228,12 +234,7 @@ def _same_csr(got, want):
             and np.array_equal(got.indices, want.indices) and np.array_equal(got.data, want.data))
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "numpy"])
-def test_ngram_features_equal_hashing_vectorizer_with_and_without_numba(texts, compiled, monkeypatch):
-    if compiled:
-        pytest.importorskip("numba")
-    else:
-        monkeypatch.setattr(refusal, "_kernels", lambda: None)
+def test_ngram_features_equal_hashing_vectorizer_with_and_without_numba(texts, kernel_mode):
     # ASCII and non-ASCII openings mixed (the compiled pass takes the first, the polars path the rest), a text whose
     # opening is ASCII only once lowercased (Kelvin sign), and hash-heavy repeats
     strings = texts[:3000] + texts[6000:6400] + ["\u212a\u212a is kk", "a b", "", "ab " * 200, "x_1 2y __ ab-cd"]
@@ -241,12 +242,7 @@ def test_ngram_features_equal_hashing_vectorizer_with_and_without_numba(texts, c
     assert _same_csr(got, _hashing_vectorizer(strings)) and got.has_sorted_indices
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "numpy"])
-def test_head_logits_equal_the_design_matrix_product(texts, compiled, monkeypatch):
-    if compiled:
-        pytest.importorskip("numba")
-    else:
-        monkeypatch.setattr(refusal, "_kernels", lambda: None)
+def test_head_logits_equal_the_design_matrix_product(texts, kernel_mode):
     heads = refusal.load_heads()
     strings = texts[:1500] + texts[6000:6100]
     embeddings = np.random.default_rng(3).standard_normal((len(strings), heads.embed.embedding_dim)).astype(np.float32)

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from curation.mixer import UNCERTAIN_HARM, select_mixture  # noqa: E402
 from equi.schema import UNCERTAIN_HARM_BAND  # noqa: E402

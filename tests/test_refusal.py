@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from curation import refusal  # noqa: E402
-from curation.refusal import (  # noqa: E402
+from curation import refusal
+from curation.refusal import (
     CLASSES,
     FEATURE_NAMES,
     RefusalHeads,
@@ -23,7 +20,7 @@ from curation.refusal import (  # noqa: E402
     refusal_scores,
     xstest_labelled,
 )
-from tests.realdata import real_texts  # noqa: E402
+from tests.realdata import real_texts
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 XSTEST = DATA / "xstest_completions_dev"

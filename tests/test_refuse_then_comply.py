@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 
 import numpy as np
 import polars as pl
 import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from curation.refusal import refusal_scores, xstest_labelled  # noqa: E402
 from curation.segments import follow_through_scores, withheld_scores  # noqa: E402

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from curation.refusal import xstest_labelled  # noqa: E402
-from curation.segments import (  # noqa: E402
+from curation.refusal import xstest_labelled
+from curation.segments import (
     hysteresis_states,
     response_spans,
     SPAN_DTYPE,

@@ -7,31 +7,23 @@ Real text (200 lines of the bundled HH-RLHF slice, categorised by equi curate), 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from tests.benches import load_bench
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _study_module():
-    spec = importlib.util.spec_from_file_location("bench_study", REPO / "bench" / "study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_study_trains_every_arm_on_the_same_pairs_and_reports_one_curve_per_arm(tmp_path):
     from train_fixtures import build_tiny_model
 
-    study = _study_module()
+    study = load_bench("study")
     model = build_tiny_model(tmp_path / "model")
     hh = tmp_path / "hh.jsonl"  # the first 200 lines of the bundled HH-RLHF slice: enough pairs for both mixes
     with gzip.open(REPO / "examples" / "data" / "hh_rlhf_harmless_sample.jsonl.gz", "rt", encoding="utf-8") as lines:
@@ -86,7 +78,7 @@ def test_study_trains_every_arm_on_the_same_pairs_and_reports_one_curve_per_arm(
 
 
 def test_study_refuses_rungs_larger_than_a_mix_before_training(tmp_path):
-    study = _study_module()
+    study = load_bench("study")
     with pytest.raises(ValueError, match="rungs"):
         study.StudyProfile(name="x", rungs=[8, 4], max_steps=1, lr=1e-3)
     with pytest.raises(SystemExit, match="rung 500 is larger than a mix"):

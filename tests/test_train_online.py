@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest
 import torch
