@@ -89,7 +89,7 @@ def platt_out_of_source(p: np.ndarray, y: np.ndarray, sources: np.ndarray) -> np
 
 def harm_probabilities(embed, embedder_label: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Leave-one-source-out P(harmful) of every harm row: ``(p, harmful, sources)``."""
-    from curation.categorise import Categoriser, LabelledPrompts, _zero_heads
+    from curation.categorise import LabelledPrompts
     from quality_loso import _HarmFit, _norm, _train_without, harm_rows
 
     rows = harm_rows()
@@ -101,13 +101,8 @@ def harm_probabilities(embed, embedder_label: str) -> tuple[np.ndarray, np.ndarr
     p = np.zeros(len(rows))
     for source in dict.fromkeys(sources):
         held = np.flatnonzero(sources == source)
-        fit = _HarmFit(data, _train_without(np.flatnonzero(sources != source), held, keys), embedder_label)
-        held_texts, held_emb = [texts[i] for i in held], emb[held]
-        if fit.harm_only:
-            probe = Categoriser(None, emb.shape[1], *_zero_heads(emb.shape[1]))
-            p[held] = 1 / (1 + np.exp(-(probe.features(held_texts, held_emb) @ fit.coef + fit.intercept)))
-        else:
-            p[held] = fit.model.predict(held_texts, held_emb)["harm"]
+        p[held] = _HarmFit(data, _train_without(np.flatnonzero(sources != source), held, keys),
+                           embedder_label).proba(data, held)
     return p, np.array([r["harmful"] for r in rows], dtype=float), sources
 
 

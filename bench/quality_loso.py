@@ -239,13 +239,27 @@ class _HarmFit:
             self.model = fit_arrays(sub, embedder_name=embedder_name)
 
     def flag(self, data, index: np.ndarray) -> np.ndarray:
-        from curation.categorise import GROUPS, Categoriser, _zero_heads
+        from curation.categorise import GROUPS
+
+        if self.harm_only:
+            return self._harm_logit(data, index) >= 0
+        texts, emb = [data.texts[i] for i in index], data.embeddings[index]
+        return self.model.predict(texts, emb)["log_probs"].argmax(axis=1) != GROUPS.index("BENIGN")
+
+    def proba(self, data, index: np.ndarray) -> np.ndarray:
+        """P(harmful) of the rows ``index`` (the harm head)."""
+        from curation.categorise import _sigmoid
+
+        if self.harm_only:
+            return _sigmoid(self._harm_logit(data, index))
+        return self.model.predict([data.texts[i] for i in index], data.embeddings[index])["harm"]
+
+    def _harm_logit(self, data, index: np.ndarray) -> np.ndarray:
+        from curation.categorise import Categoriser, _zero_heads
 
         texts, emb = [data.texts[i] for i in index], data.embeddings[index]
-        if self.harm_only:
-            probe = Categoriser(None, emb.shape[1], *_zero_heads(emb.shape[1]))
-            return (probe.features(texts, emb) @ self.coef + self.intercept) >= 0
-        return self.model.predict(texts, emb)["log_probs"].argmax(axis=1) != GROUPS.index("BENIGN")
+        probe = Categoriser(None, emb.shape[1], *_zero_heads(emb.shape[1]))
+        return probe.features(texts, emb) @ self.coef + self.intercept
 
 
 def evaluate_harm(embed, embedder_label: str) -> dict:
