@@ -55,27 +55,13 @@ def reliability(p: np.ndarray, y: np.ndarray, bins: int = BINS) -> dict:
             "brier": round(float(np.mean((p - y) ** 2)), 4) if len(p) else None}
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
-
-
 def platt(p_fit: np.ndarray, y_fit: np.ndarray, p_apply: np.ndarray) -> np.ndarray:
-    """Platt scaling: a logistic regression on logit p, fit on ``(p_fit, y_fit)``, applied to ``p_apply``."""
-    from sklearn.linear_model import LogisticRegression
+    """Platt scaling (:func:`curation.categorise.fit_platt`) fit on ``(p_fit, y_fit)``, applied to ``p_apply``
+    (unchanged where ``y_fit`` has one class only)."""
+    from curation.categorise import apply_platt, fit_platt
 
-    if len(set(np.asarray(y_fit).tolist())) < 2:
-        return np.asarray(p_apply, dtype=np.float64)
-    model = LogisticRegression(C=1e4).fit(_logit(p_fit)[:, None], np.asarray(y_fit, dtype=int))
-    return model.predict_proba(_logit(p_apply)[:, None])[:, 1]
-
-
-def platt_params(p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """``(a, b)`` of the Platt map σ(a·logit p + b) fit on ``(p, y)``."""
-    from sklearn.linear_model import LogisticRegression
-
-    model = LogisticRegression(C=1e4).fit(_logit(p)[:, None], np.asarray(y, dtype=int))
-    return float(model.coef_[0, 0]), float(model.intercept_[0])
+    ab = fit_platt(p_fit, y_fit)
+    return np.asarray(p_apply, dtype=np.float64) if ab is None else apply_platt(p_apply, ab)
 
 
 def platt_out_of_source(p: np.ndarray, y: np.ndarray, sources: np.ndarray) -> np.ndarray:
@@ -215,7 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
     results["group_confidence"] = _row("group_confidence (P of the predicted group), 5-fold CV", p, y, folds, "folds",
                                        written)
     # The map for a categoriser fit without inner folds (the bundled one): Platt on all these held-out predictions.
-    a, b = platt_params(p, y)
+    from curation.categorise import fit_platt
+
+    a, b = fit_platt(p, y)
     results["group_confidence"]["platt_on_all_folds"] = {"a": a, "b": b}
     print(f"  Platt map on all {len(p)} held-out predictions: a={a:.4f}, b={b:.4f}")
     print(f"\n{time.perf_counter() - started:.0f} s ({label} embeddings)")

@@ -361,10 +361,7 @@ class Categoriser:
     def calibrated_confidence(self, probability: np.ndarray) -> np.ndarray:
         """``group_confidence`` for the predicted group's probability: through ``confidence_map`` when fit."""
         probability = np.asarray(probability, dtype=np.float64)
-        if self.confidence_map is None:
-            return probability
-        a, b = self.confidence_map
-        return _sigmoid(a * _logit(probability) + b)
+        return probability if self.confidence_map is None else apply_platt(probability, self.confidence_map)
 
     # ---- persistence -----------------------------------------------------------------------------
 
@@ -840,15 +837,26 @@ def fit_confidence_map(log_probs: np.ndarray, y: np.ndarray) -> tuple[float, flo
     """Platt ``(a, b)`` for ``group_confidence`` from held-out predictions: a logistic regression of "the predicted
     group is the labelled one" on the logit of its probability. None when every prediction is right or every one
     wrong (nothing to fit)."""
-    from sklearn.linear_model import LogisticRegression
-
     probs = np.exp(log_probs - log_probs.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
-    correct = (probs.argmax(axis=1) == np.asarray(y)).astype(int)
-    if correct.all() or not correct.any():
+    return fit_platt(probs.max(axis=1), probs.argmax(axis=1) == np.asarray(y))
+
+
+def fit_platt(probability: np.ndarray, outcome: np.ndarray) -> tuple[float, float] | None:
+    """Platt scaling ``(a, b)``: a logistic regression of the 0/1 ``outcome`` on logit ``probability``
+    (unregularised in effect); None when the outcome never varies."""
+    from sklearn.linear_model import LogisticRegression
+
+    outcome = np.asarray(outcome).astype(int)
+    if outcome.all() or not outcome.any():
         return None
-    fit = LogisticRegression(C=1e4).fit(_logit(probs.max(axis=1))[:, None], correct)
+    fit = LogisticRegression(C=1e4).fit(_logit(probability)[:, None], outcome)
     return float(fit.coef_[0, 0]), float(fit.intercept_[0])
+
+
+def apply_platt(probability: np.ndarray, ab: tuple[float, float]) -> np.ndarray:
+    """σ(a · logit p + b): probabilities through a Platt map from :func:`fit_platt`."""
+    return _sigmoid(ab[0] * _logit(probability) + ab[1])
 
 
 def best_offsets(log_probs: np.ndarray, y: np.ndarray, grid: Sequence[float]) -> np.ndarray:
