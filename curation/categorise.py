@@ -38,6 +38,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import polars as pl
 
+from curation.patterns import case_folded
 from equi.errors import UsageError
 from equi.jsonl import iter_json_lines
 from equi.schema import GROUPS, SAFETY_GROUPS, SEVERITIES
@@ -191,11 +192,13 @@ def _ascii_stand_in(text: pl.Expr) -> pl.Expr:
 
 @functools.lru_cache(maxsize=1)
 def _lexicon_exprs() -> list[pl.Expr]:
-    t, a = pl.col("t"), pl.col("a")
-    # Over ASCII stand-ins, ASCII-only \b, \w and case folding ((?-u)) mean the same and compile smaller.
+    """Over columns ``t`` (the text), ``a`` (its ASCII stand-in) and ``l`` (the stand-in lowercased)."""
+    t, lowered = pl.col("t"), pl.col("l")
+    # Over ASCII stand-ins, ASCII-only \b, \w and case folding ((?-u)) mean the same and compile smaller; over the
+    # lowercased stand-in, the case-folded patterns find the same matches faster (curation.patterns.case_folded).
     patterns = [r"(?i-u)\b(?:" + p + r")\b" for p in EXPLICIT_TERMS.values()]
     patterns += ["(?i-u)" + p for p in INTENT_CUES.values()]
-    exprs = [a.str.count_matches(p).cast(pl.Float64).alias(f"x{k}") for k, p in enumerate(patterns)]
+    exprs = [lowered.str.count_matches(case_folded(p)).cast(pl.Float64).alias(f"x{k}") for k, p in enumerate(patterns)]
     exprs += [
         t.str.ends_with("?").cast(pl.Float64).alias("question"),
         t.str.contains("!", literal=True).cast(pl.Float64).alias("exclamation"),
@@ -218,7 +221,7 @@ def lexicon_features(texts: Sequence[str | None]) -> np.ndarray:
     if len(index):
         frame = series.to_frame() if len(index) == len(strings) else series.filter(pl.Series(fast)).to_frame()
         frame = frame.select(pl.col("t").str.strip_chars()).with_columns(_ascii_stand_in(pl.col("t")).alias("a"))
-        out[index] = frame.select(_lexicon_exprs()).to_numpy()
+        out[index] = frame.with_columns(pl.col("a").str.to_lowercase().alias("l")).select(_lexicon_exprs()).to_numpy()
     for i in np.flatnonzero(~fast):
         out[i] = _lexicon_row(strings[i])
     return out

@@ -36,6 +36,8 @@ from typing import Sequence
 
 import numpy as np
 
+from curation.patterns import case_folded
+
 CLASSES: tuple[str, ...] = ("comply", "refuse", "partial")
 XSTEST_LABELS: dict[str, str] = {
     "1_full_compliance": "comply",
@@ -124,40 +126,21 @@ def _heuristics(strings: list[str], extra: Sequence[str] = ()) -> tuple[np.ndarr
     if not strings:
         return (np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32), np.zeros(0, dtype=bool),
                 np.zeros((0, len(extra)), dtype=np.int64))
-    text, ascii_text = pl.col("t"), pl.col("a")
     patterns = [_stand_in_pattern(pattern) for pattern in _REFUSAL_PATTERNS.values()]
-    counts = [pl.col("head").str.count_matches(p).fill_null(0).alias(f"head_{k}") for k, p in enumerate(patterns)]
-    counts += [ascii_text.str.count_matches(_stand_in_pattern(p)).fill_null(0).alias(f"extra_{k}")
-               for k, p in enumerate(extra)]
-    first = ascii_text.str.find(_CORE)
-    # str.find gives a byte offset; on the stand-in it is the character offset, so measure those characters' bytes.
-    first_byte = (
-        pl.when(first.is_null()).then(None)
-        .when(pl.col("kept")).then(first)
-        .otherwise(text.str.slice(0, first).str.len_bytes())
-    )
+    extra = [_stand_in_pattern(pattern) for pattern in extra]
     stripped = pl.Series("t", strings, dtype=pl.String).str.strip_chars()
-    frame = _with_stand_in(stripped).with_columns(ascii_text.str.slice(0, HEAD_CHARS).alias("head"))
-    # One select: polars runs every pattern in parallel.
-    frame_counts = frame.select(*counts, text.str.len_chars().alias("chars"), text.str.count_matches("\n").alias("lines"),
-                                first_byte.alias("first"))
-    chars = frame_counts["chars"].to_numpy().astype(np.float32)
-    # The rest (past the opening) is empty for most texts, and an empty text matches no pattern: only the others
-    # are counted (the patterns all need at least one character: each count on "" is 0).
-    rest_counts = np.zeros((len(strings), len(patterns)), dtype=np.float32)
-    longer = np.flatnonzero(chars > HEAD_CHARS)
-    if len(longer):
-        rest = frame["a"].gather(longer).str.slice(HEAD_CHARS).to_frame("rest").select(
-            [pl.col("rest").str.count_matches(p).fill_null(0).alias(f"rest_{k}") for k, p in enumerate(patterns)])
-        rest_counts[longer] = rest.to_numpy().astype(np.float32)
-    columns = [np.log1p(frame_counts[:, k].to_numpy().astype(np.float32)) for k in range(len(patterns))]
-    columns += [np.log1p(rest_counts[:, k]) for k in range(len(patterns))]
-    n_counts = len(patterns)
-    extra_counts = np.stack([frame_counts[:, n_counts + k].to_numpy().astype(np.int64) for k in range(len(extra))],
-                            axis=1) if extra else np.zeros((len(strings), 0), dtype=np.int64)
-    lines = frame_counts["lines"].to_numpy().astype(np.float32)
-    first = frame_counts["first"].to_numpy()
-    first = np.where(np.isnan(first.astype(np.float64)), -1, first).astype(np.float64)
+    frame = _with_stand_in(stripped)
+    # Texts whose stand-in is ASCII are read lowercased by the (?i) patterns (curation.patterns.case_folded); the
+    # few that keep non-ASCII characters are read as they are.
+    kept = frame["kept"].to_numpy()
+    head, extra_counts, chars, lines, first, rest = _pattern_counts(frame, patterns, extra, fold=True)
+    if kept.any():
+        index = np.flatnonzero(kept)
+        for whole, part in zip((head, extra_counts, chars, lines, first, rest),
+                               _pattern_counts(frame[index], patterns, extra, fold=False)):
+            whole[index] = part
+    columns = [np.log1p(head[:, k]) for k in range(len(patterns))]
+    columns += [np.log1p(rest[:, k]) for k in range(len(patterns))]
     refusal_pos = np.where(first >= 0, first / np.maximum(chars, 1.0), 1.0).astype(np.float32)
     has_refusal = first >= 0
     columns += [
@@ -168,6 +151,59 @@ def _heuristics(strings: list[str], extra: Sequence[str] = ()) -> tuple[np.ndarr
         (has_refusal & (chars < 300)).astype(np.float32),
     ]
     return np.stack(columns, axis=1).astype(np.float32), has_refusal, extra_counts
+
+
+def _pattern_counts(frame, patterns: list[str], extra: list[str], fold: bool):
+    """Per text of ``frame`` (numpy arrays): the counts of ``patterns`` over its stand-in's opening, of ``extra``
+    over the whole stand-in, its length in characters, its newlines, the byte offset of its first core refusal phrase
+    (−1 where none) and the counts of ``patterns`` past the opening.
+
+    ``fold``: every stand-in in ``frame`` is ASCII, so each ``(?i)`` pattern runs case-sensitively over the
+    lowercased stand-in (:func:`curation.patterns.case_folded`): the same matches at the same offsets, 2-5× faster."""
+    import polars as pl
+
+    text = pl.col("t")
+
+    def read(column: str, pattern: str) -> tuple[str, str]:
+        folded = case_folded(pattern) if fold else None
+        return ("l" + column, folded) if folded is not None else (column, pattern)
+
+    def count(column: str, pattern: str, name: str) -> pl.Expr:
+        column, pattern = read(column, pattern)
+        return pl.col(column).str.count_matches(pattern).fill_null(0).alias(name)
+
+    counts = [count("head", p, f"head_{k}") for k, p in enumerate(patterns)]
+    counts += [count("a", p, f"extra_{k}") for k, p in enumerate(extra)]
+    # The core phrase is looked for as written: folded, its leading \bi (the commonest letter-word) makes it 3× slower.
+    first = pl.col("a").str.find(_CORE)
+    # str.find gives a byte offset; on the stand-in it is the character offset, so measure those characters' bytes.
+    first_byte = (
+        pl.when(first.is_null()).then(None)
+        .when(pl.col("kept")).then(first)
+        .otherwise(text.str.slice(0, first).str.len_bytes())
+    )
+    if fold:
+        frame = frame.with_columns(pl.col("a").str.to_lowercase().alias("la"))
+    frame = frame.with_columns(pl.col("a").str.slice(0, HEAD_CHARS).alias("head"),
+                               *([pl.col("la").str.slice(0, HEAD_CHARS).alias("lhead")] if fold else []))
+    # One select: polars runs every pattern in parallel.
+    frame_counts = frame.select(*counts, text.str.len_chars().alias("chars"), text.str.count_matches("\n").alias("lines"),
+                                first_byte.alias("first"))
+    chars = frame_counts["chars"].to_numpy()
+    # The rest (past the opening) is empty for most texts, and an empty text matches no pattern: only the others
+    # are counted (the patterns all need at least one character: each count on "" is 0).
+    rest_counts = np.zeros((frame.height, len(patterns)), dtype=np.float32)
+    longer = np.flatnonzero(chars > HEAD_CHARS)
+    if len(longer):
+        rest = frame[longer].select(pl.col("a").str.slice(HEAD_CHARS).alias("rest"),
+                                    *([pl.col("la").str.slice(HEAD_CHARS).alias("lrest")] if fold else []))
+        rest_counts[longer] = rest.select(
+            [count("rest", p, f"rest_{k}") for k, p in enumerate(patterns)]).to_numpy().astype(np.float32)
+    head = frame_counts.select(f"head_{k}" for k in range(len(patterns))).to_numpy().astype(np.float32)
+    extra_counts = frame_counts.select(f"extra_{k}" for k in range(len(extra))).to_numpy().astype(np.int64)
+    first = frame_counts["first"].cast(pl.Float64).fill_null(-1.0).to_numpy().copy()
+    return (head, extra_counts.reshape(frame.height, len(extra)), chars.astype(np.float32),
+            frame_counts["lines"].to_numpy().astype(np.float32), first, rest_counts)
 
 
 def _with_stand_in(series):

@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 from curation import refusal  # noqa: E402
+from curation.patterns import case_folded  # noqa: E402
 from tests.realdata import real_texts  # noqa: E402
 from tests.test_heuristics_speed_reference import _hashing_vectorizer, _same_csr  # noqa: E402
 
@@ -78,3 +79,66 @@ def test_rest_counts_only_where_there_is_a_rest(texts):
     want = _reference_features(strings)
     assert features.dtype == np.float32 and np.array_equal(features[:, : 2 * n], want)
     assert (features[:, n : 2 * n] > 0).any(axis=1).mean() > 0.1  # rests were counted
+
+
+# ---- (?i) patterns read lowercased text ----------------------------------------------------------------------------
+
+def _old_heuristics(strings, extra=()):
+    """The refusal features, core-phrase flags and extra counts as before: every pattern as written, (?i) and all,
+    over the ASCII stand-in."""
+    text, ascii_text = pl.col("t"), pl.col("a")
+    patterns = [refusal._stand_in_pattern(p) for p in refusal._REFUSAL_PATTERNS.values()]
+    first = ascii_text.str.find(refusal._CORE)
+    first_byte = (pl.when(first.is_null()).then(None).when(pl.col("kept")).then(first)
+                  .otherwise(text.str.slice(0, first).str.len_bytes()))
+    frame = refusal._with_stand_in(pl.Series("t", strings, dtype=pl.String).str.strip_chars()).with_columns(
+        ascii_text.str.slice(0, refusal.HEAD_CHARS).alias("head"), ascii_text.str.slice(refusal.HEAD_CHARS).alias("rest"))
+    got = frame.select(
+        *[pl.col(part).str.count_matches(p).fill_null(0).alias(f"{part}{k}")
+          for part in ("head", "rest") for k, p in enumerate(patterns)],
+        *[ascii_text.str.count_matches(refusal._stand_in_pattern(p)).fill_null(0).alias(f"extra{k}")
+          for k, p in enumerate(extra)],
+        text.str.len_chars().alias("chars"), text.str.count_matches("\n").alias("lines"), first_byte.alias("first"))
+    counts = np.log1p(got.select(pl.all().exclude("chars", "lines", "first", "^extra.*$")).to_numpy().astype(np.float32))
+    chars = got["chars"].to_numpy().astype(np.float32)
+    first = got["first"].cast(pl.Float64).fill_null(-1.0).to_numpy()
+    has = first >= 0
+    structure = np.stack([np.log1p(chars), np.log1p(got["lines"].to_numpy().astype(np.float32)),
+                          (chars == 0).astype(np.float32),
+                          np.where(has, first / np.maximum(chars, 1.0), 1.0).astype(np.float32),
+                          (has & (chars < 300)).astype(np.float32)], axis=1)
+    extra_counts = got.select(f"extra{k}" for k in range(len(extra))).to_numpy().astype(np.int64)
+    return np.concatenate([counts, structure], axis=1).astype(np.float32), has, extra_counts
+
+
+def _flip_case(text, rng):
+    flips = rng.random(len(text)) < 0.5
+    return "".join(c.swapcase() if f else c for c, f in zip(text, flips))
+
+
+def test_case_folded_patterns_count_what_the_originals_count(texts):
+    from curation.segments import _CONCRETE
+
+    rng = np.random.default_rng(18)
+    sample = texts[:1200] + texts[6000:6300]
+    shouting = ["I CAN'T HELP WITH THAT. HOWEVER, HERE IS HOW: 1. MIX", "AS AN AI, I'M UNABLE TO. PLEASE NOTE",
+                "Sorry \u212aelvin \u017forry I cannot", "\u0661. I WON\u2019T \u2022 STEP 1\n- Then", "\u0130 cannot help"]
+    strings = sample + [_flip_case(t, rng) for t in sample[:800]] + [t.upper() for t in sample[800:1100]] + shouting + _ODD
+    features, has, extra = refusal._heuristics(strings, (_CONCRETE.pattern,))
+    want_features, want_has, want_extra = _old_heuristics(strings, (_CONCRETE.pattern,))
+    assert np.array_equal(features, want_features)
+    assert np.array_equal(has, want_has) and has.sum() > 200
+    assert np.array_equal(extra, want_extra) and extra.sum() > 200
+
+
+def test_case_folding_rewrites_letters_and_keeps_escapes():
+    for pattern in list(refusal._REFUSAL_PATTERNS.values()) + [refusal._CORE]:
+        folded = case_folded(pattern)
+        if not pattern.startswith("(?i)"):
+            assert folded is None
+            continue
+        assert folded == re.sub(r"\\.|.", lambda m: m[0] if m[0].startswith("\\") else m[0].lower(),
+                                pattern[len("(?i)"):], flags=re.DOTALL)
+        assert re.findall(r"\\.", folded) == re.findall(r"\\.", pattern[len("(?i)"):])
+        assert not re.search(r"[A-Z]", re.sub(r"\\.", "", folded))
+    assert case_folded(r"(?i)\p{Lu}x") is None and case_folded("(?i)[^\\x00-\\x7F]") is None
