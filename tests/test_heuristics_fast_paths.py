@@ -9,6 +9,8 @@ import re
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from curation import refusal  # noqa: E402
 from curation.patterns import case_folded  # noqa: E402
@@ -142,3 +144,23 @@ def test_case_folding_rewrites_letters_and_keeps_escapes():
         assert re.findall(r"\\.", folded) == re.findall(r"\\.", pattern[len("(?i)"):])
         assert not re.search(r"[A-Z]", re.sub(r"\\.", "", folded))
     assert case_folded(r"(?i)\p{Lu}x") is None and case_folded("(?i)[^\\x00-\\x7F]") is None
+
+
+_LINE_PIECES = ["\n", "  ", "\t", "- ", "* ", "\u2022 ", "\x02 ", "1. ", "12) ", "step 3 ", "Step 3 ", "# ", "#### ",
+                "**Title**", "**Bold** text", ": ", "I can't. ", "word ", "```", "    code", "\u00a0", "\u0662. "]
+
+
+@given(st.lists(st.sampled_from(_LINE_PIECES), max_size=30).map("".join))
+@settings(max_examples=300, deadline=None)
+def test_gated_line_start_patterns_count_what_the_full_scan_counts(text):
+    strings = [text, text * 12, "x" * refusal.HEAD_CHARS + text]
+    assert np.array_equal(refusal._heuristics(strings)[0], _old_heuristics(strings)[0])
+
+
+def test_gates_are_the_line_start_patterns_and_fire_on_real_texts(texts):
+    names = {name for name, p in refusal._REFUSAL_PATTERNS.items() if refusal._stand_in_pattern(p) in refusal._GATES}
+    assert names == {"numbered", "bullet", "heading"}
+    features = refusal.refusal_features(texts)
+    for name in names:  # each gated pattern counted something, in the opening and past it
+        for part in ("head", "rest"):
+            assert (features[:, refusal.FEATURE_NAMES.index(f"{part}_{name}")] > 0).sum() >= 10, (part, name)
