@@ -1,4 +1,5 @@
-"""Compiled inner loops of the per-row heuristics (numba): hashed n-grams and the refusal head's dense products.
+"""Compiled inner loops of the per-row heuristics (numba): hashed n-grams, the refusal head's dense products, the
+AMA segment splitter and the spans' hysteresis merge.
 
 :func:`ngram_counts` is the refusal detector's n-gram block (:func:`curation.refusal._ngram_features`),
 sklearn's ``HashingVectorizer(ngram_range=(1, 3), alternate_sign=False, norm="l2")``. Its token pattern
@@ -12,9 +13,13 @@ FeatureHasher does, and counts buckets per row: the CSR arrays HashingVectorizer
 
 :func:`add_dense_products` adds a dense block's share of a linear head's logits in scipy's order.
 
-Imported only by :mod:`curation.refusal`, lazily (numba's import costs about a second); compiled on first use and
-cached on disk (``cache=True``). Without numba the callers use their numpy/polars paths, which give the same
-numbers.
+:func:`segment_bounds` is :func:`curation.segments.split_segments` over a batch of texts' code points, reading
+Python ``re``'s character classes from a table (:func:`curation.segments._char_classes`); :func:`merged_spans` is
+the per-response hysteresis and merge of :func:`curation.segments._merged_spans` over flat arrays.
+
+Imported lazily through :func:`curation.refusal._kernels` (numba's import costs about a second), which
+:mod:`curation.segments` also asks; compiled on first use and cached on disk (``cache=True``). Without numba the
+callers use their numpy/polars/``re`` paths, which give the same numbers.
 """
 
 from __future__ import annotations
@@ -269,3 +274,242 @@ def add_dense_products(out, block, coef):
             if a != 0.0:
                 for c in range(out.shape[1]):
                     out[i, c] += a * coef[c, k]
+
+
+# ---- AMA segments (curation.segments) -----------------------------------------------------------------------------
+#
+# :func:`segment_bounds` is :func:`curation.segments.split_segments` over a batch, the same segments to the offset:
+# it walks each text's code points as re walks the splitter's patterns, reading re's character classes from a table
+# indexed by code point (:func:`curation.segments._char_classes`). :func:`merged_spans` is
+# :func:`curation.segments._merged_spans` (hysteresis, then runs merged) over every response of a batch.
+
+#: Bits of the character-class table: Python re's ``\s``, ``\w``, ``\d`` (str patterns), ``str.isspace``, and the
+#: sentence end's ``[.!?]`` and closing ``[\"')\]]`` (a table lookup tests a character faster than a chain of
+#: comparisons).
+SPACE, WORD, DIGIT, ISSPACE, END, CLOSE = 1, 2, 4, 8, 16, 32
+
+
+@njit(cache=True)
+def segment_bounds(chars, offsets, classes):
+    """:func:`curation.segments.split_segments` of each text: flat ``(starts, ends)`` (int64, character offsets
+    within its text) and ``counts`` (int64, n + 1: text r's segments are ``counts[r]:counts[r + 1]``).
+
+    ``chars`` (uint32) holds the texts' code points back to back, ``offsets`` (int64, n + 1) where each text starts
+    and ends, ``classes`` (uint8, indexed by code point, covering every code point in ``chars``) the
+    :data:`SPACE` / :data:`WORD` / :data:`DIGIT` / :data:`ISSPACE` / :data:`END` / :data:`CLOSE` bits of each
+    character.
+    """
+    n = len(offsets) - 1
+    starts = np.empty(max(16, len(chars) // 32), np.int64)
+    ends = np.empty(len(starts), np.int64)
+    counts = np.zeros(n + 1, np.int64)
+    m = 0
+    for r in range(n):
+        m = _split_text(chars, classes, offsets[r], offsets[r + 1], starts, ends, counts[r])
+        if m > len(starts):  # the arrays were full: grown, and the text split again
+            size = max(2 * len(starts), m)
+            starts = np.concatenate((starts[:counts[r]], np.empty(size - counts[r], np.int64)))
+            ends = np.concatenate((ends[:counts[r]], np.empty(size - counts[r], np.int64)))
+            m = _split_text(chars, classes, offsets[r], offsets[r + 1], starts, ends, counts[r])
+        counts[r + 1] = m
+    return starts[:m].copy(), ends[:m].copy(), counts
+
+
+@njit(cache=True)
+def text_segment_bounds(chars, classes):
+    """:func:`segment_bounds` of one text (all of ``chars``), flat as ``start, end, start, end, ...``: one array in
+    and one out, for :func:`curation.segments.split_segments` (each array passed or returned costs a call ~0.3 µs)."""
+    offsets = np.zeros(2, np.int64)
+    offsets[1] = len(chars)
+    starts, ends, _ = segment_bounds(chars, offsets, classes)
+    bounds = np.empty(2 * len(starts), np.int64)
+    bounds[0::2] = starts
+    bounds[1::2] = ends
+    return bounds
+
+
+@njit(cache=True)
+def _split_text(chars, classes, base, stop, starts, ends, m):
+    """Add the segments of ``chars[base:stop]`` from ``m`` on; returns the new count (past the arrays' end where
+    they are full: only what fits is written). The arrays are arguments, never reassigned here: an array variable
+    reassigned inside a loop costs numba reference counting at every character."""
+    # Code blocks (```.*?(?:```|\Z), DOTALL): from a fence to the next one, or to the end of the text; the prose
+    # before each is split into list items and sentences.
+    cursor = base
+    while True:
+        fence = _find_fence(chars, cursor, stop)
+        if fence < 0:
+            break
+        close = _find_fence(chars, fence + 3, stop)
+        block_end = stop if close < 0 else close + 3
+        m = _split_prose(chars, classes, base, cursor, fence, starts, ends, m)
+        m = _add_trimmed(chars, classes, base, fence, block_end, starts, ends, m)
+        cursor = block_end
+    return _split_prose(chars, classes, base, cursor, stop, starts, ends, m)
+
+
+@njit(cache=True, inline="always")
+def _find_fence(chars, start, stop):
+    """The first ``i >= start`` where three backticks start and end by ``stop``, or -1."""
+    for i in range(start, stop - 2):
+        if chars[i] == 96 and chars[i + 1] == 96 and chars[i + 2] == 96:
+            return i
+    return -1
+
+
+@njit(cache=True)
+def _add_trimmed(chars, classes, base, start, end, starts, ends, m):
+    """Append ``chars[start:end]`` less leading and trailing ``str.isspace`` characters, if anything is left, as
+    offsets from ``base``, where the arrays have room; returns ``m`` counted on."""
+    while start < end and classes[chars[start]] & ISSPACE:
+        start += 1
+    while end > start and classes[chars[end - 1]] & ISSPACE:
+        end -= 1
+    if start < end:
+        if m < len(starts):
+            starts[m] = start - base
+            ends[m] = end - base
+        m += 1
+    return m
+
+
+@njit(cache=True)
+def _is_list_item(chars, classes, base, p, end):
+    """Whether ``_LIST_ITEM`` (``^[ \\t]*(?:\\d{1,3}[.)]|[-*•+]|[a-zA-Z][.)])[ \\t]+``, MULTILINE) matches at ``p``
+    with ``end`` as ``endpos``: ``^`` holds at the text's start and after a newline only."""
+    if p >= end or (p != base and chars[p - 1] != 10):
+        return False
+    q = p
+    while q < end and (chars[q] == 32 or chars[q] == 9):
+        q += 1
+    if q >= end:
+        return False
+    c = chars[q]
+    if classes[c] & DIGIT:
+        digits = 0
+        while q < end and classes[chars[q]] & DIGIT and digits < 4:
+            q += 1
+            digits += 1
+        if digits > 3 or q >= end or (chars[q] != 46 and chars[q] != 41):  # no backtracking into \d{1,3} helps
+            return False
+        q += 1
+    elif c == 45 or c == 42 or c == 0x2022 or c == 43:
+        q += 1
+    elif (65 <= c <= 90 or 97 <= c <= 122) and q + 1 < end and (chars[q + 1] == 46 or chars[q + 1] == 41):
+        q += 2
+    else:
+        return False
+    return q < end and (chars[q] == 32 or chars[q] == 9)
+
+
+@njit(cache=True)
+def _split_prose(chars, classes, base, start, end, starts, ends, m):
+    """``curation.segments._split_prose``: pieces end before a line that starts a list item, after a line that is
+    one, and at a blank line; an item piece is one segment, the others are split into sentences."""
+    line_start = block_start = start
+    line_item = block_item = _is_list_item(chars, classes, base, start, end)
+    while True:
+        line_end = line_start
+        blank = True
+        while line_end < end:
+            c = chars[line_end]
+            if c == 10:
+                break
+            if blank and not classes[c] & ISSPACE:
+                blank = False
+            line_end += 1
+        if line_end >= end:  # the last line, not followed by a newline
+            break
+        next_start = line_end + 1
+        next_item = _is_list_item(chars, classes, base, next_start, end)
+        if next_item or line_item or blank:
+            m = _split_piece(chars, classes, base, block_start, line_end, block_item, starts, ends, m)
+            block_start, block_item = next_start, next_item
+        line_start, line_item = next_start, next_item
+    return _split_piece(chars, classes, base, block_start, end, block_item, starts, ends, m)
+
+
+@njit(cache=True)
+def _split_piece(chars, classes, base, start, end, item, starts, ends, m):
+    """One piece of prose: a list item whole, or split after each ``_SENTENCE_END`` match found in
+    ``[start, end)``."""
+    if item:
+        return _add_trimmed(chars, classes, base, start, end, starts, ends, m)
+    cursor = p = start
+    while p < end:
+        if classes[chars[p]] & END and not _abbreviation(chars, classes, base, p):
+            # [.!?]*[\"')\]]*(?=\s): no backtracking can help (what it gives back is no whitespace), and a match
+            # starting at a later [.!?] of this run would end, or fail, at the same place: the search goes on there.
+            q = p + 1
+            while q < end and classes[chars[q]] & END:
+                q += 1
+            while q < end and classes[chars[q]] & CLOSE:
+                q += 1
+            if q < end and classes[chars[q]] & SPACE:  # the lookahead sees nothing past endpos
+                m = _add_trimmed(chars, classes, base, cursor, q, starts, ends, m)
+                cursor = q
+            p = q
+        else:
+            p += 1
+    return _add_trimmed(chars, classes, base, cursor, end, starts, ends, m)
+
+
+@njit(cache=True, inline="always")
+def _word_boundary_before(chars, classes, base, i):
+    """``\\b`` before the word character at ``i``: the text starts there or the character before is no ``\\w``
+    (lookbehinds read before ``pos``, back to the text's start)."""
+    return i == base or not classes[chars[i - 1]] & WORD
+
+
+@njit(cache=True)
+def _abbreviation(chars, classes, base, p):
+    """Whether one of ``_SENTENCE_END``'s lookbehinds (``\\be\\.g``, ``\\bi\\.e``, ``\\bMrs``; ``\\bvs``, ``\\bMr``,
+    ``\\bDr``, ``\\bSt``, case-sensitive) rules out a sentence end at the ``[.!?]`` at ``p``."""
+    if p - base >= 3 and _word_boundary_before(chars, classes, base, p - 3):
+        a, b, c = chars[p - 3], chars[p - 2], chars[p - 1]
+        if (b == 46 and ((a == 101 and c == 103) or (a == 105 and c == 101))) or (a == 77 and b == 114 and c == 115):
+            return True
+    if p - base >= 2 and _word_boundary_before(chars, classes, base, p - 2):
+        a, b = chars[p - 2], chars[p - 1]
+        if (a == 118 and b == 115) or (b == 114 and (a == 77 or a == 68)) or (a == 83 and b == 116):
+            return True
+    return False
+
+
+@njit(cache=True)
+def merged_spans(starts, ends, scores, counts, high, low):
+    """``curation.segments._merged_spans`` of each response: hysteresis states of its segments' ``scores``
+    (float64), consecutive segments in the same non-zero state merged into one span.
+
+    ``starts``, ``ends``, ``counts`` as :func:`segment_bounds` gives them. Returns flat span ``(starts, ends)``
+    (int64), ``signs`` (int8) and span ``counts`` (int64, n + 1) per response.
+    """
+    n = len(counts) - 1
+    span_starts = np.empty(len(starts), np.int64)
+    span_ends = np.empty(len(starts), np.int64)
+    signs = np.empty(len(starts), np.int8)
+    span_counts = np.zeros(n + 1, np.int64)
+    m = 0
+    for r in range(n):
+        state = 0
+        for k in range(counts[r], counts[r + 1]):
+            score = scores[k]
+            previous = state
+            if state == 1 and score <= low:
+                state = 0
+            elif state == -1 and score >= -low:
+                state = 0
+            if state == 0:
+                if score >= high:
+                    state = 1
+                elif score <= -high:
+                    state = -1
+            if state != 0 and state == previous:  # same run: merge, covering the whitespace between segments
+                span_ends[m - 1] = ends[k]
+            elif state != 0:
+                span_starts[m] = starts[k]
+                span_ends[m] = ends[k]
+                signs[m] = state
+                m += 1
+        span_counts[r + 1] = m
+    return span_starts[:m].copy(), span_ends[:m].copy(), signs[:m].copy(), span_counts

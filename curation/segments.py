@@ -25,8 +25,9 @@ cost (``curation/steps.py: score_costs``, the online reward in ``train/rewards.p
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import polars as pl
@@ -103,8 +104,20 @@ def split_segments(text: str) -> list[tuple[int, int]]:
     """``(start, end)`` character offsets of the segments of ``text``: code blocks, list items, sentences.
 
     Segments are sorted, do not overlap, carry no leading/trailing whitespace, and together cover every
-    non-whitespace character.
+    non-whitespace character. Compiled (:func:`curation.kernels.segment_bounds`) where numba is installed, else
+    :func:`_split_python`; the two give the same segments.
     """
+    kernels = _kernels()
+    if kernels is None or not text:
+        return _split_python(text)
+    chars = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    bounds = iter(kernels.text_segment_bounds(chars, _char_classes()).tolist())
+    return list(zip(bounds, bounds))
+
+
+def _split_python(text: str) -> list[tuple[int, int]]:
+    """:func:`split_segments` by ``re`` and Python loops: where numba is not installed, and the definition the
+    compiled splitter follows."""
     if not text:
         return []
     segments: list[tuple[int, int]] = []
@@ -117,6 +130,73 @@ def split_segments(text: str) -> list[tuple[int, int]]:
         cursor = block.end()
     segments += _split_prose(text, cursor, len(text))
     return segments
+
+
+#: Characters the compiled splitter takes in one call: each call copies its texts' code points (4 bytes a character),
+#: so a large batch goes in pieces of bounded memory.
+SPLIT_CHUNK_CHARS = 1 << 22
+
+
+def split_batch(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`split_segments` of every text, flat: ``starts`` and ``ends`` (int64, offsets within each text) and
+    ``offsets`` (int64, n + 1: text i's segments are ``offsets[i]:offsets[i + 1]``).
+
+    One compiled pass over the texts' code points (:func:`curation.kernels.segment_bounds`, at most
+    :data:`SPLIT_CHUNK_CHARS` characters a call; a lone surrogate is one code point there, as in ``re``), or
+    :func:`_split_python` per text where numba is not installed.
+    """
+    kernels = _kernels()
+    if kernels is None:
+        per_text = [_split_python(t) for t in texts]
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, per_text), dtype=np.int64, count=len(texts)), out=offsets[1:])
+        flat = np.array([bound for segments in per_text for span in segments for bound in span], dtype=np.int64)
+        return flat[0::2].copy(), flat[1::2].copy(), offsets
+    cumulative = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)), out=cumulative[1:])
+    parts = []
+    first = 0
+    while True:
+        # the texts from ``first`` on that fit in a chunk, at least one
+        last = int(np.searchsorted(cumulative, cumulative[first] + SPLIT_CHUNK_CHARS, "right")) - 1
+        last = min(max(last, first + 1), len(texts))
+        chars = np.frombuffer("".join(texts[first:last]).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        parts.append(kernels.segment_bounds(chars, cumulative[first:last + 1] - cumulative[first], _char_classes()))
+        if last >= len(texts):
+            break
+        first = last
+    if len(parts) == 1:
+        return parts[0]
+    before = np.cumsum([0] + [len(starts) for starts, _, _ in parts[:-1]])
+    offsets = np.concatenate([[0]] + [counts[1:] + b for (_, _, counts), b in zip(parts, before)])
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), offsets
+
+
+@functools.lru_cache(maxsize=1)
+def _char_classes() -> np.ndarray:
+    """Per code point (0 to 0x10FFFF, lone surrogates included), the character classes the compiled splitter reads,
+    as the bits of :mod:`curation.kernels`: Python ``re``'s ``\\s``, ``\\w``
+    (:func:`curation.refusal._python_word_table`) and ``\\d`` for str patterns, ``str.isspace`` (``_trimmed``, blank
+    lines), and the sentence end's character sets. Built once per process (~0.1 s) by reading them off every
+    character."""
+    from curation import kernels
+    from curation.refusal import _python_word_table
+
+    every = np.arange(0x110000, dtype=np.uint32).tobytes().decode("utf-32-le", "surrogatepass")
+    table = _python_word_table() * np.uint8(kernels.WORD)
+    for bit, pattern in ((kernels.SPACE, r"\s"), (kernels.DIGIT, r"\d"), (kernels.END, r"[.!?]"),
+                         (kernels.CLOSE, r"[\"')\]]")):
+        table[[m.start() for m in re.finditer(pattern, every)]] |= bit
+    table[np.fromiter(map(str.isspace, every), dtype=bool, count=len(every))] |= kernels.ISSPACE
+    return table
+
+
+def _kernels():
+    """:mod:`curation.kernels`, or None where numba is not installed: :func:`curation.refusal._kernels`, so one
+    switch turns every compiled path off."""
+    from curation.refusal import _kernels
+
+    return _kernels()
 
 
 def _concreteness(segment_texts: list[str], rust_counts: np.ndarray | None = None) -> np.ndarray:
@@ -229,22 +309,24 @@ def follow_through_scores(responses: Sequence[str | None], refusals: Sequence[fl
         return out
     # Only the opening is split (a segment cut short by the end of the window is left out, unless the response ends
     # there), and only the start of the rest is read.
-    opening = [_opening_segments(responses[i]) for i in looked]
-    flat = [responses[i][s:e] for i, segs in zip(looked, opening) for s, e in segs]
+    texts = [responses[i] for i in looked]
+    starts, ends, offsets = _opening_segments(texts)
+    rows = np.repeat(np.arange(len(texts)), np.diff(offsets))
+    flat = [texts[r][s:e] for r, s, e in zip(rows.tolist(), starts.tolist(), ends.tolist())]
     distinct, inverse = distinct_texts(flat)
     head = load_heads().text
-    refusing = (_segment_refusal(*_distinct_text_proba(distinct, head)[:2]) >= 0.5)[inverse].tolist()
+    refusing = (_segment_refusal(*_distinct_text_proba(distinct, head)[:2]) >= 0.5)[inverse]
+    # Each opening's leading run of refusing segments ends before its first segment that does not refuse.
+    run_end = offsets[1:].copy()
+    other = np.flatnonzero(~refusing)
+    other_rows, first = np.unique(rows[other], return_index=True)
+    run_end[other_rows] = other[first]
     rests, rest_of = [], []
-    cursor = 0
-    for i, segs in zip(looked, opening):
-        run = 0
-        while run < len(segs) and refusing[cursor + run]:
-            run += 1
-        rest = responses[i][segs[run - 1][1]:].strip() if run else ""
+    for k in np.flatnonzero(run_end > offsets[:-1]).tolist():
+        rest = texts[k][int(ends[run_end[k] - 1]):].strip()
         if rest:
             rests.append(rest[:FOLLOW_READ_CHARS])
-            rest_of.append(i)
-        cursor += len(segs)
+            rest_of.append(looked[k])
     if rests:
         comply = _text_proba(rests, head)[0][:, 0]
         length = np.fromiter(map(len, rests), dtype=np.float32, count=len(rests))
@@ -253,11 +335,18 @@ def follow_through_scores(responses: Sequence[str | None], refusals: Sequence[fl
     return out
 
 
-def _opening_segments(text: str) -> list[tuple[int, int]]:
-    """:func:`split_segments` of the first :data:`OPENING_CHARS` characters, less a last segment the cut may shorten."""
-    if len(text) <= OPENING_CHARS:
-        return split_segments(text)
-    return [(s, e) for s, e in split_segments(text[:OPENING_CHARS]) if e < OPENING_CHARS]
+def _opening_segments(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`split_batch` of each text's first :data:`OPENING_CHARS` characters, less a last segment the cut may
+    shorten (one that ends at the cut of a longer text)."""
+    starts, ends, offsets = split_batch([t[:OPENING_CHARS] for t in texts])
+    longer = np.fromiter((len(t) > OPENING_CHARS for t in texts), dtype=bool, count=len(texts))
+    counts = np.diff(offsets)
+    cut = (ends == OPENING_CHARS) & np.repeat(longer, counts)
+    if cut.any():
+        dropped = np.bincount(np.repeat(np.arange(len(texts)), counts)[cut], minlength=len(texts))
+        offsets = offsets - np.concatenate([[0], np.cumsum(dropped)])
+        starts, ends = starts[~cut], ends[~cut]
+    return starts, ends, offsets
 
 
 def _has_delivery_cue(texts: list[str]) -> np.ndarray:
@@ -335,7 +424,7 @@ def spans_from_scores(
     return _as_dicts(_merged_spans([(s, e) for s, e, _ in scored], [v for _, _, v in scored], high, low))
 
 
-def _as_dicts(spans: list[tuple[int, int, int]]) -> list[dict]:
+def _as_dicts(spans: Iterable[tuple[int, int, int]]) -> list[dict]:
     return [{"start": s, "end": e, "sign": sign} for s, e, sign in spans]
 
 
@@ -353,7 +442,10 @@ def spans_for_rows(
     low: float = DEFAULT_LOW,
 ) -> list[list[dict] | None]:
     """:func:`response_spans` over a batch, with one refusal-detector call for all segments; None → None."""
-    return [None if spans is None else _as_dicts(spans) for spans in _row_spans(prompt_harm, responses, high, low)]
+    starts, ends, signs, offsets = _row_spans(prompt_harm, responses, high, low)
+    spans = _as_dicts(zip(starts.tolist(), ends.tolist(), signs.tolist()))
+    bounds = offsets.tolist()
+    return [None if response is None else spans[bounds[i]:bounds[i + 1]] for i, response in enumerate(responses)]
 
 
 #: The contract's span column type (``chosen_spans``, ``rejected_spans``: :data:`equi.schema.SPAN_TYPE`) in polars.
@@ -373,18 +465,14 @@ def span_column(
 
     Built from flat Arrow arrays: polars' conversion of a list of lists of dicts costs more than scoring them.
     """
-    offsets, valid, flat = [0], [], []
-    for spans in _row_spans(prompt_harm, responses, high, low):
-        valid.append(spans is not None)
-        flat += spans or ()
-        offsets.append(len(flat))
-    columns = np.array(flat, dtype=np.int32).reshape(-1, 3)
+    starts, ends, signs, offsets = _row_spans(prompt_harm, responses, high, low)
     values = pa.StructArray.from_arrays(
-        [pa.array(columns[:, 0]), pa.array(columns[:, 1]), pa.array(columns[:, 2].astype(np.int8))],
+        [pa.array(starts.astype(np.int32)), pa.array(ends.astype(np.int32)), pa.array(signs)],
         fields=list(SPAN_TYPE.value_type),
     )
-    mask = pa.array(~np.array(valid, dtype=bool)) if not all(valid) else None
-    array = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values, type=SPAN_TYPE, mask=mask)
+    valid = np.fromiter((r is not None for r in responses), dtype=bool, count=len(responses))
+    mask = pa.array(~valid) if not valid.all() else None
+    array = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values, type=SPAN_TYPE, mask=mask)
     return pl.Series(name, pl.from_arrow(array), dtype=SPAN_DTYPE)
 
 
@@ -398,36 +486,31 @@ def pair_span_columns(prompt_harm: Sequence[float], chosen: Sequence[str | None]
 
 def _row_spans(
     prompt_harm: Sequence[float], responses: Sequence[str | None], high: float, low: float
-) -> list[list[tuple[int, int, int]] | None]:
-    """Per response, its merged ``(start, end, sign)`` spans (None for None), scoring every segment in one call."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every response's merged spans, flat: ``starts``, ``ends`` (int64), ``signs`` (int8) and ``offsets`` (int64,
+    n + 1: response i's spans are ``offsets[i]:offsets[i + 1]``; a None response has none). Every response is split
+    in one call (:func:`split_batch`), every segment scored in one, and the spans merged in one compiled pass
+    (:func:`curation.kernels.merged_spans`; :func:`_merged_spans` per response where numba is not installed)."""
     if len(prompt_harm) != len(responses):
         raise ValueError(f"{len(prompt_harm)} prompt_harm values but {len(responses)} responses")
     _check_thresholds(high, low)
-    per_row: list[list[tuple[int, int]] | None] = []
-    split_once: dict[str, list[tuple[int, int]]] = {}
-    texts: list[str] = []
-    harms: list[float] = []
-    for harm, response in zip(prompt_harm, responses):
-        if response is None:
-            per_row.append(None)
-            continue
-        segments = split_once.get(response)
-        if segments is None:
-            segments = split_once[response] = split_segments(response)
-        per_row.append(segments)
-        texts += [response[s:e] for s, e in segments]
-        harms += [float(harm)] * len(segments)
-    scores = _score_segments(np.asarray(harms, dtype=np.float32), texts).tolist()
-    out: list[list[tuple[int, int, int]] | None] = []
-    cursor = 0
-    for segments in per_row:
-        if segments is None:
-            out.append(None)
-            continue
-        row_scores = scores[cursor : cursor + len(segments)]
-        cursor += len(segments)
-        out.append(_merged_spans(segments, row_scores, high, low))
-    return out
+    texts = ["" if response is None else response for response in responses]
+    harms = np.array([0.0 if r is None else float(h) for h, r in zip(prompt_harm, responses)], dtype=np.float32)
+    starts, ends, offsets = split_batch(texts)
+    counts = np.diff(offsets)
+    rows = np.repeat(np.arange(len(texts)), counts)
+    segment_texts = [texts[r][s:e] for r, s, e in zip(rows.tolist(), starts.tolist(), ends.tolist())]
+    scores = _score_segments(np.repeat(harms, counts), segment_texts).astype(np.float64)
+    kernels = _kernels()
+    if kernels is not None:
+        return kernels.merged_spans(starts, ends, scores, offsets, float(high), float(low))
+    bounds = offsets.tolist()
+    per_row = [_merged_spans(list(zip(starts[a:b].tolist(), ends[a:b].tolist())), scores[a:b].tolist(), high, low)
+               for a, b in zip(bounds[:-1], bounds[1:])]
+    flat = np.array([value for spans in per_row for span in spans for value in span], dtype=np.int64).reshape(-1, 3)
+    span_offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, per_row), dtype=np.int64, count=len(per_row)), out=span_offsets[1:])
+    return flat[:, 0].copy(), flat[:, 1].copy(), flat[:, 2].astype(np.int8), span_offsets
 
 
 def _merged_spans(segments: Sequence[tuple[int, int]], scores: Sequence[float], high: float,
