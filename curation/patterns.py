@@ -8,10 +8,13 @@ every case variant of every literal, which for a pattern of many alternatives me
 
 from __future__ import annotations
 
+import functools
+
 #: The flag groups :func:`case_folded` rewrites, and what each becomes.
 _FOLDED_FLAGS = {"(?i)": "", "(?i-u)": "(?-u)"}
 
 
+@functools.lru_cache(maxsize=None)
 def case_folded(pattern: str) -> str | None:
     """A pattern that starts with ``(?i)`` (or ``(?i-u)``) as the case-sensitive pattern that finds the same matches
     in lowercased ASCII text: its letters lowercased, escapes (``\\b``, ``\\S``) left as they are. None for a pattern
