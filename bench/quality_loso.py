@@ -31,6 +31,7 @@ SOURCE.md; reported as a flag rate only), HarmBench ``copyright`` behaviours, jb
 
     python bench/quality_loso.py                      # static embedder (fast; default here)
     python bench/quality_loso.py --embedder minilm    # the shipped MiniLM (slow on 2 cores: ~10k prompts)
+    python bench/quality_loso.py --embedder lm:       # SmolLM2-135M-Instruct's states (lm:MODEL for another LM)
     python bench/quality_loso.py --only harm,refusal  # a subset of labels
 
 ``main()`` prints one table per label and returns the numbers as a dict.
@@ -586,14 +587,18 @@ def main(embedder: str = "static", only: tuple[str, ...] = ("harm", "refusal", "
     import torch
 
     torch.set_num_threads(2)
-    from curation.embed import DEFAULT_EMBEDDER, get_embedder
+    from curation.embed import DEFAULT_EMBEDDER, LM_PREFIX, get_embedder
+    from curation.embed_cache import CachedEmbedder, EmbeddingCache
 
     started = time.perf_counter()
     results: dict = {"embedder": embedder, "seed": SEED, "folds": FOLDS, "harmless_rows_sampled": HARMLESS_ROWS}
-    label = "static" if embedder == "static" else DEFAULT_EMBEDDER
+    label = DEFAULT_EMBEDDER if embedder == "minilm" else embedder
     embed = None
     if "harm" in only or "group" in only:
-        embed = _MemoEmbedder(get_embedder("static" if embedder == "static" else None))
+        model = get_embedder(None if embedder == "minilm" else embedder)
+        if embedder.startswith(LM_PREFIX):  # ~20 prompts/s on a CPU: vectors kept on disk between runs
+            model = CachedEmbedder(model, EmbeddingCache(model.identity, model.dim))
+        embed = _MemoEmbedder(model)
     if "harm" in only:
         results["harm"] = evaluate_harm(embed, label)
     if "refusal" in only:

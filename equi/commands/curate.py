@@ -32,7 +32,9 @@ def curate_command(
                                         help="Share of the mixture held out as the `test` split, about: each "
                                         "pair goes to test by a hash of its id (stable across runs and scales), not "
                                         "per group, so a small group may get no test rows."),
-    embedder: Optional[str] = typer.Option(None, help="sentence-transformers model name or path "
+    embedder: Optional[str] = typer.Option(None, help="sentence-transformers model name or path, `static` (fast, "
+                                           "distilled), or `lm:MODEL` (a chat LM's state at the end of the prompt; "
+                                           "`lm:` = bundled SmolLM2; needs a categoriser fit for it) "
                                            "\\[default: bundled all-MiniLM-L6-v2]."),
     categoriser: Optional[Path] = typer.Option(None, help="Categoriser params from `equi fit-categoriser` "
                                                "\\[default: bundled]."),

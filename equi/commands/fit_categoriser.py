@@ -26,8 +26,8 @@ def fit_categoriser_command(
     labelled: List[Path] = typer.Argument(..., help="Labelled JSONL file(s): `prompt` + `category` and/or `is_harmful`."),
     out: Path = typer.Option(Path("categoriser.json"), "--out", "-o", help="Where to write the fitted parameters (JSON)."),
     embedder: Optional[str] = typer.Option(
-        None, help="sentence-transformers model name or path; default the bundled all-MiniLM-L6-v2. "
-        "Use the same one with `equi curate --embedder`."),
+        None, help="sentence-transformers model name or path, `static`, or `lm:MODEL` (a chat LM's state at the end "
+        "of the prompt); default the bundled all-MiniLM-L6-v2. Use the same one with `equi curate --embedder`."),
     folds: int = typer.Option(5, min=0, help="Cross-validation folds for the printed macro-F1 (0 = skip CV)."),
     seed: int = typer.Option(0, help="Seed for fold shuffling."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
