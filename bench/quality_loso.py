@@ -32,6 +32,7 @@ SOURCE.md; reported as a flag rate only), HarmBench ``copyright`` behaviours, jb
     python bench/quality_loso.py                      # static embedder (fast; default here)
     python bench/quality_loso.py --embedder minilm    # the shipped MiniLM (slow on 2 cores: ~10k prompts)
     python bench/quality_loso.py --embedder lm:       # SmolLM2-135M-Instruct's states (lm:MODEL for another LM)
+    python bench/quality_loso.py --embedder lm: --only harm,group --write-lm-default   # and refit the shipped one
     python bench/quality_loso.py --only harm,refusal  # a subset of labels
 
 ``main()`` prints one table per label and returns the numbers as a dict.
@@ -579,7 +580,8 @@ class _MemoEmbedder:
         return np.stack([self.memo[t] for t in texts]) if texts else np.zeros((0, 1), np.float32)
 
 
-def main(embedder: str = "static", only: tuple[str, ...] = ("harm", "refusal", "group")) -> dict:
+def main(embedder: str = "static", only: tuple[str, ...] = ("harm", "refusal", "group"),
+         write_lm_default: bool = False) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import warnings
 
@@ -605,9 +607,34 @@ def main(embedder: str = "static", only: tuple[str, ...] = ("harm", "refusal", "
         results["refusal"] = evaluate_refusal()
     if "group" in only:
         results["group"] = evaluate_group(embed, label)
+    if write_lm_default:
+        results["wrote"] = str(write_lm_categoriser(embed, results.get("harm", {}).get("pooled")))
     results["seconds"] = round(time.perf_counter() - started, 1)
     print(f"\ntotal {results['seconds']:.0f} s ({embedder} embedder)")
     return results
+
+
+def write_lm_categoriser(embed, loso: dict | None) -> Path:
+    """Fit the categoriser shipped for ``--embedder lm:`` on every prompt of every source above (groups from
+    equilibrate_relabel_dev, harmful/benign from the rest) and write it with the numbers measured for it."""
+    from curation.categorise import LM_RESOURCE, LabelledPrompts, fit_arrays
+    from curation.embed import LM_PREFIX
+
+    rows = harm_rows()
+    texts = [r["text"] for r in rows]
+    data = LabelledPrompts(texts, embed.encode(texts), [r["group"] for r in rows], [r["harmful"] for r in rows])
+    model = fit_arrays(data, embedder_name=LM_PREFIX)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["source"]] = counts.get(r["source"], 0) + 1
+    model.info.update({
+        "fit_on": [f"{source} ({n} prompts)" for source, n in counts.items()],
+        "leave_one_source_out": loso or {},
+        "built_by": "python bench/quality_loso.py --embedder lm: --only harm,group --write-lm-default",
+    })
+    path = model.save(REPO / "curation" / "resources" / LM_RESOURCE)
+    print(f"wrote {path.relative_to(REPO)}")
+    return path
 
 
 def _cli(argv: list[str]) -> dict:
@@ -616,7 +643,7 @@ def _cli(argv: list[str]) -> dict:
         embedder = argv[argv.index("--embedder") + 1]
     if "--only" in argv:
         only = tuple(argv[argv.index("--only") + 1].split(","))
-    out = main(embedder, only)
+    out = main(embedder, only, "--write-lm-default" in argv)
     if "--json" in argv:
         Path(argv[argv.index("--json") + 1]).write_text(json.dumps(out, indent=2, default=str))
     return out

@@ -45,6 +45,8 @@ from equi.schema import GROUPS, SAFETY_GROUPS, SEVERITIES
 
 FORMAT_VERSION = 1
 DEFAULT_RESOURCE = "categoriser.json"
+#: The categoriser shipped for ``--embedder lm:`` (the bundled SmolLM2's states; ``data_cards/categoriser.md``).
+LM_RESOURCE = "categoriser-lm.json"
 
 # --------------------------------------------------------------------------------------------------
 # The lexicon: explainable features. Written from general harm taxonomies (BeaverTails / HarmBench areas),
@@ -443,12 +445,20 @@ class Categoriser:
         """The categoriser shipped with equi (fit on MiniLM embeddings; see ``data_cards/categoriser.md``)."""
         return _load_default()
 
+    @classmethod
+    def default_for(cls, embedder: str | None) -> "Categoriser":
+        """The shipped categoriser for ``--embedder``: the one fit on the bundled SmolLM2's states for ``lm:``,
+        else the MiniLM one (which curate refuses, saying how to fit one, when the embedder's size differs)."""
+        from curation.embed import LM_PREFIX
 
-@functools.lru_cache(maxsize=1)
-def _load_default() -> Categoriser:
+        return _load_default(LM_RESOURCE) if embedder == LM_PREFIX else _load_default()
+
+
+@functools.lru_cache(maxsize=2)
+def _load_default(resource_name: str = DEFAULT_RESOURCE) -> Categoriser:
     from importlib.resources import files
 
-    resource = files("curation").joinpath("resources", DEFAULT_RESOURCE)
+    resource = files("curation").joinpath("resources", resource_name)
     return Categoriser.from_dict(json.loads(resource.read_text()))
 
 

@@ -194,7 +194,8 @@ def load_models(config: CurateConfig, embedder=None, categoriser=None):
         embedder = CachedEmbedder(embedder, EmbeddingCache(getattr(embedder, "identity", embedder.name), embedder.dim))
     if categoriser is None:
         try:
-            categoriser = Categoriser.load(config.categoriser) if config.categoriser else Categoriser.load_default()
+            categoriser = (Categoriser.load(config.categoriser) if config.categoriser
+                           else Categoriser.default_for(config.embedder))
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot load categoriser {config.categoriser}: {exc}") from None
     if categoriser.embedding_dim != embedder.dim:

@@ -100,3 +100,32 @@ def test_fit_a_categoriser_for_it_and_curate_with_it(tiny, shared_data, tmp_path
     # without a categoriser fit for its vectors, curate says how to get one
     result = runner.invoke(app, ["curate", *raw, "--out", str(tmp_path / "mix2"), "--quiet", "--embedder", f"lm:{tiny}"])
     assert result.exit_code == 2 and "fit-categoriser" in result.output
+
+
+def test_the_shipped_lm_categoriser_reads_smollm2_states():
+    from curation.categorise import Categoriser
+
+    shipped = Categoriser.default_for("lm:")
+    assert shipped.embedding_dim == 576 and shipped.embedder == "lm:"
+    fit_on = " ".join(shipped.info["fit_on"])
+    for source in ("toxigen_seed_statements", "cyberseceval_prompts", "xstest_prompts", "equilibrate_relabel_dev"):
+        assert source in fit_on
+    assert Categoriser.default_for(None).embedding_dim == 384 == Categoriser.default_for("all-MiniLM-L6-v2").embedding_dim
+    assert Categoriser.default_for(f"lm:/some/other/model").embedding_dim == 384  # only lm: names the bundled LM
+
+
+@pytest.mark.slow
+def test_curate_with_the_bundled_lm_needs_no_categoriser(shared_data, tmp_path):
+    raw = [str(write_jsonl(tmp_path / "adv.jsonl", advbench_rows(shared_data, 12))),
+           str(write_jsonl(tmp_path / "xs.jsonl", [{"prompt": r["prompt"]} for r in xstest_prompts(shared_data)[:12]]))]
+    mix = tmp_path / "mix"
+    result = runner.invoke(app, ["curate", *raw, "--out", str(mix), "--quiet", "--no-cache", "--embedder", "lm:"])
+    assert result.exit_code == 0, result.output
+    import polars as pl
+
+    pool = pl.read_parquet(mix / "pool" / "*.parquet")
+    assert pool.height == 24
+    adv = pool.filter(pl.col("source") == "advbench")  # the rows name their source
+    assert adv.height == 12
+    flagged = adv["group"].ne("BENIGN").mean()
+    assert flagged >= 0.75, pool.select("prompt", "group", "harm_score")  # AdvBench behaviours are harmful
