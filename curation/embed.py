@@ -197,7 +197,7 @@ class LMStateEmbedder:
         self.name = f"{LM_PREFIX}{model or ''}"
         self.layer = self.model.config.num_hidden_layers // 2 + 1
         self.dim = int(self.model.config.hidden_size)
-        self.identity = (f"{self.name}|{model_digest(self.model)}|{files_digest_of_tokenizer(self.tokenizer)}|"
+        self.identity = (f"{self.name}|{model_digest(self.model)}|{tokenizer_digest(self.tokenizer)}|"
                          f"layer {self.layer}|{LM_MAX_PROMPT_TOKENS}|{ENCODING_VERSION}")
 
     def frame(self, text: str) -> list[int]:
@@ -226,7 +226,7 @@ class LMStateEmbedder:
         return out[[position[t] for t in texts]]
 
 
-def files_digest_of_tokenizer(tokenizer) -> str:
+def tokenizer_digest(tokenizer) -> str:
     """sha256 of a tokenizer's vocabulary and chat template (what decides the ids an :class:`LMStateEmbedder` reads)."""
     import hashlib
 

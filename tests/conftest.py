@@ -44,3 +44,16 @@ def private_equi_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("EQUI_CACHE", str(tmp_path / "equi-cache"))
     return tmp_path / "equi-cache"
 
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def kernel_mode(request, monkeypatch):
+    """Each test twice: with the numba kernels (n-grams, dense products, segment splitter, span merge), and with
+    them switched off (the numpy/polars/``re`` paths): every compiled path asks ``curation.refusal._kernels``."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    else:
+        from curation import refusal
+
+        monkeypatch.setattr(refusal, "_kernels", lambda: None)
+    return request.param

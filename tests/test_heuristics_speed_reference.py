@@ -213,15 +213,6 @@ def test_murmurhash_of_byte_ranges_equals_sklearns():
 
 # ---- compiled kernels (numba) against their numpy/polars paths ------------------------------------------------------
 
-@pytest.fixture(params=["numba", "numpy"])
-def kernel_mode(request, monkeypatch):
-    """Each test twice: with the numba kernels, and with them switched off (the numpy/polars paths)."""
-    if request.param == "numba":
-        pytest.importorskip("numba")
-    else:
-        monkeypatch.setattr(refusal, "_kernels", lambda: None)
-    return request.param
-
 def _hashing_vectorizer(strings):
     from sklearn.feature_extraction.text import HashingVectorizer
 

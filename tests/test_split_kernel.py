@@ -16,16 +16,6 @@ from tests.realdata import real_texts  # noqa: E402
 from tests.test_heuristics_speed_reference import _TRICKY, _old_split_segments  # noqa: E402
 
 
-@pytest.fixture(params=["numba", "python"])
-def kernel_mode(request, monkeypatch):
-    """Each test twice: with the compiled splitter and merge, and with them switched off (the Python path)."""
-    if request.param == "numba":
-        pytest.importorskip("numba")
-    else:
-        monkeypatch.setattr(segments, "_kernels", lambda: None)
-    return request.param
-
-
 @pytest.fixture(scope="module")
 def texts(shared_data):
     """Every real text, then a sample with one of the characters the splitter reads specially put in."""
