@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from equi.config import DEVICE_HELP, valid_device
 from equi.errors import UsageError
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
@@ -23,8 +24,10 @@ STATIC_EMBEDDER = "static"
 STATIC_PCA_DIMS = 256
 #: Canonical encoding (:meth:`Embedder.encode`): texts are padded to a multiple of this many tokens ...
 LENGTH_STEP = 16
-#: ... and encoded this many at a time, so a text always meets the same tensor shapes.
+#: ... and encoded this many at a time, so a text always meets the same tensor shapes (on a CPU) ...
 CHUNK_ROWS = 16
+#: ... or this many on an accelerator, where a pass of 16 rows leaves most of it idle.
+ACCELERATOR_CHUNK_ROWS = 256
 #: Characters kept per token of the encoder's limit before tokenising (bounds the cost of a huge text).
 MAX_CHARS_PER_TOKEN = 64
 #: ``--embedder lm:MODEL`` (:class:`LMStateEmbedder`).
@@ -37,6 +40,35 @@ ENCODING_VERSION = "canonical-1"
 
 class EmbedderError(UsageError):
     """The embedder could not be found or loaded; the message says what to do."""
+
+
+def resolve_device(device: str | None) -> str:
+    """The torch device an encoder runs on: ``auto`` (or None) is ``cuda`` when torch sees a CUDA device, else
+    ``cpu``; a device named outright must exist (:class:`EmbedderError` says so when it does not)."""
+    import torch
+
+    if not valid_device(device):
+        raise EmbedderError(f"unknown --device {device!r}; choose one of {DEVICE_HELP}")
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise EmbedderError(f"--device {device}: torch sees no CUDA device (a CPU-only torch, or no GPU); "
+                                "leave --device out (auto) or pass --device cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise EmbedderError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise EmbedderError("--device mps: torch sees no MPS device; leave --device out (auto) or pass --device cpu")
+    return device
+
+
+def device_tag(device) -> str:
+    """What an encoder's identity adds for the device it runs on: nothing on the CPU (so the vectors cached by
+    earlier runs stay valid), ``|cuda`` / ``|mps`` elsewhere: another device's kernels round differently, and the
+    embedding cache and a resume must not mix its vectors with the CPU's."""
+    kind = getattr(device, "type", None) or str(device).partition(":")[0]
+    return "" if kind == "cpu" else f"|{kind}"
 
 
 def bundled_minilm_path() -> Path:
@@ -63,17 +95,16 @@ def resolve_embedder(name_or_path: str | None) -> str:
 class Embedder:
     """A sentence-transformers encoder returning L2-normalised float32 embeddings."""
 
-    def __init__(self, name_or_path: str | None = None, device: str | None = None, batch_size: int = 64,
+    def __init__(self, name_or_path: str | None = None, device: str | None = "cpu", batch_size: int = 64,
                  max_seq_length: int = 128):
         from sentence_transformers import SentenceTransformer
 
         self.name = name_or_path or DEFAULT_EMBEDDER
         path = resolve_embedder(name_or_path)
         is_local = Path(path).exists()
+        device = resolve_device(device)
         try:
-            self.model = SentenceTransformer(
-                path, device=device or "cpu", local_files_only=not is_local and _offline()
-            )
+            self.model = SentenceTransformer(path, device=device, local_files_only=not is_local and _offline())
         except Exception as exc:  # sentence-transformers raises many kinds for "not found"
             raise EmbedderError(
                 f"cannot load embedder {name_or_path!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
@@ -85,7 +116,8 @@ class Embedder:
                        else self.model.get_sentence_embedding_dimension())
         # What the embedding cache and a resume key on: the weights and tokenizer themselves, not the path
         # (new weights at the same path must not return stale vectors), and how vectors are computed.
-        self.identity = f"{self.name}|{model_digest(self.model)}|{self.model.max_seq_length}|{ENCODING_VERSION}"
+        self.identity = (f"{self.name}|{model_digest(self.model)}|{self.model.max_seq_length}|{ENCODING_VERSION}"
+                         f"{device_tag(self.model.device)}")
 
     @property
     def fills_every_core(self) -> bool:
@@ -102,7 +134,7 @@ class Embedder:
         every text is padded to a fixed length bucket (:data:`LENGTH_STEP` tokens) and every forward pass
         has :data:`CHUNK_ROWS` rows (a short chunk is filled with copies of its first text), so the same text
         always meets the same tensor shapes: its vector does not depend on the batch, the cache or the order
-        (on one CPU and torch thread count). Texts are cut to :data:`MAX_CHARS_PER_TOKEN` characters a token
+        (on one device and torch thread count; an accelerator takes :data:`ACCELERATOR_CHUNK_ROWS` rows a pass). Texts are cut to :data:`MAX_CHARS_PER_TOKEN` characters a token
         before tokenising, so a huge line costs no more than the encoder's token limit needs.
         """
         if len(texts) == 0:
@@ -123,12 +155,13 @@ class Embedder:
         buckets = np.minimum(-(-lengths // LENGTH_STEP) * LENGTH_STEP, limit)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         device = self.model.device
+        step = CHUNK_ROWS if device.type == "cpu" else ACCELERATOR_CHUNK_ROWS
         with torch.inference_mode():
             for length in np.unique(buckets):
                 members = np.flatnonzero(buckets == length)
-                for start in range(0, len(members), CHUNK_ROWS):
-                    chunk = members[start:start + CHUNK_ROWS]
-                    rows = [texts[i] for i in chunk] + [texts[chunk[0]]] * (CHUNK_ROWS - len(chunk))
+                for start in range(0, len(members), step):
+                    chunk = members[start:start + step]
+                    rows = [texts[i] for i in chunk] + [texts[chunk[0]]] * (step - len(chunk))
                     features = self.model.preprocess(
                         rows, processing_kwargs={"text": {"padding": "max_length", "max_length": int(length)}})
                     features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
@@ -185,20 +218,21 @@ class LMStateEmbedder:
     device and torch thread count): the embedding cache and a resume give the same bytes.
     """
 
-    def __init__(self, model: str | None = None, device: str | None = None):
+    def __init__(self, model: str | None = None, device: str | None = "cpu"):
         from equi.models import ModelError, load_causal_lm, load_tokenizer, resolve_model
 
         path = resolve_model(model or None, quiet=True)
+        device = resolve_device(device)
         try:
             self.tokenizer = load_tokenizer(path)
-            self.model = load_causal_lm(path).eval().to(device or "cpu")
+            self.model = load_causal_lm(path).eval().to(device)
         except ModelError as exc:
             raise EmbedderError(f"--embedder {LM_PREFIX}{model or ''}: {exc}") from None
         self.name = f"{LM_PREFIX}{model or ''}"
         self.layer = self.model.config.num_hidden_layers // 2 + 1
         self.dim = int(self.model.config.hidden_size)
         self.identity = (f"{self.name}|{model_digest(self.model)}|{tokenizer_digest(self.tokenizer)}|"
-                         f"layer {self.layer}|{LM_MAX_PROMPT_TOKENS}|{ENCODING_VERSION}")
+                         f"layer {self.layer}|{LM_MAX_PROMPT_TOKENS}|{ENCODING_VERSION}{device_tag(self.model.device)}")
 
     def frame(self, text: str) -> list[int]:
         """The token ids the model reads for ``text``: its first tokens as a chat user turn, assistant turn opened."""
@@ -303,11 +337,22 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
 
 
+def get_embedder(name_or_path: str | None = None,
+                 device: str | None = "cpu") -> Embedder | StaticEmbedder | LMStateEmbedder:
+    """A process-wide cached embedder (loading MiniLM takes ~1 s; do it once) on ``device`` (:func:`resolve_device`:
+    ``auto`` picks CUDA when there is one). The static embedder is numpy on the CPU whatever the device."""
+    if name_or_path == STATIC_EMBEDDER:
+        return _cached_embedder(name_or_path, "cpu")
+    return _cached_embedder(name_or_path, resolve_device(device))
+
+
 @functools.lru_cache(maxsize=4)
-def get_embedder(name_or_path: str | None = None) -> Embedder | StaticEmbedder | LMStateEmbedder:
-    """A process-wide cached embedder (loading MiniLM takes ~1 s; do it once)."""
+def _cached_embedder(name_or_path: str | None, device: str) -> Embedder | StaticEmbedder | LMStateEmbedder:
     if name_or_path == STATIC_EMBEDDER:
         return StaticEmbedder()
     if name_or_path is not None and name_or_path.startswith(LM_PREFIX):
-        return LMStateEmbedder(name_or_path[len(LM_PREFIX):] or None)
-    return Embedder(name_or_path)
+        return LMStateEmbedder(name_or_path[len(LM_PREFIX):] or None, device)
+    return Embedder(name_or_path, device)
+
+
+get_embedder.cache_clear = _cached_embedder.cache_clear

@@ -39,7 +39,7 @@ from equi.config import ConfigError, CurateConfig
 from equi.progress import own_bar_disabled
 from equi.schema import MESSAGES_TYPE, REJECTS
 
-from curation.embed import STATIC_EMBEDDER, Embedder, get_embedder
+from curation.embed import get_embedder
 from curation.readers import RawRow, ReadStats, read_rows
 from curation.staging import STAGE_SCHEMA, ScoredInput, ShardWriter, batched, save_npy, to_table, write_atomic
 from curation.steps import BatchScorer, batch_meta, take_rows
@@ -136,18 +136,16 @@ class ActorScorer(BatchScorer):
     when it has one), taking one reader batch per call as an Arrow block and returning it staged."""
 
     def __init__(self, config: CurateConfig, categoriser, on_gpu: bool):
-        super().__init__(config, base_embedder(config.embedder, on_gpu), categoriser)
+        super().__init__(config, base_embedder(config.embedder, "cuda" if on_gpu else config.device), categoriser)
 
     def __call__(self, raw: pa.Table) -> pa.Table:
         frame, vectors = self.stage(raw_rows(raw))
         return to_table(frame, STAGE_SCHEMA).append_column(EMBEDDING, embedding_column(vectors))
 
 
-def base_embedder(name: str | None, on_gpu: bool):
-    """The encoder for an actor: on its GPU when it has one (the static embedder has no GPU code)."""
-    if on_gpu and name != STATIC_EMBEDDER:
-        return Embedder(name, device="cuda")
-    return get_embedder(name)
+def base_embedder(name: str | None, device: str):
+    """The encoder for an actor on ``device`` (its GPU when it has one; the static embedder has no GPU code)."""
+    return get_embedder(name, device)
 
 
 def embedding_column(vectors: np.ndarray) -> pa.FixedSizeListArray:

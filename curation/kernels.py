@@ -28,13 +28,6 @@ import numpy as np
 from numba import njit
 
 _M = np.uint64(0xFFFFFFFF)
-_DEBRUIJN = np.uint64(0x03F79D71B4CB0A89)
-#: _BIT_INDEX[(b * _DEBRUIJN) >> 58] is k for b = 2**k
-_BIT_INDEX = np.zeros(64, dtype=np.int64)
-for _k in range(64):
-    _BIT_INDEX[((0x03F79D71B4CB0A89 << _k) & 0xFFFFFFFFFFFFFFFF) >> 58] = _k
-
-
 @njit(cache=True, inline="always")
 def _rotl32(x, r):
     return ((x << np.uint64(r)) | (x >> np.uint64(32 - r))) & _M
@@ -159,18 +152,21 @@ def _ngram_counts(data, offsets, word, n_buckets):
     token_start = np.empty(widest // 2 + 1, np.int64)
     token_end = np.empty(widest // 2 + 1, np.int64)
     row_buckets = np.empty(3 * (widest // 2 + 1), np.int64)
-    seen = np.zeros(n_buckets, np.int64)
-    bits = np.zeros((n_buckets + 63) // 64, np.uint64)
-    summary = np.zeros((len(bits) + 63) // 64, np.uint64)
+    sorted_buckets = np.empty(3 * (widest // 2 + 1), np.int64)
+    # A row's buckets are put in order by a two-pass radix sort (low digit, then high): no comparisons to mispredict.
+    bits = 1
+    while (1 << bits) < n_buckets:
+        bits += 1
+    low_bits = (bits + 1) // 2
+    low_mask = (1 << low_bits) - 1
+    histogram = np.zeros((1 << low_bits) + 1, np.int64)
     indptr = np.zeros(n + 1, np.int64)
     indices = np.empty(cap, np.int32)
     values = np.empty(cap, np.float64)
     nnz = 0
-    top = np.uint64(2**31)
     buckets = np.uint64(n_buckets)
     mask = np.uint64(n_buckets - 1)
     power_of_two = n_buckets & (n_buckets - 1) == 0
-    fold_min = (2**31 - 1 - (n_buckets - 1)) % n_buckets
     for r in range(n):
         tokens = 0
         written = 0
@@ -215,52 +211,50 @@ def _ngram_counts(data, offsets, word, n_buckets):
                     h = _murmur_block(scratch, start + 4 * done, h)
                     done += 1
                 u = _murmur_finish(scratch, start, length, h)
-                # FeatureHasher's fold of the signed int32 hash: abs(u) % n_buckets (abs(-2**31) taken as 2**31 - 1
-                # - (n_buckets - 1)); abs of a negative u is 2**32 - u unsigned
-                if u == top:
-                    row_buckets[m] = fold_min
-                elif u > top:
-                    row_buckets[m] = (np.uint64(2**32) - u) & mask if power_of_two else (np.uint64(2**32) - u) % buckets
-                else:
-                    row_buckets[m] = u & mask if power_of_two else u % buckets
+                # FeatureHasher's fold of the signed int32 hash, abs(u) % n_buckets, without a branch: the magnitude
+                # of a negative u is 2**32 - u. Its rule for -2**31 (2**31 - 1 - (n_buckets - 1), mod n_buckets)
+                # is 2**31 mod n_buckets, which is what the magnitude gives.
+                negative = u >> np.uint64(31)
+                magnitude = ((u ^ (negative * _M)) + negative) & _M
+                row_buckets[m] = magnitude & mask if power_of_two else magnitude % buckets
                 m += 1
-        # Each row's distinct buckets in increasing order without a sort: a bitmap of the buckets seen, and a bitmap of
-        # its non-empty words, each read lowest set bit first (de Bruijn), beside their counts.
-        for q in range(m):
-            bucket = row_buckets[q]
-            if seen[bucket] == 0:
-                w = bucket >> 6
-                if bits[w] == 0:
-                    summary[w >> 6] |= np.uint64(1) << np.uint64(w & 63)
-                bits[w] |= np.uint64(1) << np.uint64(bucket & 63)
-            seen[bucket] += 1
+        # The row's buckets in increasing order (radix sort: low digit, then high; stable), then each run counted.
+        _radix_pass(row_buckets, sorted_buckets, m, histogram, 0, low_mask)
+        _radix_pass(sorted_buckets, row_buckets, m, histogram, low_bits, len(histogram) - 2)
         first = nnz
         squares = 0.0
-        for v in range(len(summary)):
-            words = summary[v]
-            while words:
-                low_word = words & (~words + np.uint64(1))
-                w = v * 64 + _BIT_INDEX[(low_word * _DEBRUIJN) >> np.uint64(58)]
-                word_bits = bits[w]
-                while word_bits:
-                    low = word_bits & (~word_bits + np.uint64(1))
-                    bucket = w * 64 + _BIT_INDEX[(low * _DEBRUIJN) >> np.uint64(58)]
-                    count = seen[bucket]
-                    indices[nnz] = bucket
-                    values[nnz] = count
-                    squares += count * count
-                    nnz += 1
-                    seen[bucket] = 0
-                    word_bits ^= low
-                bits[w] = 0
-                words ^= low_word
-            summary[v] = 0
+        q = 0
+        while q < m:
+            bucket = row_buckets[q]
+            k = q + 1
+            while k < m and row_buckets[k] == bucket:
+                k += 1
+            count = k - q
+            indices[nnz] = bucket
+            values[nnz] = count
+            squares += count * count
+            nnz += 1
+            q = k
         if squares > 0:  # sklearn's inplace_csr_row_normalize_l2: integer counts, so every order sums exactly
             norm = np.sqrt(squares)
             for q in range(first, nnz):
                 values[q] /= norm
         indptr[r + 1] = nnz
     return indptr, indices[:nnz].copy(), values[:nnz].copy()
+
+
+@njit(cache=True, inline="always")
+def _radix_pass(source, target, m, histogram, shift, digit_mask):
+    """Stable counting sort of ``source[:m]`` into ``target[:m]`` by the digit ``(value >> shift) & digit_mask``."""
+    histogram[:] = 0
+    for q in range(m):
+        histogram[((source[q] >> shift) & digit_mask) + 1] += 1
+    for v in range(len(histogram) - 1):
+        histogram[v + 1] += histogram[v]
+    for q in range(m):
+        digit = (source[q] >> shift) & digit_mask
+        target[histogram[digit]] = source[q]
+        histogram[digit] += 1
 
 
 @njit(cache=True)

@@ -90,6 +90,7 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
             "config": config.to_dict(),
             "config_hash": _config_hash(config),
             "embedder": embedder.name,
+            "embedder_device": embedder_device(embedder),
             "categoriser": config.categoriser or "bundled",
             # which labeller made each pooled row's group: the heads, the --judge, or the heads where the judge's
             # answer could not be parsed; and what gave prompt harm and answer costs: the heads or the --guard-model
@@ -125,8 +126,18 @@ def curate(config: CurateConfig, embedder=None, categoriser=None) -> CurateResul
                         resumed_batches=scored.resumed_batches)
 
 
-#: Config fields that do not change what a run writes.
-_NOT_OUTPUT_DEFINING = ("out", "overwrite", "quiet", "resume", "engine", "ray_address", "workers")
+#: Config fields that do not change what a run writes. ``device`` changes the vectors' last digits, but the device
+#: a run resolved to is part of the embedder's identity (:func:`curation.embed.device_tag`), which the resume
+#: fingerprint and the embedding cache key on; ``auto`` alone would not say which device a run used.
+_NOT_OUTPUT_DEFINING = ("out", "overwrite", "quiet", "resume", "engine", "ray_address", "workers", "device")
+
+
+def embedder_device(embedder) -> str:
+    """The torch device type the run's encoder ran on (``cpu`` for the static embedder and other numpy encoders)."""
+    inner = getattr(embedder, "embedder", embedder)  # behind the embedding cache
+    model = getattr(inner, "model", None)
+    device = getattr(model, "device", None)
+    return getattr(device, "type", None) or "cpu"
 
 
 def _config_hash(config: CurateConfig) -> str:

@@ -189,7 +189,7 @@ def load_models(config: CurateConfig, embedder=None, categoriser=None):
     """The embedder (behind the embedding cache) and a categoriser fit for its embedding size."""
     if embedder is None:  # the static embedder does not import transformers: nothing to silence
         with quiet_transformers(config.quiet and config.embedder != STATIC_EMBEDDER):
-            embedder = get_embedder(config.embedder)
+            embedder = get_embedder(config.embedder, config.device)
     if config.embedding_cache:
         embedder = CachedEmbedder(embedder, EmbeddingCache(getattr(embedder, "identity", embedder.name), embedder.dim))
     if categoriser is None:

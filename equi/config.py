@@ -67,6 +67,18 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+#: ``--device`` values: ``auto`` (CUDA when torch sees a device, else the CPU), or a torch device.
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
+
+
+def valid_device(device: str | None) -> bool:
+    """Whether ``device`` names a device ``--device`` takes (:data:`DEVICE_HELP`); None means ``auto``."""
+    if device in (None, "auto", "cpu", "cuda", "mps"):
+        return True
+    kind, _, index = str(device).partition(":")
+    return kind == "cuda" and index.isdigit()
+
+
 @dataclass
 class CurateConfig:
     """Everything ``equi curate`` needs to turn raw JSONL into a mix.
@@ -80,6 +92,9 @@ class CurateConfig:
             than reading past it.
     Categorising:
         embedder: sentence-transformers model name or path; ``None`` = the bundled all-MiniLM-L6-v2.
+        device: where the encoder runs: ``auto`` (a CUDA GPU when torch sees one, else the CPU), ``cpu``,
+            ``cuda``, ``cuda:N`` or ``mps``. Vectors differ in their last digits between devices, so the embedding
+            cache and a resume keep each device's apart. The static embedder always runs on the CPU.
         embedding_cache: reuse prompt embeddings cached by (embedder, text hash) under ``$EQUI_CACHE``
             (default ``~/.cache/equi``), so a re-run embeds only new texts.
         categoriser: fitted categoriser parameters (``equi fit-categoriser``); ``None`` = the bundled one.
@@ -123,6 +138,7 @@ class CurateConfig:
     strict: bool = False
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     embedder: str | None = None
+    device: str = "auto"
     categoriser: str | None = None
     judge: str | None = None
     guard_model: str | None = None
@@ -153,6 +169,8 @@ class CurateConfig:
         self.out = str(self.out)
         if self.input_format not in INPUT_FORMATS:
             raise ConfigError(f"unknown --format {self.input_format!r}; choose one of {', '.join(INPUT_FORMATS)}")
+        if not valid_device(self.device):
+            raise ConfigError(f"unknown --device {self.device!r}; choose one of {DEVICE_HELP}")
         if self.max_line_bytes < 1:
             raise ConfigError("--max-line-bytes must be at least 1")
         if self.clusters is not None and self.clusters < 1:

@@ -233,6 +233,25 @@ def test_ngram_features_equal_hashing_vectorizer_with_and_without_numba(texts, k
     assert _same_csr(got, _hashing_vectorizer(strings)) and got.has_sorted_indices
 
 
+@pytest.mark.parametrize("n_buckets", [1, 2, 3, 97, 1000, 2**12, 2**13, 2**16 + 3])
+def test_ngram_kernel_equals_hashing_vectorizer_for_any_bucket_count(texts, n_buckets):
+    # the radix sort's digits and the hash fold depend on the bucket count: odd bit counts, non-powers of two
+    # (modulo, not a mask), one bucket (every n-gram collides into one run)
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    kernels = refusal._kernels()
+    if kernels is None:
+        pytest.skip("numba is not installed")
+    openings = [s.strip()[: refusal.NGRAM_CHARS].lower() for s in texts[:800]] + ["ab " * 100, "", "a b"]
+    data = np.frombuffer("".join(openings).encode("utf-8"), dtype=np.uint8)
+    lengths = np.fromiter(map(len, openings), dtype=np.int64, count=len(openings))
+    indptr, indices, values = kernels.ngram_counts(data, lengths, refusal._python_word_table(), n_buckets)
+    want = HashingVectorizer(n_features=n_buckets, ngram_range=(1, 3), alternate_sign=False, norm="l2",
+                             lowercase=False).transform(openings)
+    assert np.array_equal(indptr, want.indptr) and np.array_equal(indices, want.indices)
+    assert np.array_equal(values, want.data)
+
+
 def test_head_logits_equal_the_design_matrix_product(texts, kernel_mode):
     heads = refusal.load_heads()
     strings = texts[:1500] + texts[6000:6100]

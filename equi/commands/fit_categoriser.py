@@ -28,6 +28,8 @@ def fit_categoriser_command(
     embedder: Optional[str] = typer.Option(
         None, help="sentence-transformers model name or path, `static`, or `lm:MODEL` (a chat LM's state at the end "
         "of the prompt); default the bundled all-MiniLM-L6-v2. Use the same one with `equi curate --embedder`."),
+    device: str = typer.Option("auto", help="Where the encoder runs: auto (a CUDA GPU when torch sees one, else the "
+                               "CPU), cpu, cuda, cuda:N or mps."),
     folds: int = typer.Option(5, min=0, help="Cross-validation folds for the printed macro-F1 (0 = skip CV)."),
     seed: int = typer.Option(0, help="Seed for fold shuffling."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
@@ -48,7 +50,7 @@ def fit_categoriser_command(
     if n_grouped == 0:
         fail("no labelled rows: need rows with 'category' in EHD, IHD, MHD, OTHER, BENIGN or 'No risk'", code=2)
     with reported_errors():
-        model_embedder = get_embedder(embedder)
+        model_embedder = get_embedder(embedder, device)
 
     config = FitConfig(seed=seed)
     with console.status("embedding prompts", spinner="dots") if not quiet else nullcontext():
