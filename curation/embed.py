@@ -211,7 +211,8 @@ class LMStateEmbedder:
     just past the middle (16 of SmolLM2-135M's 30), L2-normalised. Chat models represent whether a request is
     harmful there, before they answer; with the same harm head it holds up better than MiniLM on sources the head
     was not fit on (``bench/harm_lm_features.py``: leave-one-source-out balanced accuracy 0.763 against 0.622), at
-    ~30× MiniLM's cost a prompt on a CPU. The categoriser must be fit for it
+    ~25× MiniLM's cost a prompt on a CPU (~26 prompts/s on 2 cores: only the layers up to the one read run, no LM
+    head, :func:`_trunk`). The categoriser must be fit for it
     (``equi fit-categoriser LABELLED.jsonl --embedder lm:MODEL``).
 
     Each text is encoded alone (batch of one, no padding), so its vector is a function of its own text (on one
@@ -233,6 +234,7 @@ class LMStateEmbedder:
         self.dim = int(self.model.config.hidden_size)
         self.identity = (f"{self.name}|{model_digest(self.model)}|{tokenizer_digest(self.tokenizer)}|"
                          f"layer {self.layer}|{LM_MAX_PROMPT_TOKENS}|{ENCODING_VERSION}{device_tag(self.model.device)}")
+        self._trunk = _trunk(self.model, self.layer)
 
     def frame(self, text: str) -> list[int]:
         """The token ids the model reads for ``text``: its first tokens as a chat user turn, assistant turn opened."""
@@ -254,10 +256,40 @@ class LMStateEmbedder:
         with torch.inference_mode():
             for i, text in enumerate(unique):
                 ids = torch.tensor([self.frame(text)], device=self.model.device)
-                state = self.model(input_ids=ids, output_hidden_states=True).hidden_states[self.layer][0, -1]
+                if self._trunk is not None:
+                    state = self._trunk(input_ids=ids, use_cache=False).last_hidden_state[0, -1]
+                else:
+                    state = self.model(input_ids=ids, output_hidden_states=True).hidden_states[self.layer][0, -1]
                 out[i] = torch.nn.functional.normalize(state.float(), dim=0).cpu().numpy()
         position = {text: i for i, text in enumerate(unique)}
         return out[[position[t] for t in texts]]
+
+
+def _trunk(model, layer: int):
+    """The part of a causal LM that computes ``hidden_states[layer]``, or None where its layout is not the usual one.
+
+    ``hidden_states[layer]`` is the output of the first ``layer`` decoder layers, final norm applied only when they are
+    all the layers (transformers ties the last hidden state to the normed one). The trunk is the model's decoder
+    stack (``model.model``, sharing its weights) with only those layers, the norm kept only in that case, and no LM
+    head: the same operations on the same tensors, so the same bytes, without the later layers and the head's
+    vocabulary-sized product at every position (about half of SmolLM2-135M's cost a prompt).
+    """
+    import copy
+
+    import torch
+
+    decoder = getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not isinstance(getattr(decoder, "norm", None), torch.nn.Module):
+        return None
+    if getattr(model.config, "num_hidden_layers", None) != len(layers) or not 0 < layer <= len(layers):
+        return None
+    trunk = copy.copy(decoder)
+    trunk._modules = dict(decoder._modules)  # the copy's own submodule table: the model keeps all its layers
+    trunk.layers = torch.nn.ModuleList(layers[:layer])
+    if layer < len(layers):
+        trunk.norm = torch.nn.Identity()
+    return trunk
 
 
 def tokenizer_digest(tokenizer) -> str:

@@ -56,6 +56,20 @@ def test_the_vector_is_the_middle_layer_at_the_last_token_of_the_chat_framed_pro
     assert not np.allclose(embedder.encode([prompt])[0], other_layer)
 
 
+@pytest.mark.parametrize("layers", [2, 5])
+def test_the_trunk_gives_the_full_models_bytes_and_leaves_the_model_whole(tmp_path, prompts, layers):
+    # 2 layers: the state read is the last, normed one (the trunk keeps the norm); 5: layer 3, before the norm (the
+    # trunk drops it and layers 4-5). Either way the bytes of the full model's hidden_states[layer], no LM head.
+    model = build_tiny_model(tmp_path / "model", layers=layers)
+    embedder = LMStateEmbedder(str(model))
+    assert embedder.layer == layers // 2 + 1 and len(embedder._trunk.layers) == embedder.layer
+    assert len(embedder.model.model.layers) == layers  # the model keeps every layer
+    assert isinstance(embedder._trunk.norm, torch.nn.Identity) is (embedder.layer < layers)
+    fast = embedder.encode(prompts)
+    embedder._trunk = None  # the whole model's forward, hidden_states[layer]
+    assert np.array_equal(fast, embedder.encode(prompts))
+
+
 def test_only_the_start_of_a_long_prompt_is_read(tiny, prompts):
     embedder = LMStateEmbedder(str(tiny))
     long = " ".join(prompts)

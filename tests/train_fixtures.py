@@ -170,8 +170,10 @@ def build_hh_mix(out: Path, n_rows: int = 48, n_eval: int = 8) -> Path:
     return out
 
 
-def build_tiny_model(out: Path, texts: list[str] | None = None, vocab_size: int = 400, seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 32) and a byte-level BPE tokenizer trained here; saved for ``from_pretrained``."""
+def build_tiny_model(out: Path, texts: list[str] | None = None, vocab_size: int = 400, seed: int = 0,
+                     layers: int = 2) -> Path:
+    """A 2-layer (``layers``) Llama (hidden 32) and a byte-level BPE tokenizer trained here; saved for
+    ``from_pretrained``."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -200,7 +202,7 @@ def build_tiny_model(out: Path, texts: list[str] | None = None, vocab_size: int 
         vocab_size=len(fast),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
