@@ -355,8 +355,10 @@ class CausalGuard(ModelGuard):
             mask = batch["attention_mask"]
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():
+                # logits_to_keep=1: the head's vocabulary-sized product only at the last position, the one read
+                # (a batch's full logits would be batch x length x vocabulary floats: ~1.6 GB for Llama Guard 3)
                 logits = self.model(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device),
-                                    position_ids=positions.to(device)).logits[:, -1, :].float()
+                                    position_ids=positions.to(device), logits_to_keep=1).logits[:, -1, :].float()
             probs = torch.softmax(logits, -1)
             unsafe = probs[:, self.unsafe_ids].sum(-1)
             safe = probs[:, self.safe_ids].sum(-1)

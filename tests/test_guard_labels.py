@@ -133,6 +133,15 @@ def test_a_llama_guard_style_causal_guard_reads_its_verdict_token(fitted_guard):
     # Left padding is invisible: each prompt alone gets the probability it got in a padded batch of 16.
     alone = np.concatenate([guard.unsafe_probability([conversation(p)]) for p in harmful[:2] + benign[:2]])
     np.testing.assert_allclose(alone, np.concatenate([together[:2], together[8:10]]), atol=1e-5)
+    # Only the last position's logits are computed (logits_to_keep=1): the verdict every position's logits give.
+    import torch
+
+    text = guard.tokenizer.apply_chat_template(conversation(harmful[0]), tokenize=False, add_generation_prompt=True)
+    ids = guard.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        probs = torch.softmax(guard.model(input_ids=ids).logits[0, -1].float(), -1)
+    unsafe, safe = probs[guard.unsafe_ids].sum(), probs[guard.safe_ids].sum()
+    np.testing.assert_allclose(together[0], float(unsafe / (unsafe + safe)), atol=1e-5)
 
 
 @pytest.mark.slow
