@@ -128,6 +128,22 @@ def test_a_change_inside_the_intervals_is_called_noise_not_a_trend():
     assert "over-refusal is within noise (n=100 prompts)" in text  # 0/100 → 1/100
 
 
+def test_a_peak_or_dip_between_the_ends_is_named_not_hidden_by_them():
+    # SYNTHETIC curves: safety 20/100 -> 80/100 -> 25/100 (the ends overlap: "within noise" alone would hide the
+    # peak); over-refusal 30/100 -> 2/100 -> 35/100 (a dip)
+    peak = {"EHD": [_point("b", 0, 20, 30, 100), _point("m", 40, 80, 2, 100), _point("e", 400, 25, 35, 100)]}
+    text = "\n".join(findings(peak))
+    assert ("safety is within noise (n=100 prompts): from 20.0% [13.3, 28.9] of 100 prompts at 0 safety examples to "
+            "25.0%") in text
+    assert "but peaks at 80.0% [71.1, 86.7] of 100 prompts at 40 safety examples in between, beyond the ends'" in text
+    assert "over-refusal" in text and "but dips at 2.0% [0.6, 7.0] of 100 prompts at 40 safety examples" in text
+    # a middle run inside either end's interval is no turn
+    bump = {"EHD": [_point("b", 0, 20, 0, 100), _point("m", 40, 30, 0, 100), _point("e", 400, 60, 1, 100)]}
+    assert "peaks" not in "\n".join(findings(bump)) and "dips" not in "\n".join(findings(bump))
+    # two points have nothing in between
+    assert "peaks" not in "\n".join(findings({"EHD": [_point("b", 0, 20, 0, 100), _point("e", 400, 90, 0, 100)]}))
+
+
 # ---------------------------------------------------------------- the report files
 
 

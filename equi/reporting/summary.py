@@ -58,7 +58,8 @@ def _prompt_n(points: list[CurvePoint], metric: str) -> str:
 
 def _trend(points: list[CurvePoint], metric: str) -> str | None:
     """How ``metric`` moves from the smallest to the largest run of a series; a change inside the two Wilson 95%
-    intervals is said to be within noise, never a rise or fall."""
+    intervals is said to be within noise, never a rise or fall. A run between them that stands above (or below)
+    both ends beyond their intervals is named (:func:`_turn`): the ends alone would hide a peak or a dip."""
     kept = [p for p in points if p.value(metric) is not None]
     if len(kept) < 2:
         return None
@@ -67,11 +68,30 @@ def _trend(points: list[CurvePoint], metric: str) -> str | None:
     apart = _apart(first, last, metric)
     span = (f"{rate_text(first, metric)} at {first.n_safety} safety examples to {rate_text(last, metric)} at "
             f"{last.n_safety}")
+    turn = _turn(kept, metric)
     if apart is False:
-        return f"is within noise ({_prompt_n([first, last], metric)} prompts): from {span}, {delta:+.1f} points"
+        return (f"is within noise ({_prompt_n([first, last], metric)} prompts): from {span}, {delta:+.1f} points"
+                + turn)
     direction = "rises" if delta > 0.5 else "falls" if delta < -0.5 else "stays flat"
     caveat = "; prompt counts unknown, so no interval" if apart is None else ""
-    return (f"{direction} from {span}" + (f", {delta:+.1f} points" if direction != "stays flat" else "") + caveat)
+    return (f"{direction} from {span}" + (f", {delta:+.1f} points" if direction != "stays flat" else "") + caveat
+            + turn)
+
+
+def _turn(kept: list[CurvePoint], metric: str) -> str:
+    """``", but peaks at … in between"``: the highest (and the lowest) run strictly between the ends when its 95%
+    interval lies above (below) both ends' intervals; "" when there is none, or when the intervals are unknown."""
+    inner = kept[1:-1]
+    if not inner:
+        return ""
+    ends = (kept[0], kept[-1])
+    notes = []
+    for word, pick, beyond in (("peaks", max, lambda p, e: p.value(metric) > e.value(metric)),
+                               ("dips", min, lambda p, e: p.value(metric) < e.value(metric))):
+        point = pick(inner, key=lambda p: p.value(metric))
+        if all(beyond(point, end) and _apart(point, end, metric) for end in ends):
+            notes.append(f"{word} at {rate_text(point, metric)} at {point.n_safety} safety examples")
+    return (", but " + " and ".join(notes) + " in between, beyond the ends' 95% intervals") if notes else ""
 
 
 def _sentence(lead: str, rest: str) -> str:
