@@ -381,6 +381,17 @@ def test_quiet_loads_the_encoder_without_a_bar_and_restores_the_setting(capfd):
     assert shown == [False, True]
 
 
+def test_quiet_transformers_off_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys; from equi.progress import quiet_transformers\n"
+            "with quiet_transformers(False):\n    pass\n"
+            "assert 'transformers' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_an_encoder_that_fills_every_core_gets_no_neighbour_thread(raw_inputs, tmp_path):
     """MiniLM on the CPU (a torch thread per core) is called in the scoring thread, one batch at a time; an encoder
     that leaves cores idle embeds in a thread beside the heuristics. The pool is the same either way."""
