@@ -235,7 +235,7 @@ class Labellers:
 
 def configured_labellers(config: CurateConfig) -> Labellers:
     """``--judge`` and ``--guard-model`` loaded (answers cached unless ``--no-cache``); None where not asked for."""
-    with quiet_transformers(config.quiet):
+    with quiet_transformers(config.quiet and bool(config.judge or config.guard_model)):
         judge = load_judge(config.judge, quiet=config.quiet, use_cache=config.embedding_cache) if config.judge else None
         guard = load_guard_labeller(config.guard_model, use_cache=config.embedding_cache) if config.guard_model else None
     return Labellers(judge=judge, guard=guard)

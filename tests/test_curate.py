@@ -385,8 +385,12 @@ def test_quiet_transformers_off_does_not_import_transformers():
     import subprocess
     import sys
 
+    # nor does a quiet run without --judge or --guard-model load its (absent) labellers under it
     code = ("import sys; from equi.progress import quiet_transformers\n"
             "with quiet_transformers(False):\n    pass\n"
+            "from curation.steps import configured_labellers; from equi.config import CurateConfig\n"
+            "labellers = configured_labellers(CurateConfig(inputs=['raw.jsonl'], out='mix', quiet=True))\n"
+            "assert labellers.judge is None and labellers.guard is None\n"
             "assert 'transformers' not in sys.modules\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
