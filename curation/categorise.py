@@ -213,8 +213,15 @@ def _lexicon_exprs() -> list[pl.Expr]:
 
 
 def lexicon_features(texts: Sequence[str | None]) -> np.ndarray:
-    """Raw lexicon counts, one row per text, columns :data:`LEXICON_FEATURES` (float32)."""
-    strings = [text or "" for text in texts]
+    """Raw lexicon counts, one row per text, columns :data:`LEXICON_FEATURES` (float32); each distinct text is
+    read once (a batch repeats prompts: several answers to one prompt)."""
+    from curation.refusal import distinct_texts
+
+    distinct, inverse = distinct_texts([text or "" for text in texts])
+    return _distinct_lexicon_features(distinct)[inverse]
+
+
+def _distinct_lexicon_features(strings: list[str]) -> np.ndarray:
     out = np.zeros((len(strings), len(LEXICON_FEATURES)), dtype=np.float32)
     if not strings:
         return out
@@ -230,8 +237,15 @@ def lexicon_features(texts: Sequence[str | None]) -> np.ndarray:
 
 
 def severe_term_hits(texts: Sequence[str | None]) -> np.ndarray:
-    """Boolean per text: mentions death, serious physical harm, sexual abuse, terrorism or self-harm."""
-    strings = [text or "" for text in texts]
+    """Boolean per text: mentions death, serious physical harm, sexual abuse, terrorism or self-harm (each distinct
+    text read once)."""
+    from curation.refusal import distinct_texts
+
+    distinct, inverse = distinct_texts([text or "" for text in texts])
+    return _distinct_severe_term_hits(distinct)[inverse]
+
+
+def _distinct_severe_term_hits(strings: list[str]) -> np.ndarray:
     out = np.zeros(len(strings), dtype=bool)
     if not strings:
         return out

@@ -354,6 +354,11 @@ def test_lexicon_batch_order_does_not_matter(lexicon_texts):
     texts = lexicon_texts[:2000]
     order = np.random.default_rng(1).permutation(len(texts))
     assert np.array_equal(lexicon_features([texts[i] for i in order]), lexicon_features(texts)[order])
+    # repeated texts (each read once) get their own rows back, None as ""
+    picks = np.random.default_rng(2).integers(0, 300, 900)
+    repeated = [texts[i] for i in picks] + [None, ""]
+    assert np.array_equal(lexicon_features(repeated), _reference_lexicon(repeated))
+    assert np.array_equal(severe_term_hits(repeated), _reference_severe(repeated))
 
 
 def test_group_confidence_goes_through_the_confidence_map(embedder):
