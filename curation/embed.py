@@ -199,8 +199,12 @@ class StaticEmbedder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(list(texts), normalize=True, use_multiprocessing=False)
-        return np.asarray(vectors, dtype=np.float32)
+        unique = list(dict.fromkeys(texts))  # a batch repeats prompts: each is embedded once, as MiniLM's are
+        vectors = np.asarray(self.model.encode(unique, normalize=True, use_multiprocessing=False), dtype=np.float32)
+        if len(unique) == len(texts):
+            return vectors
+        position = {text: i for i, text in enumerate(unique)}
+        return vectors[[position[t] for t in texts]]
 
 
 class LMStateEmbedder:

@@ -67,3 +67,19 @@ def test_static_embedder_refuses_the_minilm_categoriser(raw, tmp_path):
     assert result.exit_code == 2, result.output
     assert "fit-categoriser" in result.output and "--embedder static" in result.output
     assert not (tmp_path / "mix").exists()
+
+
+def test_static_vectors_are_each_a_function_of_their_own_text(shared_data):
+    """Each distinct text of a batch is embedded once; its vector is the one it gets alone or in any batch."""
+    import numpy as np
+
+    from curation.embed import get_embedder
+
+    embedder = get_embedder("static")
+    prompts = [r["prompt"] for r in advbench_rows(shared_data, 40)]
+    repeated = prompts + prompts[::-1] + prompts[:7]
+    together = embedder.encode(repeated)
+    assert together.shape == (len(repeated), embedder.dim) and together.dtype == np.float32
+    alone = np.stack([embedder.encode([p])[0] for p in prompts])
+    assert np.array_equal(together[:40], alone) and np.array_equal(together[40:80], alone[::-1])
+    assert np.array_equal(together[80:], alone[:7])
