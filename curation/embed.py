@@ -134,8 +134,9 @@ class Embedder:
         every text is padded to a fixed length bucket (:data:`LENGTH_STEP` tokens) and every forward pass
         has :data:`CHUNK_ROWS` rows (a short chunk is filled with copies of its first text), so the same text
         always meets the same tensor shapes: its vector does not depend on the batch, the cache or the order
-        (on one device and torch thread count; an accelerator takes :data:`ACCELERATOR_CHUNK_ROWS` rows a pass). Texts are cut to :data:`MAX_CHARS_PER_TOKEN` characters a token
-        before tokenising, so a huge line costs no more than the encoder's token limit needs.
+        (on one device and torch thread count; an accelerator takes :data:`ACCELERATOR_CHUNK_ROWS` rows a pass).
+        Texts are cut to :data:`MAX_CHARS_PER_TOKEN` characters a token before tokenising, so a huge line costs no
+        more than the encoder's token limit needs.
         """
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
