@@ -379,12 +379,15 @@ def load_guard(guard_model: str | None, embedder=None, trust_remote_code: bool =
     return load_model_guard(guard_model, trust_remote_code=trust_remote_code)
 
 
-def load_model_guard(guard_model: str, trust_remote_code: bool = False) -> ModelGuard:
-    """A guard model (local path or hub id; hub ids from the local cache when offline), on the GPU when there is one."""
+def load_model_guard(guard_model: str, trust_remote_code: bool = False, device: str | None = None) -> ModelGuard:
+    """A guard model (local path or hub id; hub ids from the local cache when offline) on ``device`` (default: the
+    GPU when there is one). A causal guard runs in bfloat16 on CUDA."""
     import os
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or Path(guard_model).exists()
     try:
@@ -397,7 +400,7 @@ def load_model_guard(guard_model: str, trust_remote_code: bool = False) -> Model
                                                   trust_remote_code=trust_remote_code)
         auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
         model = auto.from_pretrained(guard_model, local_files_only=offline, trust_remote_code=trust_remote_code,
-                                     dtype=torch.bfloat16 if causal and torch.cuda.is_available() else None)
+                                     dtype=torch.bfloat16 if causal and device.startswith("cuda") else None)
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise GuardError(f"cannot load guard model {guard_model!r}: {first}") from None
@@ -406,7 +409,7 @@ def load_model_guard(guard_model: str, trust_remote_code: bool = False) -> Model
             raise GuardError(f"guard model {guard_model!r}: tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    model.to(device).eval()
     if causal:
         return CausalGuard(model, tokenizer, name=str(guard_model))
     return ClassifierGuard(model, tokenizer, name=str(guard_model))

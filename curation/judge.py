@@ -119,18 +119,20 @@ class Judge:
 
 
 def load_judge(model: str, trust_remote_code: bool = False, quiet: bool = False, max_new_tokens: int = 160,
-               batch_size: int = 8, use_cache: bool = True) -> Judge:
-    """A causal LM as a :class:`Judge` (greedy answers to the authors' prompt)."""
-    from curation.embed import model_digest
+               batch_size: int = 8, use_cache: bool = True, device: str | None = None) -> Judge:
+    """A causal LM as a :class:`Judge` (greedy answers to the authors' prompt), on ``device`` (default: CUDA when
+    torch sees it, else the CPU)."""
+    from curation.embed import device_tag, model_digest
     from equi.cache import cache_dir
     from equi.models import ModelError, generate_answers, load_model
 
     try:
-        lm, tokenizer = load_model(model, trust_remote_code=trust_remote_code, quiet=quiet)
+        lm, tokenizer = load_model(model, device=device, trust_remote_code=trust_remote_code, quiet=quiet)
     except ModelError as exc:
         raise JudgeError(f"--judge: {exc}") from None
     lm.tokenizer = tokenizer  # model_digest hashes the tokenizer too
-    digest = model_digest(lm)
+    # answers are cached by model and device kind: another device's kernels can tip a greedy answer
+    digest = model_digest(lm) + device_tag(next(lm.parameters()).device)
     template = judge_template()
 
     def ask(instructions: list[str]) -> list[str]:

@@ -19,7 +19,7 @@ from equi.messages import MESSAGES
 from equi.progress import quiet_transformers
 
 from curation.categorise import Categoriser, categorise
-from curation.embed import STATIC_EMBEDDER, EmbedderError, get_embedder
+from curation.embed import STATIC_EMBEDDER, EmbedderError, get_embedder, resolve_device
 from curation.embed_cache import CachedEmbedder, EmbeddingCache
 from curation.guard_labels import GuardLabeller, guard_costs, guard_harm, load_guard_labeller
 from curation.judge import Judge, apply_judge, load_judge
@@ -235,7 +235,12 @@ class Labellers:
 
 def configured_labellers(config: CurateConfig) -> Labellers:
     """``--judge`` and ``--guard-model`` loaded (answers cached unless ``--no-cache``); None where not asked for."""
-    with quiet_transformers(config.quiet and bool(config.judge or config.guard_model)):
-        judge = load_judge(config.judge, quiet=config.quiet, use_cache=config.embedding_cache) if config.judge else None
-        guard = load_guard_labeller(config.guard_model, use_cache=config.embedding_cache) if config.guard_model else None
+    if not (config.judge or config.guard_model):
+        return Labellers()
+    device = resolve_device(config.device)  # the encoder's --device: a missing one fails before a model loads
+    with quiet_transformers(config.quiet):
+        judge = (load_judge(config.judge, quiet=config.quiet, use_cache=config.embedding_cache, device=device)
+                 if config.judge else None)
+        guard = (load_guard_labeller(config.guard_model, use_cache=config.embedding_cache, device=device)
+                 if config.guard_model else None)
     return Labellers(judge=judge, guard=guard)

@@ -92,9 +92,10 @@ class CurateConfig:
             than reading past it.
     Categorising:
         embedder: sentence-transformers model name or path; ``None`` = the bundled all-MiniLM-L6-v2.
-        device: where the encoder runs: ``auto`` (a CUDA GPU when torch sees one, else the CPU), ``cpu``,
-            ``cuda``, ``cuda:N`` or ``mps``. Vectors differ in their last digits between devices, so the embedding
-            cache and a resume keep each device's apart. The static embedder always runs on the CPU.
+        device: where the encoder, the judge and the guard model run: ``auto`` (a CUDA GPU when torch sees one,
+            else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``. Vectors differ in their last digits between
+            devices, so the embedding cache and a resume keep each device's apart (the judge's and guard's answer
+            caches too). The static embedder always runs on the CPU.
         embedding_cache: reuse prompt embeddings cached by (embedder, text hash) under ``$EQUI_CACHE``
             (default ``~/.cache/equi``), so a re-run embeds only new texts.
         categoriser: fitted categoriser parameters (``equi fit-categoriser``); ``None`` = the bundled one.

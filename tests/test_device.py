@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from curation.embed import EmbedderError, LMStateEmbedder, device_tag, get_embedder, resolve_device
+from curation.embed import EmbedderError, LMStateEmbedder, device_tag, get_embedder, model_digest, resolve_device
 from equi.cli import app
 from equi.config import ConfigError, CurateConfig, valid_device
 from tests.realdata import advbench_rows, hh_lines, write_jsonl
@@ -110,3 +110,20 @@ def test_fit_categoriser_takes_the_device_too(shared_data, tmp_path, no_cuda):
     result = runner.invoke(app, ["fit-categoriser", str(small), "--folds", "0", "--out", str(tmp_path / "c.json"),
                                  "--quiet", "--device", "cuda"])
     assert result.exit_code == 2 and "torch sees no CUDA device" in result.output
+
+
+def test_the_judge_and_guard_run_on_the_same_device(tmp_path, no_cuda):
+    from curation.steps import configured_labellers
+    from equi.models import load_model
+
+    # a missing device fails before any model loads (the judge path does not even exist)
+    config = CurateConfig(inputs=["raw.jsonl"], out="mix", judge=str(tmp_path / "no-such-judge"), device="cuda")
+    with pytest.raises(EmbedderError, match="--device cuda: torch sees no CUDA device"):
+        configured_labellers(config)
+    tiny = build_tiny_model(tmp_path / "judge")
+    labellers = configured_labellers(CurateConfig(inputs=["raw.jsonl"], out="mix", judge=str(tiny), device="cpu",
+                                                  embedding_cache=False, quiet=True))
+    assert labellers.judge is not None and labellers.guard is None
+    model, tokenizer = load_model(str(tiny), device="cpu")
+    model.tokenizer = tokenizer  # the digest hashes the tokenizer too, as load_judge's does
+    assert labellers.judge.digest == model_digest(model)  # on the CPU: no device tag, the cache keys of before

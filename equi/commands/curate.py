@@ -36,9 +36,10 @@ def curate_command(
                                            "distilled), or `lm:MODEL` (a chat LM's state at the end of the prompt; "
                                            "`lm:` = bundled SmolLM2; needs a categoriser fit for it) "
                                            "\\[default: bundled all-MiniLM-L6-v2]."),
-    device: str = typer.Option("auto", help="Where the encoder runs: auto (a CUDA GPU when torch sees one, else the "
-                               "CPU), cpu, cuda, cuda:N or mps. Vectors differ in their last digits between devices; "
-                               "the cache and --resume keep them apart. --embedder static runs on the CPU."),
+    device: str = typer.Option("auto", help="Where the encoder, --judge and --guard-model run: auto (a CUDA GPU when "
+                               "torch sees one, else the CPU), cpu, cuda, cuda:N or mps. Vectors differ in their last "
+                               "digits between devices; the caches and --resume keep them apart. --embedder static "
+                               "runs on the CPU."),
     categoriser: Optional[Path] = typer.Option(None, help="Categoriser params from `equi fit-categoriser` "
                                                "\\[default: bundled]."),
     judge: Optional[str] = typer.Option(None, help="A causal LM (hub id or path) that decides EHD/IHD/MHD for the "
