@@ -118,9 +118,13 @@ def refusal_features(texts: Sequence[str | None]) -> np.ndarray:
     return _heuristics(_as_strings(texts))[0]
 
 
-def _heuristics(strings: list[str], extra: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _heuristics(strings: list[str], extra: Sequence[str] = (),
+                rare_gate: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`refusal_features`, whether each text holds a core refusal phrase (:func:`has_refusal_phrase`), and
-    the count of each ``extra`` pattern (Rust dialect) over each whole stripped text, ``(n, len(extra))`` int64."""
+    the count of each ``extra`` pattern (Rust dialect) over each whole stripped text, ``(n, len(extra))`` int64.
+    ``rare_gate``: count the :data:`_RARE` patterns only over the openings their alternation finds (the same
+    counts; faster where few texts hold one, as AMA segments, slower where about half or more do, as whole
+    responses and refusal openings)."""
     import polars as pl
 
     if not strings:
@@ -133,11 +137,11 @@ def _heuristics(strings: list[str], extra: Sequence[str] = ()) -> tuple[np.ndarr
     # Texts whose stand-in is ASCII are read lowercased by the (?i) patterns (curation.patterns.case_folded); the
     # few that keep non-ASCII characters are read as they are.
     kept = frame["kept"].to_numpy()
-    head, extra_counts, chars, lines, first, rest = _pattern_counts(frame, patterns, extra, fold=True)
+    head, extra_counts, chars, lines, first, rest = _pattern_counts(frame, patterns, extra, True, rare_gate)
     if kept.any():
         index = np.flatnonzero(kept)
         for whole, part in zip((head, extra_counts, chars, lines, first, rest),
-                               _pattern_counts(frame[index], patterns, extra, fold=False)):
+                               _pattern_counts(frame[index], patterns, extra, False, rare_gate)):
             whole[index] = part
     columns = [np.log1p(head[:, k]) for k in range(len(patterns))]
     columns += [np.log1p(rest[:, k]) for k in range(len(patterns))]
@@ -153,7 +157,7 @@ def _heuristics(strings: list[str], extra: Sequence[str] = ()) -> tuple[np.ndarr
     return np.stack(columns, axis=1).astype(np.float32), has_refusal, extra_counts
 
 
-def _pattern_counts(frame, patterns: list[str], extra: list[str], fold: bool):
+def _pattern_counts(frame, patterns: list[str], extra: list[str], fold: bool, rare_gate: bool = False):
     """Per text of ``frame`` (numpy arrays): the counts of ``patterns`` over its stand-in's opening, of ``extra``
     over the whole stand-in, its length in characters, its newlines, the byte offset of its first core refusal phrase
     (−1 where none) and the counts of ``patterns`` past the opening.
@@ -174,11 +178,25 @@ def _pattern_counts(frame, patterns: list[str], extra: list[str], fold: bool):
         column, pattern = read(column, pattern)
         return pl.col(column).str.count_matches(pattern).fill_null(0).alias(name)
 
+    rare = [k for k, p in enumerate(patterns) if rare_gate and p in _RARE and k not in gates]
+
     def counted(part, column: str) -> np.ndarray:
         """Every pattern over ``part[column]`` (the opening or the rest), ``(part.height, len(patterns))``."""
         out = np.zeros((part.height, len(patterns)), dtype=np.float32)
-        ungated = [k for k in range(len(patterns)) if k not in gates]
+        # (the openings only: past them texts are long and about half hold a rare pattern, so the pass costs more
+        # than it saves)
+        shared = rare if column == "head" and len({read(column, patterns[k])[0] for k in rare}) == 1 else []
+        ungated = [k for k in range(len(patterns)) if k not in gates and k not in shared]
         out[:, ungated] = part.select(count(column, patterns[k], f"{column}_{k}") for k in ungated).to_numpy()
+        if shared:
+            # The rare patterns: one pass of their alternation finds the texts that can hold a match of any of them
+            # (a text where one matches matches the alternation), and only those are counted pattern by pattern.
+            source = read(column, patterns[shared[0]])[0]
+            union = "|".join(f"(?:{read(column, patterns[k])[1]})" for k in shared)
+            holding = np.flatnonzero(part[source].str.contains(union).fill_null(False).to_numpy())
+            if len(holding):
+                out[np.ix_(holding, shared)] = part[holding].select(
+                    count(column, patterns[k], f"{column}_{k}") for k in shared).to_numpy()
         for k, gate in gates.items():
             holding = np.flatnonzero(part[column].str.contains(gate).to_numpy())
             if len(holding):
@@ -269,6 +287,14 @@ _GATES = {
     _stand_in_pattern(_REFUSAL_PATTERNS["bullet"]): "[-*\x02]",
     _stand_in_pattern(_REFUSAL_PATTERNS["heading"]): "[#*]",
 }
+
+
+#: Patterns (as :func:`_heuristics` counts them) that few AMA segments hold (a few % each, 20% any of them): with
+#: ``rare_gate`` they are counted only over the openings their alternation finds (:func:`_pattern_counts`). All are
+#: ``(?i)``, so they read one column.
+_RARE = frozenset(_stand_in_pattern(_REFUSAL_PATTERNS[name]) for name in (
+    "cannot", "cannot_object", "apology", "as_an_ai", "no_access", "not_appropriate", "judgement", "policy",
+    "important_to", "redirect", "instead", "however", "no_reason", "negation_start"))
 
 
 #: The opening the hashed n-gram part reads; refusal wording sits there ("I'm sorry, but...", "Sure! Here...").
@@ -745,11 +771,11 @@ def distinct_texts(strings: Sequence[str]) -> tuple[list[str], np.ndarray]:
     return list(first), inverse
 
 
-def _distinct_text_proba(distinct: list[str], head: RefusalHead, extra: Sequence[str] = ()):
+def _distinct_text_proba(distinct: list[str], head: RefusalHead, extra: Sequence[str] = (), rare_gate: bool = False):
     """:func:`_text_proba` of texts known to be distinct."""
     if not distinct:
         return np.zeros((0, len(CLASSES)), np.float32), np.zeros(0, bool), np.zeros((0, len(extra)), np.int64)
-    features, core, counts = _heuristics(distinct, extra)
+    features, core, counts = _heuristics(distinct, extra, rare_gate)
     proba = head.predict_proba(distinct, features=features)
     # "No answer" is not a refusal to score: the contract wants 0.0, and a blank opening has no n-grams to read.
     proba[np.array([not s.strip() for s in distinct], dtype=bool)] = np.array([1.0, 0.0, 0.0], dtype=np.float32)

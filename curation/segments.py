@@ -252,7 +252,7 @@ def _score_segments(prompt_harm: np.ndarray, segment_texts: list[str]) -> np.nda
     # One pass of the refusal detector's text head over the distinct segments: its probabilities (refusal_scores),
     # the core-phrase flag (has_refusal_phrase) and the concreteness cues, all from the same polars select.
     distinct, inverse = distinct_texts(segment_texts)
-    proba, core, counts = _distinct_text_proba(distinct, load_heads().text, (_CONCRETE.pattern,))
+    proba, core, counts = _distinct_text_proba(distinct, load_heads().text, (_CONCRETE.pattern,), rare_gate=True)
     refusal = _segment_refusal(proba, core)[inverse]
     concrete = _concreteness(distinct, counts[:, 0])[inverse]
     harmful_view = refusal - concrete * (1.0 - refusal)

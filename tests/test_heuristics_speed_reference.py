@@ -259,3 +259,21 @@ def test_head_logits_equal_the_design_matrix_product(texts, kernel_mode):
     for head, emb in ((heads.text, None), (heads.embed, embeddings)):
         want = np.asarray(head.design(strings, emb) @ head.coef.T) + head.intercept
         assert np.array_equal(head.logits(strings, emb), want)
+
+
+def test_the_rare_patterns_alternation_gate_changes_no_count(texts):
+    # the rare refusal patterns are counted only over the texts their alternation finds; counting every pattern over
+    # every text gives the same features, on both readings (lowercased ASCII stand-ins, and the texts that keep
+    # non-ASCII characters: _TRICKY's ſ / K / non-ASCII digits), segments included
+    from curation.segments import split_segments
+
+    pieces = [t[s:e] for t in texts[:1500] for s, e in split_segments(t)]
+    strings = texts + pieces + [t.upper() for t in texts[:300]]
+    gated = refusal._heuristics(strings, ("(?i)\\bsorry",), rare_gate=True)
+    assert 0 < len(refusal._RARE)
+    ungated = refusal._heuristics(strings, ("(?i)\\bsorry",))
+    for got, want in zip(gated, ungated):
+        assert np.array_equal(got, want)
+    names = [f"head_{n}" for n in refusal.PATTERN_NAMES]
+    fired = (ungated[0][:, : len(names)] > 0).any(axis=0)
+    assert fired.all(), [n for n, f in zip(names, fired) if not f]
