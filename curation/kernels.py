@@ -158,7 +158,6 @@ def _ngram_counts(data, offsets, word, n_buckets):
     while (1 << bits) < n_buckets:
         bits += 1
     low_bits = (bits + 1) // 2
-    low_mask = (1 << low_bits) - 1
     histogram = np.zeros((1 << low_bits) + 1, np.int64)
     indptr = np.zeros(n + 1, np.int64)
     indices = np.empty(cap, np.int32)
@@ -219,8 +218,8 @@ def _ngram_counts(data, offsets, word, n_buckets):
                 row_buckets[m] = magnitude & mask if power_of_two else magnitude % buckets
                 m += 1
         # The row's buckets in increasing order (radix sort: low digit, then high; stable), then each run counted.
-        _radix_pass(row_buckets, sorted_buckets, m, histogram, 0, low_mask)
-        _radix_pass(sorted_buckets, row_buckets, m, histogram, low_bits, len(histogram) - 2)
+        _radix_pass(row_buckets, sorted_buckets, m, histogram, 0, 1 << low_bits)
+        _radix_pass(sorted_buckets, row_buckets, m, histogram, low_bits, 1 << (bits - low_bits))
         first = nnz
         squares = 0.0
         q = 0
@@ -244,15 +243,18 @@ def _ngram_counts(data, offsets, word, n_buckets):
 
 
 @njit(cache=True, inline="always")
-def _radix_pass(source, target, m, histogram, shift, digit_mask):
-    """Stable counting sort of ``source[:m]`` into ``target[:m]`` by the digit ``(value >> shift) & digit_mask``."""
-    histogram[:] = 0
+def _radix_pass(source, target, m, histogram, shift, digits):
+    """Stable counting sort of ``source[:m]`` into ``target[:m]`` by the digit ``(value >> shift) % digits``
+    (``digits`` a power of two, ``histogram`` at least ``digits + 1`` long; only that much of it is touched)."""
+    mask = digits - 1
+    for v in range(digits + 1):
+        histogram[v] = 0
     for q in range(m):
-        histogram[((source[q] >> shift) & digit_mask) + 1] += 1
-    for v in range(len(histogram) - 1):
+        histogram[((source[q] >> shift) & mask) + 1] += 1
+    for v in range(digits):
         histogram[v + 1] += histogram[v]
     for q in range(m):
-        digit = (source[q] >> shift) & digit_mask
+        digit = (source[q] >> shift) & mask
         target[histogram[digit]] = source[q]
         histogram[digit] += 1
 
