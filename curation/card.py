@@ -188,7 +188,8 @@ def render_card(manifest: dict[str, Any], root: str | Path | None = None) -> str
     lines += ["", "## How it was built", "",
               f"- Inputs: {len(manifest['inputs'])} file(s), {acc['input_lines']} lines; "
               f"{acc['rejected']} rejected (see `rejects.jsonl`), {acc['pooled']} in the pool.",
-              f"- Embeddings: `{manifest['embedder']}`; {manifest['clusters']} MiniBatchKMeans clusters.",
+              f"- Embeddings: `{manifest['embedder']}` (on {manifest.get('embedder_device', 'cpu')}); "
+              f"{manifest['clusters']} MiniBatchKMeans clusters over the distinct prompt embeddings.",
               f"- Groups from explicit-content and intent scores (categoriser `{manifest['categoriser']}`); "
               "labels carried by the input (`category`, `is_safe`, `severity`) are kept." + _judge_line(manifest),
               f"- FDC mixture: safety ratios {ratio_text}, BENIGN share {cfg['benign_share']}, near-duplicate "

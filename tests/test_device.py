@@ -97,6 +97,7 @@ def test_the_manifest_records_the_device_and_auto_leaves_the_config_hash_alone(s
         assert result.exit_code == 0, result.output
         manifest = json.loads((mix / "manifest.json").read_text())
         assert manifest["embedder_device"] == "cpu" and manifest["config"]["device"] == device
+        assert "(on cpu)" in (mix / "README.md").read_text(encoding="utf-8")  # the data card says so too
         hashes.append(manifest["config_hash"])
         shards.append([(s["path"], s["sha256"]) for s in manifest["shards"]])
     assert hashes[0] == hashes[1]
