@@ -216,12 +216,12 @@ class LMStateEmbedder:
     just past the middle (16 of SmolLM2-135M's 30), L2-normalised. Chat models represent whether a request is
     harmful there, before they answer; with the same harm head it holds up better than MiniLM on sources the head
     was not fit on (``bench/harm_lm_features.py``: leave-one-source-out balanced accuracy 0.763 against 0.622), at
-    ~25× MiniLM's cost a prompt on a CPU (~26 prompts/s on 2 cores: only the layers up to the one read run, no LM
-    head, :func:`_trunk`). The categoriser must be fit for it
+    ~15× MiniLM's cost a prompt on a CPU (~45 prompts/s on 2 cores: only the layers up to the one read run, no LM
+    head, :func:`_trunk`, 16 prompts a pass). The categoriser must be fit for it
     (``equi fit-categoriser LABELLED.jsonl --embedder lm:MODEL``).
 
-    Each text is encoded alone (batch of one, no padding), so its vector is a function of its own text (on one
-    device and torch thread count): the embedding cache and a resume give the same bytes.
+    Prompts are encoded in chunks of canonical shapes (:meth:`_encode_chunked`), so each vector is a function of its
+    own text (on one device and torch thread count): the embedding cache and a resume give the same bytes.
     """
 
     def __init__(self, model: str | None = None, device: str | None = "cpu"):
@@ -237,9 +237,15 @@ class LMStateEmbedder:
         self.name = f"{LM_PREFIX}{model or ''}"
         self.layer = self.model.config.num_hidden_layers // 2 + 1
         self.dim = int(self.model.config.hidden_size)
-        self.identity = (f"{self.name}|{model_digest(self.model)}|{tokenizer_digest(self.tokenizer)}|"
-                         f"layer {self.layer}|{LM_MAX_PROMPT_TOKENS}|{ENCODING_VERSION}{device_tag(self.model.device)}")
         self._trunk = _trunk(self.model, self.layer)
+        #: Prompts a forward pass takes, in canonical shapes (:meth:`_encode_chunked`): :data:`CHUNK_ROWS` on the CPU
+        #: (1.6× one at a time for SmolLM2 on 2 cores), :data:`ACCELERATOR_CHUNK_ROWS` elsewhere; one at a time
+        #: (no padding) for a model without the usual decoder layout.
+        self.chunk_rows = (1 if self._trunk is None else CHUNK_ROWS if self.model.device.type == "cpu"
+                           else ACCELERATOR_CHUNK_ROWS)
+        self.identity = (f"{self.name}|{model_digest(self.model)}|{tokenizer_digest(self.tokenizer)}|"
+                         f"layer {self.layer}|{LM_MAX_PROMPT_TOKENS}|{ENCODING_VERSION}{device_tag(self.model.device)}"
+                         + (f"|rows {self.chunk_rows}" if self.chunk_rows > 1 else ""))
 
     def frame(self, text: str) -> list[int]:
         """The token ids the model reads for ``text``: its first tokens as a chat user turn, assistant turn opened."""
@@ -259,15 +265,45 @@ class LMStateEmbedder:
         unique = list(dict.fromkeys(texts))
         out = np.zeros((len(unique), self.dim), dtype=np.float32)
         with torch.inference_mode():
-            for i, text in enumerate(unique):
-                ids = torch.tensor([self.frame(text)], device=self.model.device)
-                if self._trunk is not None:
-                    state = self._trunk(input_ids=ids, use_cache=False).last_hidden_state[0, -1]
-                else:
-                    state = self.model(input_ids=ids, output_hidden_states=True).hidden_states[self.layer][0, -1]
-                out[i] = torch.nn.functional.normalize(state.float(), dim=0).cpu().numpy()
+            if self.chunk_rows > 1:
+                self._encode_chunked([self.frame(text) for text in unique], out)
+            else:
+                for i, text in enumerate(unique):
+                    ids = torch.tensor([self.frame(text)], device=self.model.device)
+                    if self._trunk is not None:
+                        state = self._trunk(input_ids=ids, use_cache=False).last_hidden_state[0, -1]
+                    else:
+                        state = self.model(input_ids=ids, output_hidden_states=True).hidden_states[self.layer][0, -1]
+                    out[i] = torch.nn.functional.normalize(state.float(), dim=0).cpu().numpy()
         position = {text: i for i, text in enumerate(unique)}
         return out[[position[t] for t in texts]]
+
+    def _encode_chunked(self, framed: list[list[int]], out: np.ndarray) -> None:
+        """``out[i]``: the vector of ``framed[i]``, :attr:`chunk_rows` prompts a pass. As :meth:`Embedder.encode`
+        does: each prompt is right-padded to a multiple of :data:`LENGTH_STEP` tokens (masked; a causal model's
+        real tokens never attend to the padding after them) and a short chunk is filled with copies of its first
+        prompt, so a prompt always meets the same tensor shapes and its vector is a function of its own text."""
+        import torch
+
+        pad = next((t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
+        lengths = np.array([len(ids) for ids in framed])
+        buckets = -(-lengths // LENGTH_STEP) * LENGTH_STEP
+        device = self.model.device
+        for length in np.unique(buckets):
+            members = np.flatnonzero(buckets == length)
+            for start in range(0, len(members), self.chunk_rows):
+                chunk = members[start:start + self.chunk_rows]
+                rows = list(chunk) + [chunk[0]] * (self.chunk_rows - len(chunk))
+                ids = torch.full((len(rows), int(length)), pad, dtype=torch.long)
+                mask = torch.zeros((len(rows), int(length)), dtype=torch.long)
+                for r, i in enumerate(rows):
+                    ids[r, :lengths[i]] = torch.tensor(framed[i])
+                    mask[r, :lengths[i]] = 1
+                states = self._trunk(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     use_cache=False).last_hidden_state
+                last = torch.as_tensor(lengths[chunk] - 1, device=device)
+                picked = states[torch.arange(len(chunk), device=device), last]
+                out[chunk] = torch.nn.functional.normalize(picked.float(), dim=1).cpu().numpy()
 
 
 def _trunk(model, layer: int):

@@ -51,6 +51,8 @@ def test_the_vector_is_the_middle_layer_at_the_last_token_of_the_chat_framed_pro
     with torch.inference_mode():
         states = embedder.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
     want = torch.nn.functional.normalize(states[2][0, -1], dim=0).numpy()
+    np.testing.assert_allclose(embedder.encode([prompt])[0], want, atol=2e-5)  # 16 prompts a pass, padded
+    embedder.chunk_rows = 1  # one prompt a pass, unpadded: the full model's bytes
     assert np.array_equal(embedder.encode([prompt])[0], want)
     other_layer = torch.nn.functional.normalize(states[1][0, -1], dim=0).numpy()
     assert not np.allclose(embedder.encode([prompt])[0], other_layer)
@@ -65,9 +67,28 @@ def test_the_trunk_gives_the_full_models_bytes_and_leaves_the_model_whole(tmp_pa
     assert embedder.layer == layers // 2 + 1 and len(embedder._trunk.layers) == embedder.layer
     assert len(embedder.model.model.layers) == layers  # the model keeps every layer
     assert isinstance(embedder._trunk.norm, torch.nn.Identity) is (embedder.layer < layers)
+    embedder.chunk_rows = 1
     fast = embedder.encode(prompts)
     embedder._trunk = None  # the whole model's forward, hidden_states[layer]
     assert np.array_equal(fast, embedder.encode(prompts))
+
+
+@pytest.mark.parametrize("layers", [2, 5])
+def test_chunked_encoding_is_batch_independent_and_matches_one_at_a_time(tmp_path, prompts, layers):
+    # chunk_rows prompts a pass in canonical shapes (16 on the CPU, 256 on an accelerator; 3 here: short chunks)
+    model = build_tiny_model(tmp_path / "model", layers=layers)
+    alone = LMStateEmbedder(str(model))
+    assert alone.chunk_rows == 16 and alone.identity.endswith("|rows 16")  # vectors of a new kind, a new identity
+    alone.chunk_rows = 1
+    chunked = LMStateEmbedder(str(model))
+    chunked.chunk_rows = 3
+    mixed = prompts + [prompts[0] * 3, "hi"]  # lengths in several 16-token buckets, a chunk left short
+    together = chunked.encode(mixed)
+    np.testing.assert_allclose(together, alone.encode(mixed), atol=2e-5)  # the same states, rounded otherwise
+    assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-6)
+    reordered = chunked.encode(mixed[::-1])[::-1]
+    single = np.stack([chunked.encode([p])[0] for p in mixed])
+    assert np.array_equal(together, reordered) and np.array_equal(together, single)  # bytes whatever the chunk
 
 
 def test_only_the_start_of_a_long_prompt_is_read(tiny, prompts):
