@@ -28,6 +28,8 @@ import numpy as np
 from numba import njit
 
 _M = np.uint64(0xFFFFFFFF)
+
+
 @njit(cache=True, inline="always")
 def _rotl32(x, r):
     return ((x << np.uint64(r)) | (x >> np.uint64(32 - r))) & _M
