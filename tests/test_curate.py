@@ -156,9 +156,11 @@ def test_the_summary_says_where_the_time_went(manifest, mix, capsys):
     from equi.commands.curate import print_summary
 
     print_summary(manifest, mix)
-    took = [line for line in capsys.readouterr().out.splitlines() if line.startswith("took ")]  # a result: stdout
+    lines = capsys.readouterr().out.splitlines()
+    took = [line for line in lines if line.startswith("took ")]  # a result: stdout
     assert len(took) == 1 and "read and score" in took[0] and "cluster" in took[0]
     assert float(took[0].split()[1]) == pytest.approx(sum(manifest["timings_s"].values()), abs=0.05)
+    assert f"embedder {manifest['embedder']} on cpu" in lines  # and where the encoder ran (--device)
 
 
 def test_single_responses_are_paired_safer_first(mixture):

@@ -187,6 +187,8 @@ def print_summary(manifest: dict, out: Path) -> None:
     if timings := manifest.get("timings_s"):
         phases = ", ".join(f"{name.replace('_', ' ')} {seconds:.1f}" for name, seconds in timings.items())
         stdout.print(f"took {sum(timings.values()):.1f} s ({phases})")
+    if "embedder" in manifest:
+        stdout.print(f"embedder {manifest['embedder']} on {manifest.get('embedder_device', 'cpu')}", markup=False)
 
 
 def print_warnings(manifest: dict) -> None:
