@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import polars as pl
 
-from curation.patterns import case_folded
+from curation.patterns import case_folded, distinct_texts
 from equi.errors import UsageError
 from equi.jsonl import iter_json_lines
 from equi.schema import GROUPS, SAFETY_GROUPS, SEVERITIES
@@ -215,8 +215,6 @@ def _lexicon_exprs() -> list[pl.Expr]:
 def lexicon_features(texts: Sequence[str | None]) -> np.ndarray:
     """Raw lexicon counts, one row per text, columns :data:`LEXICON_FEATURES` (float32); each distinct text is
     read once (a batch repeats prompts: several answers to one prompt)."""
-    from curation.refusal import distinct_texts
-
     distinct, inverse = distinct_texts([text or "" for text in texts])
     return _distinct_lexicon_features(distinct)[inverse]
 
@@ -239,8 +237,6 @@ def _distinct_lexicon_features(strings: list[str]) -> np.ndarray:
 def severe_term_hits(texts: Sequence[str | None]) -> np.ndarray:
     """Boolean per text: mentions death, serious physical harm, sexual abuse, terrorism or self-harm (each distinct
     text read once)."""
-    from curation.refusal import distinct_texts
-
     distinct, inverse = distinct_texts([text or "" for text in texts])
     return _distinct_severe_term_hits(distinct)[inverse]
 

@@ -18,6 +18,8 @@ import numpy as np
 from equi.config import DEVICE_HELP, valid_device
 from equi.errors import UsageError
 
+from curation.patterns import distinct_texts
+
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 #: ``--embedder static``: a model2vec static embedder distilled offline from the bundled MiniLM.
 STATIC_EMBEDDER = "static"
@@ -141,13 +143,11 @@ class Embedder:
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         limit = self.model.max_seq_length or 512
-        cut = [t[:limit * MAX_CHARS_PER_TOKEN] for t in texts]
-        unique = list(dict.fromkeys(cut))
+        unique, inverse = distinct_texts([t[:limit * MAX_CHARS_PER_TOKEN] for t in texts])
         tokenizer = getattr(self.model, "tokenizer", None)
         vectors = (self._encode_canonical(unique, tokenizer, limit) if tokenizer is not None
                    else self._encode_plain(unique))
-        position = {text: i for i, text in enumerate(unique)}
-        return vectors[[position[t] for t in cut]]
+        return vectors[inverse]
 
     def _encode_canonical(self, texts: list[str], tokenizer, limit: int) -> np.ndarray:
         import torch
@@ -200,12 +200,9 @@ class StaticEmbedder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        unique = list(dict.fromkeys(texts))  # a batch repeats prompts: each is embedded once, as MiniLM's are
-        vectors = np.asarray(self.model.encode(unique, normalize=True, use_multiprocessing=False), dtype=np.float32)
-        if len(unique) == len(texts):
-            return vectors
-        position = {text: i for i, text in enumerate(unique)}
-        return vectors[[position[t] for t in texts]]
+        unique, inverse = distinct_texts(texts)  # a batch repeats prompts: each is embedded once
+        vectors = self.model.encode(unique, normalize=True, use_multiprocessing=False)
+        return np.asarray(vectors, dtype=np.float32)[inverse]
 
 
 class LMStateEmbedder:
@@ -262,7 +259,7 @@ class LMStateEmbedder:
 
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        unique = list(dict.fromkeys(texts))
+        unique, inverse = distinct_texts(texts)
         out = np.zeros((len(unique), self.dim), dtype=np.float32)
         with torch.inference_mode():
             if self.chunk_rows > 1:
@@ -275,8 +272,7 @@ class LMStateEmbedder:
                     else:
                         state = self.model(input_ids=ids, output_hidden_states=True).hidden_states[self.layer][0, -1]
                     out[i] = torch.nn.functional.normalize(state.float(), dim=0).cpu().numpy()
-        position = {text: i for i, text in enumerate(unique)}
-        return out[[position[t] for t in texts]]
+        return out[inverse]
 
     def _encode_chunked(self, framed: list[list[int]], out: np.ndarray) -> None:
         """``out[i]``: the vector of ``framed[i]``, :attr:`chunk_rows` prompts a pass. As :meth:`Embedder.encode`

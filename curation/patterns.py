@@ -1,4 +1,7 @@
-"""Regex helpers shared by the heuristics that count patterns with polars (Rust's regex).
+"""Helpers shared by the heuristics that count patterns with polars (Rust's regex), and by the encoders.
+
+:func:`distinct_texts`: a batch repeats texts (several answers to one prompt, one prompt in several rows), and
+every per-text computation is a function of its text alone, so each distinct text is scored or embedded once.
 
 Rust's regex finds a pattern's literals with a fast prefilter when they come in one case; ``(?i)`` asks it to try
 every case variant of every literal, which for a pattern of many alternatives means no prefilter at all and a
@@ -9,6 +12,9 @@ every case variant of every literal, which for a pattern of many alternatives me
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+
+import numpy as np
 
 #: The flag groups :func:`case_folded` rewrites, and what each becomes.
 _FOLDED_FLAGS = {"(?i)": "", "(?i-u)": "(?-u)"}
@@ -38,3 +44,10 @@ def case_folded(pattern: str) -> str | None:
         out.append(body[i].lower())
         i += 1
     return "".join(out)
+
+
+def distinct_texts(strings: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """The distinct strings in first-seen order, and for each string its index among them."""
+    first: dict[str, int] = {}
+    inverse = np.fromiter((first.setdefault(s, len(first)) for s in strings), dtype=np.int64, count=len(strings))
+    return list(first), inverse

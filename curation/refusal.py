@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from curation.patterns import case_folded
+from curation.patterns import case_folded, distinct_texts
 
 CLASSES: tuple[str, ...] = ("comply", "refuse", "partial")
 XSTEST_LABELS: dict[str, str] = {
@@ -762,13 +762,6 @@ def _text_proba(strings: list[str], head: RefusalHead, extra: Sequence[str] = ()
     distinct, inverse = distinct_texts(strings)
     proba, core, counts = _distinct_text_proba(distinct, head, extra)
     return proba[inverse], core[inverse], counts[inverse]
-
-
-def distinct_texts(strings: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    """The distinct strings in first-seen order, and for each string its index among them."""
-    first: dict[str, int] = {}
-    inverse = np.fromiter((first.setdefault(s, len(first)) for s in strings), dtype=np.int64, count=len(strings))
-    return list(first), inverse
 
 
 def _distinct_text_proba(distinct: list[str], head: RefusalHead, extra: Sequence[str] = (), rare_gate: bool = False):

@@ -35,6 +35,8 @@ import pyarrow as pa
 
 from equi.schema import SPAN_TYPE
 
+from curation.patterns import distinct_texts
+
 DEFAULT_HIGH = 0.35
 DEFAULT_LOW = 0.05
 
@@ -245,7 +247,7 @@ def _rust_agrees(texts: list[str]) -> np.ndarray:
 
 
 def _score_segments(prompt_harm: np.ndarray, segment_texts: list[str]) -> np.ndarray:
-    from curation.refusal import _distinct_text_proba, distinct_texts, load_heads
+    from curation.refusal import _distinct_text_proba, load_heads
 
     if not segment_texts:
         return np.zeros(0, dtype=np.float32)
@@ -297,7 +299,7 @@ def follow_through_scores(responses: Sequence[str | None], refusals: Sequence[fl
     It reads whether content follows the refusal, not whether that content is harmful: "I can't do X. Here are
     some safety tips: 1. ..." follows through too; the cost weighs it by the prompt's harm.
     """
-    from curation.refusal import _distinct_text_proba, _text_proba, distinct_texts, load_heads
+    from curation.refusal import _distinct_text_proba, _text_proba, load_heads
 
     refusals = np.asarray(refusals, dtype=np.float32)
     if len(refusals) != len(responses):
