@@ -387,8 +387,9 @@ def load_model_guard(guard_model: str, trust_remote_code: bool = False, device: 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from curation.embed import resolve_device
 
+    device = resolve_device(device)  # None: CUDA when torch sees it, as for the encoder
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or Path(guard_model).exists()
     try:
         model_config = AutoConfig.from_pretrained(guard_model, local_files_only=offline,
