@@ -45,6 +45,18 @@ def private_equi_cache(tmp_path, monkeypatch):
     return tmp_path / "equi-cache"
 
 
+@pytest.fixture
+def fresh_python():
+    """Run a snippet in a new interpreter at the repository root (what a fresh process imports, loads or prints);
+    returns the ``CompletedProcess`` (text output captured)."""
+    import subprocess
+    import sys
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+
+    return run
+
 
 @pytest.fixture(params=["numba", "numpy"])
 def kernel_mode(request, monkeypatch):

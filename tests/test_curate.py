@@ -383,10 +383,7 @@ def test_quiet_loads_the_encoder_without_a_bar_and_restores_the_setting(capfd):
     assert shown == [False, True]
 
 
-def test_quiet_transformers_off_does_not_import_transformers():
-    import subprocess
-    import sys
-
+def test_quiet_transformers_off_does_not_import_transformers(fresh_python):
     # nor does a quiet run without --judge or --guard-model load its (absent) labellers under it
     code = ("import sys; from equi.progress import quiet_transformers\n"
             "with quiet_transformers(False):\n    pass\n"
@@ -394,7 +391,7 @@ def test_quiet_transformers_off_does_not_import_transformers():
             "labellers = configured_labellers(CurateConfig(inputs=['raw.jsonl'], out='mix', quiet=True))\n"
             "assert labellers.judge is None and labellers.guard is None\n"
             "assert 'transformers' not in sys.modules\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    result = fresh_python(code)
     assert result.returncode == 0, result.stderr[-2000:]
 
 

@@ -190,17 +190,14 @@ def test_the_polars_span_type_is_the_contracts_arrow_type():
     assert pl.from_arrow(pa.array([], SPAN_TYPE)).dtype == SPAN_DTYPE
 
 
-def test_a_span_column_is_built_without_importing_pandas(tmp_path):
+def test_a_span_column_is_built_without_importing_pandas(fresh_python):
     """pyarrow's ``pa.array`` asks whether its input is a pandas object, which imports pandas (~0.2 s in every process
     that scores a batch); the column is built from buffers instead, nulls where a response is None included."""
-    import subprocess
-    import sys
-
     code = ("import sys; from curation.segments import span_column\n"
             "col = span_column('s', [0.9, 0.1, 0.5], [\"I can't help with that. Here are the steps: 1. Mix it.\", None, "
             "'Sure! Step 1: open the terminal.'])\n"
             "assert col.null_count() == 1 and col[0].len() >= 1, col\n"
             "assert 'pandas' not in sys.modules, 'pandas was imported'\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    result = fresh_python(code)
     assert result.returncode == 0, result.stderr[-2000:]
 
