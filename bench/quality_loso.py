@@ -34,6 +34,13 @@ SOURCE.md; reported as a flag rate only), HarmBench ``copyright`` behaviours, jb
     python bench/quality_loso.py --embedder lm:       # SmolLM2-135M-Instruct's states (lm:MODEL for another LM)
     python bench/quality_loso.py --embedder lm: --only harm,group --write-lm-default   # and refit the shipped one
     python bench/quality_loso.py --only harm,refusal  # a subset of labels
+    python bench/quality_loso.py --only harm --guard-model MODEL [--per-source 200] [--device cuda]
+    python bench/quality_loso.py --only group --judge MODEL [--per-source 200] [--device cuda]
+
+``--guard-model`` and ``--judge`` measure the labellers ``equi curate`` takes for data unlike ``shared/data`` on the
+same rows (:func:`evaluate_guard_harm`, :func:`evaluate_judge_group`): equi fits neither, so every source is held
+out from them by construction. ``--per-source N`` asks them about a seeded N rows of each source (an LLM on a CPU
+is slow); ``--device`` places them (default: CUDA when torch sees it).
 
 ``main()`` prints one table per label and returns the numbers as a dict.
 """
@@ -560,7 +567,126 @@ def evaluate_group(embed, embedder_label: str) -> dict:
             "cv_per_group_f1": {g: round(v, 4) for g, v in cv["per_group_f1"].items()},
             "topic_cluster_out_macro_f1": f1(cl_pred), "per_cluster": per_cluster,
             "baseline_lr_cv": f1(lr), "baseline_lr_cluster_out": f1(lr_cl), "baseline_majority": f1(maj),
-            "rows": len(y), "harm_only_rows_in_training": len(harm_only), "cv_seconds": round(cv_s, 1)}
+            "rows": len(y), "harm_only_rows_in_training": len(harm_only), "cv_seconds": round(cv_s, 1),
+            "_cv_predicted": list(cv["predicted"])}
+
+
+# ---------------------------------------------------------------------------------------------- external labellers
+#
+# ``--guard-model`` and ``--judge`` (what ``equi curate`` takes for data unlike shared/data) are measured on the same
+# rows. equi fits neither, so every source is held out from them by construction (a public guard or judge may have
+# seen public sets in its own training: its card says which).
+
+
+def sample_per_source(sources: np.ndarray, cap: int | None, seed: int = SEED) -> np.ndarray:
+    """Sorted row indices: every row of each source, or a seeded sample of ``cap`` of them where it has more (a
+    CPU cannot ask an LLM about ~10,000 prompts in a session)."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for source in dict.fromkeys(sources.tolist()):
+        rows = np.flatnonzero(sources == source)
+        picked.append(rows if cap is None or len(rows) <= cap else np.sort(rng.choice(rows, cap, replace=False)))
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=int)
+
+
+def evaluate_guard_harm(guard_model: str, cap: int | None = None, device: str | None = "auto",
+                        heads: dict | None = None) -> dict:
+    """Harm by a guard model, as ``equi curate --guard-model`` decides it: P(unsafe) of each prompt as a user turn,
+    flagged at >= 0.5. Per source (beside the built-in heads' leave-one-source-out score where ``heads``, this
+    run's harm results, has it), pooled and on the benign-but-risky prompts, and per harm area."""
+    from curation.guard import conversation
+    from curation.guard_labels import load_guard_labeller
+
+    rows = harm_rows()
+    sources = np.array([r["source"] for r in rows])
+    pick = sample_per_source(sources, cap)
+    labeller = load_guard_labeller(guard_model, use_cache=True, device=device)
+    started = time.perf_counter()
+    unsafe = labeller.unsafe([conversation(rows[i]["text"]) for i in pick])
+    seconds = time.perf_counter() - started
+    flag = unsafe >= 0.5
+    harmful = np.array([rows[i]["harmful"] for i in pick])
+    src = sources[pick]
+    areas = np.array([rows[i]["area"] or "" for i in pick], dtype=object)
+    per_source, table = {}, []
+    for source in dict.fromkeys(src.tolist()):
+        m = src == source
+        score = _harm_score(flag[m], harmful[m])
+        per_source[source] = score
+        loso = ((heads or {}).get("per_source", {}).get(source) or {}).get("loso", {}).get("score")
+        table.append([source, score["n"], f"{score['harmful']}/{score['benign']}", score["kind"], score["score"],
+                      score["harmful_caught"], score["benign_passed"], loso])
+    risky = np.isin(src, RISKY_BENIGN_SOURCES) & ~harmful
+    pooled = {"balanced_accuracy": _harm_score(flag, harmful)["score"],
+              "harmful_caught": _rate(flag[harmful]), "benign_passed": _rate(~flag[~harmful]),
+              "benign_but_risky_pass": _rate(~flag[risky]), "benign_but_risky_rows": int(risky.sum()),
+              "worst_source": min((e["score"], s) for s, e in per_source.items()) if per_source else None}
+    table.append(["ALL (pooled rows)", len(pick), f"{int(harmful.sum())}/{int((~harmful).sum())}", "BA",
+                  pooled["balanced_accuracy"], pooled["harmful_caught"], pooled["benign_passed"],
+                  (heads or {}).get("pooled", {}).get("balanced_accuracy_loso")])
+    table.append(["benign-but-risky", int(risky.sum()), f"0/{int(risky.sum())}", "TNR",
+                  pooled["benign_but_risky_pass"], None, pooled["benign_but_risky_pass"],
+                  (heads or {}).get("pooled", {}).get("benign_but_risky_pass_loso")])
+    _table(f"HARM by the guard {guard_model} (flag = P(unsafe) >= 0.5; no source was fit on"
+           + (f"; at most {cap} rows a source, seeded" if cap else "") + ")",
+           ["source", "n", "harm/benign", "kind", "guard", "caught", "passed", "heads LOSO"], table)
+    per_area = {}
+    for source in dict.fromkeys(src.tolist()):
+        m = src == source
+        if len(set(areas[m])) >= 2:
+            per_area[source] = {a: _harm_score(flag[m & (areas == a)], harmful[m & (areas == a)])
+                                for a in sorted(set(areas[m]), key=str)}
+    return {"model": guard_model, "per_source": per_source, "pooled": pooled, "per_area": per_area,
+            "rows": len(pick), "cap_per_source": cap, "seconds": round(seconds, 1)}
+
+
+def evaluate_judge_group(judge_model: str, heads_predicted: list[str], cap: int | None = None,
+                         device: str | None = "auto") -> dict:
+    """EHD/IHD/MHD by an LLM judge on the Equilibrate labels, two ways:
+
+    * the judge alone, on the rows whose label is EHD, IHD or MHD (3-class macro-F1; an unparseable answer is a
+      miss), with its parse rate;
+    * as ``equi curate --judge`` uses it: the heads' group (``heads_predicted``, their 5-fold CV predictions, so no
+      row was fit on) where they say OTHER or BENIGN, else the judge's, or the heads' where it is unparseable;
+      EHD/IHD/MHD macro-F1 over every row, beside the heads' alone on the same rows.
+    """
+    from curation.categorise import GROUPS, macro_f1
+    from curation.judge import JUDGED_GROUPS, load_judge, parse_judgement
+
+    rows = [r for r in harm_rows() if r["source"] == "equilibrate_relabel_dev"]
+    if len(rows) != len(heads_predicted):
+        raise ValueError(f"{len(rows)} labelled prompts but {len(heads_predicted)} heads' predictions")
+    pick = sample_per_source(np.array(["equilibrate_relabel_dev"] * len(rows)), cap)
+    judge = load_judge(judge_model, quiet=True, use_cache=True, device=device)
+    started = time.perf_counter()
+    answers = judge.answers([rows[i]["text"] for i in pick])
+    seconds = time.perf_counter() - started
+    parsed = [parse_judgement(a) for a in answers]
+    truth = np.array([GROUPS.index(rows[i]["group"]) for i in pick])
+    heads = np.array([GROUPS.index(heads_predicted[i]) for i in pick])
+    curated = np.array([GROUPS.index(p) if h in JUDGED_GROUPS and p is not None else GROUPS.index(h)
+                        for p, h in zip(parsed, (heads_predicted[i] for i in pick))])
+    risky = truth < 3  # EHD, IHD, MHD are GROUPS[0:3]
+    alone = np.array([GROUPS.index(p) if p is not None else -1 for p in parsed])
+    result = {
+        "model": judge_model, "rows": len(pick), "cap": cap, "seconds": round(seconds, 1),
+        "parse_rate": _rate(np.array([p is not None for p in parsed])),
+        "judge_alone_macro_f1_on_ehd_ihd_mhd_rows": round(macro_f1(truth[risky], alone[risky], range(3)), 4),
+        "curated_with_judge_macro_f1": round(macro_f1(truth, curated, range(3)), 4),
+        "heads_cv_macro_f1_same_rows": round(macro_f1(truth, heads, range(3)), 4),
+        "judged_rows": int(np.isin([heads_predicted[i] for i in pick], JUDGED_GROUPS).sum()),
+        "answers_given": dict(Counter(p or "unparseable" for p in parsed)),
+    }
+    _table(f"GROUP by the judge {judge_model} (EHD/IHD/MHD macro-F1 on the Equilibrate labels"
+           + (f"; a seeded {len(pick)} of {len(rows)} rows" if len(pick) < len(rows) else "") + ")",
+           ["how", "rows", "macro-F1"],
+           [["judge alone (rows labelled EHD/IHD/MHD; unparseable = miss)", int(risky.sum()),
+             result["judge_alone_macro_f1_on_ehd_ihd_mhd_rows"]],
+            ["as `equi curate --judge` labels (heads' 5-fold CV where OTHER/BENIGN or unparseable)", len(pick),
+             result["curated_with_judge_macro_f1"]],
+            ["heads alone (5-fold CV), same rows", len(pick), result["heads_cv_macro_f1_same_rows"]]])
+    print(f"  parse rate {result['parse_rate']}; answers {result['answers_given']}")
+    return result
 
 
 # ------------------------------------------------------------------------------------------------------------ main
@@ -581,7 +707,8 @@ class _MemoEmbedder:
 
 
 def main(embedder: str = "static", only: tuple[str, ...] = ("harm", "refusal", "group"),
-         write_lm_default: bool = False) -> dict:
+         write_lm_default: bool = False, guard_model: str | None = None, judge: str | None = None,
+         cap: int | None = None, device: str = "auto") -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import warnings
 
@@ -596,7 +723,7 @@ def main(embedder: str = "static", only: tuple[str, ...] = ("harm", "refusal", "
     results: dict = {"embedder": embedder, "seed": SEED, "folds": FOLDS, "harmless_rows_sampled": HARMLESS_ROWS}
     label = DEFAULT_EMBEDDER if embedder == "minilm" else embedder
     embed = None
-    if "harm" in only or "group" in only:
+    if "harm" in only or "group" in only or judge:
         model = get_embedder(None if embedder == "minilm" else embedder)
         if embedder.startswith(LM_PREFIX):  # ~20 prompts/s on a CPU: vectors kept on disk between runs
             model = CachedEmbedder(model, EmbeddingCache(model.identity, model.dim))
@@ -605,8 +732,14 @@ def main(embedder: str = "static", only: tuple[str, ...] = ("harm", "refusal", "
         results["harm"] = evaluate_harm(embed, label)
     if "refusal" in only:
         results["refusal"] = evaluate_refusal()
-    if "group" in only:
+    if "group" in only or judge:
         results["group"] = evaluate_group(embed, label)
+    if guard_model:
+        results["guard_harm"] = evaluate_guard_harm(guard_model, cap, device, results.get("harm"))
+    if judge:
+        results["judge_group"] = evaluate_judge_group(judge, results["group"]["_cv_predicted"], cap, device)
+    if "group" in results:
+        results["group"].pop("_cv_predicted")
     if write_lm_default:
         results["wrote"] = str(write_lm_categoriser(embed, results.get("harm", {}).get("pooled")))
     results["seconds"] = round(time.perf_counter() - started, 1)
@@ -643,7 +776,12 @@ def _cli(argv: list[str]) -> dict:
         embedder = argv[argv.index("--embedder") + 1]
     if "--only" in argv:
         only = tuple(argv[argv.index("--only") + 1].split(","))
-    out = main(embedder, only, "--write-lm-default" in argv)
+    def value(flag: str) -> str | None:
+        return argv[argv.index(flag) + 1] if flag in argv else None
+
+    cap = value("--per-source")
+    out = main(embedder, only, "--write-lm-default" in argv, guard_model=value("--guard-model"), judge=value("--judge"),
+               cap=int(cap) if cap else None, device=value("--device") or "auto")
     if "--json" in argv:
         Path(argv[argv.index("--json") + 1]).write_text(json.dumps(out, indent=2, default=str))
     return out
