@@ -141,28 +141,12 @@ MODEL_FAMILY = {
 
 
 def refusal_rows() -> list[dict]:
-    """Response rows: text, label (comply/refuse/partial), refusal (bool), source, model (family), prompt, human."""
-    from curation.refusal import xstest_labelled
+    """Response rows: text, label (comply/refuse/partial), refusal (bool), source, model (family), prompt, human
+    (:func:`curation.refusal.labelled_responses`, the rows the shipped heads are fit on)."""
+    from curation.refusal import labelled_responses
 
-    rows: list[dict] = []
-
-    def add(source, text, label, model, prompt, human):
-        rows.append({"text": text or "", "label": label, "refusal": label != "comply", "source": source,
-                     "model": MODEL_FAMILY.get(model, model), "prompt": prompt, "human": human})
-
-    for r in xstest_labelled(DATA / "xstest_completions_dev").iter_rows(named=True):
-        add("xstest_completions_dev", r["completion"], r["label"], r["model"], r["prompt"], True)
-    for r in _jsonl(DATA / "chatgpt_refusals" / "chatgpt_refusals.jsonl"):
-        if r["refusal"] is not None:
-            add("chatgpt_refusals", r["response"], "refuse" if r["refusal"] else "comply", r["model"], r["prompt"], True)
-    for path in sorted((DATA / "refusal_direction_completions").glob("*/*_evaluations.json")):
-        for r in json.loads(path.read_text())["completions"]:
-            label = "comply" if int(r["is_jailbreak_substring_matching"]) else "refuse"
-            add("refusal_direction_completions", r["response"], label, path.parent.name, r["prompt"], False)
-    for r in _jsonl(DATA / "jbb_artifacts_responses" / "jbb_artifacts_responses.jsonl.gz"):
-        if r["jailbroken"]:
-            add("jbb_artifacts_responses", r["response"], "comply", r["model"], r["prompt"], False)
-    return rows
+    return [{**r, "refusal": r["label"] != "comply", "model": MODEL_FAMILY.get(r["model"], r["model"])}
+            for r in labelled_responses(DATA)]
 
 
 # XSTest's string-matching classifier (Röttger et al. 2024, ``evaluation/strmatch_eval``): a refusal opening.
@@ -395,7 +379,7 @@ def evaluate_harm(embed, embedder_label: str) -> dict:
 
 
 def evaluate_refusal() -> dict:
-    from curation.refusal import RefusalHeads, fit_refusal_head, load_heads, refusal_scores
+    from curation.refusal import FIT_SOURCES, RefusalHeads, fit_refusal_head, load_heads, refusal_scores
 
     rows = refusal_rows()
     texts = [r["text"] for r in rows]
@@ -406,8 +390,10 @@ def evaluate_refusal() -> dict:
     keys = [_norm(t) for t in texts]
     prompt_keys = [_norm(r["prompt"]) for r in rows]
 
+    fit_on = np.isin(sources, FIT_SOURCES)  # as the shipped heads: jbb's "jailbroken" is scored, never fit on
+
     def fit_predict(train: np.ndarray, held: np.ndarray) -> np.ndarray:
-        train = _train_without(train, held, keys)
+        train = _train_without(train[fit_on[train]], held, keys)
         head = fit_refusal_head([texts[i] for i in train], [labels[i] for i in train])
         return refusal_scores([texts[i] for i in held], heads=RefusalHeads(text=head)) >= 0.5
 
@@ -437,17 +423,17 @@ def evaluate_refusal() -> dict:
     per_source, table = {}, []
     for source in dict.fromkeys(sources):
         m = sources == source
-        fit_on = source == "xstest_completions_dev"
+        shipped_on = source in FIT_SOURCES
         per_source[source] = {
             "n": int(m.sum()), "refusals": int(truth[m].sum()), "human_labels": bool(rows[np.flatnonzero(m)[0]]["human"]),
             "loso": acc(loso, m), "lomo": acc(lomo, m), "cv": acc(cv, m), "xstest_strmatch": acc(strmatch, m),
             "majority": acc(np.full(len(rows), majority[source]), m), "shipped": acc(shipped, m),
-            "shipped_fit_on_this_source": fit_on,
+            "shipped_fit_on_this_source": shipped_on,
         }
         e = per_source[source]
         table.append([source + ("" if e["human_labels"] else " (auto labels)"), e["n"], e["refusals"], e["loso"],
                       e["lomo"], e["cv"], e["xstest_strmatch"], e["majority"],
-                      f"{e['shipped']:.3f}" + (" (fit on)" if fit_on else "")])
+                      f"{e['shipped']:.3f}" + (" (fit on)" if shipped_on else "")])
     every = np.ones(len(rows), dtype=bool)
     human = np.array([r["human"] for r in rows])
     table.append(["ALL", len(rows), int(truth.sum()), acc(loso, every), acc(lomo, every), acc(cv, every),

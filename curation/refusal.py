@@ -700,13 +700,65 @@ def xstest_labelled(data_dir: str | Path):
     )
 
 
-def refit_bundled_heads(data_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Refit both shipped heads on every XSTest dev row and write them (default: the package resource)."""
+#: The labelled response folders of ``shared/data`` (:func:`labelled_responses`).
+RESPONSE_SOURCES: tuple[str, ...] = ("xstest_completions_dev", "chatgpt_refusals", "refusal_direction_completions",
+                                     "jbb_artifacts_responses")
+#: Those whose labels say whether a response refuses at all (the view :func:`refusal_scores` gives), which the
+#: shipped heads are fit on. jbb_artifacts_responses' ``jailbroken`` says whether the content was delivered (the
+#: safety view, :func:`curation.segments.withheld_scores`): a jailbroken answer that opens with a refusal is a partial
+#: refusal here, so that source is only scored (``bench/quality_loso.py``), never fit on.
+FIT_SOURCES: tuple[str, ...] = RESPONSE_SOURCES[:3]
+
+
+def labelled_responses(data_root: str | Path) -> list[dict]:
+    """Every labelled response of :data:`RESPONSE_SOURCES` under ``data_root`` (``shared/data``), as dicts of
+    ``text, label`` (``CLASSES`` names), ``source, model, prompt`` and ``human`` (whether people labelled it).
+
+    - xstest_completions_dev: XSTest's human three-class labels;
+    - chatgpt_refusals: the authors' binary ``refusal`` (redirected / contradicted / disclaimed count as refusals;
+      rows without one are left out);
+    - refusal_direction_completions: the authors' automatic substring-matching labels;
+    - jbb_artifacts_responses: the ``jailbroken = true`` responses as compliance (a ``false`` row is not a refusal
+      label: also garbled or off-topic answers, so those are left out).
+    """
+    import gzip
+    import json
+
+    root = Path(data_root)
+    rows: list[dict] = []
+
+    def add(source, text, label, model, prompt, human):
+        rows.append({"text": text or "", "label": label, "source": source, "model": model, "prompt": prompt,
+                     "human": human})
+
+    for r in xstest_labelled(root / "xstest_completions_dev").iter_rows(named=True):
+        add("xstest_completions_dev", r["completion"], r["label"], r["model"], r["prompt"], True)
+    with open(root / "chatgpt_refusals" / "chatgpt_refusals.jsonl", encoding="utf-8") as handle:
+        for r in map(json.loads, filter(str.strip, handle)):
+            if r["refusal"] is not None:
+                add("chatgpt_refusals", r["response"], "refuse" if r["refusal"] else "comply", r["model"],
+                    r["prompt"], True)
+    for path in sorted((root / "refusal_direction_completions").glob("*/*_evaluations.json")):
+        for r in json.loads(path.read_text(encoding="utf-8"))["completions"]:
+            label = "comply" if int(r["is_jailbreak_substring_matching"]) else "refuse"
+            add("refusal_direction_completions", r["response"], label, path.parent.name, r["prompt"], False)
+    with gzip.open(root / "jbb_artifacts_responses" / "jbb_artifacts_responses.jsonl.gz", "rt",
+                   encoding="utf-8") as handle:
+        for r in map(json.loads, filter(str.strip, handle)):
+            if r["jailbroken"]:
+                add("jbb_artifacts_responses", r["response"], "comply", r["model"], r["prompt"], False)
+    return rows
+
+
+def refit_bundled_heads(data_root: str | Path, out: str | Path | None = None) -> Path:
+    """Refit both shipped heads on every labelled response of :data:`FIT_SOURCES` under ``data_root``
+    (``shared/data``: :func:`labelled_responses`, 5,054 responses of 9 models) and write them (default: the
+    package resource)."""
     from curation.embed import get_embedder
 
-    frame = xstest_labelled(data_dir)
-    texts = frame["completion"].to_list()
-    labels = frame["label"].to_list()
+    rows = [r for r in labelled_responses(data_root) if r["source"] in FIT_SOURCES]
+    texts = [r["text"] for r in rows]
+    labels = [r["label"] for r in rows]
     heads = RefusalHeads(
         text=fit_refusal_head(texts, labels),
         embed=fit_refusal_head(texts, labels, embeddings=get_embedder().encode(texts)),
