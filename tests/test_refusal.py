@@ -216,3 +216,30 @@ def test_repeated_texts_score_as_when_alone(response_texts):
     alone = refusal.refusal_proba(texts)
     assert np.array_equal(refusal.refusal_proba(doubled), np.vstack([alone, alone[::-1], alone[:50]]))
     assert np.array_equal(np.vstack([refusal.refusal_proba([t]) for t in texts[:40]]), alone[:40])
+
+
+def test_labelled_responses_reads_every_source_and_the_heads_fit_on_three():
+    rows = refusal.labelled_responses(DATA)
+    counts = {s: sum(r["source"] == s for r in rows) for s in refusal.RESPONSE_SOURCES}
+    assert counts == {"xstest_completions_dev": 1350, "chatgpt_refusals": 1704, "refusal_direction_completions": 2000,
+                      "jbb_artifacts_responses": 632}
+    assert {r["label"] for r in rows} == set(refusal.CLASSES)
+    assert all(r["label"] == "comply" for r in rows if r["source"] == "jbb_artifacts_responses")
+    assert "jbb_artifacts_responses" not in refusal.FIT_SOURCES
+    assert {r["human"] for r in rows if r["source"] in ("xstest_completions_dev", "chatgpt_refusals")} == {True}
+
+
+@pytest.mark.slow
+def test_the_shipped_text_head_is_the_one_fit_on_the_fit_sources():
+    """The data card says what the shipped head was fit on: refitting on that gives the same decisions."""
+    rows = [r for r in refusal.labelled_responses(DATA) if r["source"] in refusal.FIT_SOURCES]
+    texts = [r["text"] for r in rows]
+    refit = RefusalHeads(text=fit_refusal_head(texts, [r["label"] for r in rows]))
+    probe = texts[::7]
+    shipped = refusal_scores(probe) >= 0.5
+    assert (shipped == (refusal_scores(probe, heads=refit) >= 0.5)).mean() >= 0.995
+    # and not the XSTest-only head it replaced: its decisions differ on chatgpt_refusals' answers
+    xstest_only = [r for r in rows if r["source"] == "xstest_completions_dev"]
+    old = RefusalHeads(text=fit_refusal_head([r["text"] for r in xstest_only], [r["label"] for r in xstest_only]))
+    gpt = [r["text"] for r in rows if r["source"] == "chatgpt_refusals"]
+    assert ((refusal_scores(gpt) >= 0.5) != (refusal_scores(gpt, heads=old) >= 0.5)).mean() > 0.05
