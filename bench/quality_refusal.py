@@ -6,8 +6,9 @@ Prints, on the human-labelled XSTest v2 completions (``shared/data/xstest_comple
 binary refusal accuracy (refusal = full or partial refusal) and 3-class accuracy / macro-F1 under 5-fold
 cross-validation grouped by prompt (the three models' answers to one prompt never straddle train and test) and
 under leave-one-model-out; the XSTest authors' string-matching baseline on the same rows; and agreement with the
-automatic labels of ``shared/data/refusal_direction_completions`` (2,000 rows the heads never saw) using the
-shipped heads. ``main()`` returns the numbers as a dict for ``bench/quality.py``.
+automatic labels of ``shared/data/refusal_direction_completions`` (2,000 rows) of heads fit on every XSTest row
+(the shipped heads are fit on refusal_direction too, so they would score rows they saw; ``bench/quality_loso.py``
+scores every source left out). ``main()`` returns the numbers as a dict for ``bench/quality.py``.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def main() -> dict:
 
     torch.set_num_threads(2)
     from curation.embed import get_embedder
-    from curation.refusal import load_heads, refusal_scores, xstest_labelled
+    from curation.refusal import RefusalHeads, fit_refusal_head, refusal_scores, xstest_labelled
 
     frame = xstest_labelled(DATA / "xstest_completions_dev")
     texts = frame["completion"].to_list()
@@ -95,13 +96,15 @@ def main() -> dict:
             results[f"xstest_cv_{folds}_{name}"] = _metrics(truth, cross_validated_predictions(frame, emb, folds))
 
     responses, is_refusal, sets = refusal_direction_rows(DATA / "refusal_direction_completions")
-    load_heads()
+    labels = list(truth)
+    heads = RefusalHeads(text=fit_refusal_head(texts, labels),
+                         embed=fit_refusal_head(texts, labels, embeddings=embeddings))
     start = time.perf_counter()
-    text_scores = refusal_scores(responses)
+    text_scores = refusal_scores(responses, heads=heads)
     text_seconds = time.perf_counter() - start
     start = time.perf_counter()
     rd_embeddings = get_embedder().encode(responses)
-    embed_scores = refusal_scores(responses, rd_embeddings)
+    embed_scores = refusal_scores(responses, rd_embeddings, heads=heads)
     embed_seconds = time.perf_counter() - start
     for name, scores in (("text_head", text_scores), ("embed_head", embed_scores)):
         agree = (scores >= 0.5) == is_refusal
