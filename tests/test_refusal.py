@@ -28,7 +28,7 @@ REFUSAL_DIRECTION = DATA / "refusal_direction_completions"
 
 
 def _refusal_direction(set_name: str) -> tuple[list[str], np.ndarray]:
-    """Real completions with automatic (substring-match) labels; the shipped heads were fit on XSTest only."""
+    """Real completions of five models with automatic (substring-match) labels."""
     texts, refuses = [], []
     for path in sorted(REFUSAL_DIRECTION.glob(f"*/{set_name}_evaluations.json")):
         for row in json.loads(path.read_text())["completions"]:
@@ -55,10 +55,17 @@ def test_classify_is_consistent_with_scores():
     assert [c != "comply" for c in classes] == list(scores >= 0.5)
 
 
+@pytest.fixture(scope="module")
+def xstest_only_heads():
+    """A text head fit on XSTest's three models alone: the shipped heads are fit on refusal_direction too."""
+    frame = xstest_labelled(XSTEST)
+    return RefusalHeads(text=fit_refusal_head(frame["completion"].to_list(), frame["label"].to_list()))
+
+
 @pytest.mark.parametrize("set_name", ["harmless_actadd", "jailbreakbench_baseline", "jailbreakbench_ablation"])
-def test_agrees_with_labels_on_unseen_real_completions(set_name):
+def test_agrees_with_labels_on_unseen_real_completions(set_name, xstest_only_heads):
     texts, refuses = _refusal_direction(set_name)
-    accuracy = ((refusal_scores(texts) >= 0.5) == refuses).mean()
+    accuracy = ((refusal_scores(texts, heads=xstest_only_heads) >= 0.5) == refuses).mean()
     assert accuracy >= 0.85, f"{set_name}: {accuracy:.3f}"
 
 
