@@ -1,4 +1,4 @@
-"""Refusal detector: API contract, real-data accuracy on rows the shipped heads never saw, refit round trip."""
+"""Refusal detector: API contract, real-data accuracy on rows the scoring head never saw, refit round trip."""
 
 from __future__ import annotations
 
