@@ -94,21 +94,15 @@ def harm_probabilities(embed, embedder_label: str) -> tuple[np.ndarray, np.ndarr
 
 def refusal_probabilities() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Leave-one-source-out P(refusal) of every refusal row: ``(p, refused, sources)``."""
-    from curation.refusal import FIT_SOURCES, RefusalHeads, fit_refusal_head, refusal_scores
-    from quality_loso import _norm, _train_without, refusal_rows
+    from quality_loso import _norm, held_out_refusal_scores, refusal_rows
 
     rows = refusal_rows()
-    texts = [r["text"] for r in rows]
-    labels = [r["label"] for r in rows]
     sources = np.array([r["source"] for r in rows])
-    keys = [_norm(t) for t in texts]
+    keys = [_norm(r["text"]) for r in rows]
     p = np.zeros(len(rows))
     for source in dict.fromkeys(sources):
         held = np.flatnonzero(sources == source)
-        # as the shipped heads: fit on the sources whose labels are in the refusal view (jbb's are scored only)
-        train = _train_without(np.flatnonzero((sources != source) & np.isin(sources, FIT_SOURCES)), held, keys)
-        head = fit_refusal_head([texts[i] for i in train], [labels[i] for i in train])
-        p[held] = refusal_scores([texts[i] for i in held], heads=RefusalHeads(text=head))
+        p[held] = held_out_refusal_scores(rows, np.flatnonzero(sources != source), held, keys)
     return p, np.array([r["refusal"] for r in rows], dtype=float), sources
 
 

@@ -378,24 +378,30 @@ def evaluate_harm(embed, embedder_label: str) -> dict:
 # -------------------------------------------------------------------------------------------------------- refusal
 
 
+def held_out_refusal_scores(rows: list[dict], train: np.ndarray, held: np.ndarray, keys: list[str]) -> np.ndarray:
+    """P(refusal) of the rows ``held`` by a text head fit as the shipped heads are (``fit_refusal_head`` on the rows
+    of :data:`curation.refusal.FIT_SOURCES`: jbb's "jailbroken" is scored, never fit on) on the rows ``train``, less
+    any whose normalised text (``keys``) is also a held-out row's."""
+    from curation.refusal import FIT_SOURCES, RefusalHeads, fit_refusal_head, refusal_scores
+
+    train = _train_without([i for i in train if rows[i]["source"] in FIT_SOURCES], held, keys)
+    head = fit_refusal_head([rows[i]["text"] for i in train], [rows[i]["label"] for i in train])
+    return refusal_scores([rows[i]["text"] for i in held], heads=RefusalHeads(text=head))
+
+
 def evaluate_refusal() -> dict:
-    from curation.refusal import FIT_SOURCES, RefusalHeads, fit_refusal_head, load_heads, refusal_scores
+    from curation.refusal import FIT_SOURCES, load_heads, refusal_scores
 
     rows = refusal_rows()
     texts = [r["text"] for r in rows]
-    labels = [r["label"] for r in rows]
     truth = np.array([r["refusal"] for r in rows])
     sources = np.array([r["source"] for r in rows])
     models = np.array([r["model"] for r in rows])
     keys = [_norm(t) for t in texts]
     prompt_keys = [_norm(r["prompt"]) for r in rows]
 
-    fit_on = np.isin(sources, FIT_SOURCES)  # as the shipped heads: jbb's "jailbroken" is scored, never fit on
-
     def fit_predict(train: np.ndarray, held: np.ndarray) -> np.ndarray:
-        train = _train_without(train[fit_on[train]], held, keys)
-        head = fit_refusal_head([texts[i] for i in train], [labels[i] for i in train])
-        return refusal_scores([texts[i] for i in held], heads=RefusalHeads(text=head)) >= 0.5
+        return held_out_refusal_scores(rows, train, held, keys) >= 0.5
 
     started = time.perf_counter()
     loso = np.zeros(len(rows), dtype=bool)

@@ -237,7 +237,7 @@ def test_labelled_responses_reads_every_source_and_the_heads_fit_on_three():
 
 
 @pytest.mark.slow
-def test_the_shipped_text_head_is_the_one_fit_on_the_fit_sources():
+def test_the_shipped_text_head_is_the_one_fit_on_the_fit_sources(xstest_only_heads):
     """The data card says what the shipped head was fit on: refitting on that gives the same decisions."""
     rows = [r for r in refusal.labelled_responses(DATA) if r["source"] in refusal.FIT_SOURCES]
     texts = [r["text"] for r in rows]
@@ -246,7 +246,5 @@ def test_the_shipped_text_head_is_the_one_fit_on_the_fit_sources():
     shipped = refusal_scores(probe) >= 0.5
     assert (shipped == (refusal_scores(probe, heads=refit) >= 0.5)).mean() >= 0.995
     # and not the XSTest-only head it replaced: its decisions differ on chatgpt_refusals' answers
-    xstest_only = [r for r in rows if r["source"] == "xstest_completions_dev"]
-    old = RefusalHeads(text=fit_refusal_head([r["text"] for r in xstest_only], [r["label"] for r in xstest_only]))
     gpt = [r["text"] for r in rows if r["source"] == "chatgpt_refusals"]
-    assert ((refusal_scores(gpt) >= 0.5) != (refusal_scores(gpt, heads=old) >= 0.5)).mean() > 0.05
+    assert ((refusal_scores(gpt) >= 0.5) != (refusal_scores(gpt, heads=xstest_only_heads) >= 0.5)).mean() > 0.05
