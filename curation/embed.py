@@ -158,16 +158,13 @@ class Embedder:
         device = self.model.device
         step = CHUNK_ROWS if device.type == "cpu" else ACCELERATOR_CHUNK_ROWS
         with torch.inference_mode():
-            for length in np.unique(buckets):
-                members = np.flatnonzero(buckets == length)
-                for start in range(0, len(members), step):
-                    chunk = members[start:start + step]
-                    rows = [texts[i] for i in chunk] + [texts[chunk[0]]] * (step - len(chunk))
-                    features = self.model.preprocess(
-                        rows, processing_kwargs={"text": {"padding": "max_length", "max_length": int(length)}})
-                    features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
-                    embedded = self.model(features)["sentence_embedding"][:len(chunk)]
-                    out[chunk] = torch.nn.functional.normalize(embedded.float(), p=2, dim=1).cpu().numpy()
+            for length, chunk, rows in canonical_chunks(buckets, step):
+                features = self.model.preprocess(
+                    [texts[i] for i in rows],
+                    processing_kwargs={"text": {"padding": "max_length", "max_length": length}})
+                features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+                embedded = self.model(features)["sentence_embedding"][:len(chunk)]
+                out[chunk] = torch.nn.functional.normalize(embedded.float(), p=2, dim=1).cpu().numpy()
         return out
 
     def _encode_plain(self, texts: list[str]) -> np.ndarray:
@@ -285,21 +282,29 @@ class LMStateEmbedder:
         lengths = np.array([len(ids) for ids in framed])
         buckets = -(-lengths // LENGTH_STEP) * LENGTH_STEP
         device = self.model.device
-        for length in np.unique(buckets):
-            members = np.flatnonzero(buckets == length)
-            for start in range(0, len(members), self.chunk_rows):
-                chunk = members[start:start + self.chunk_rows]
-                rows = list(chunk) + [chunk[0]] * (self.chunk_rows - len(chunk))
-                ids = torch.full((len(rows), int(length)), pad, dtype=torch.long)
-                mask = torch.zeros((len(rows), int(length)), dtype=torch.long)
-                for r, i in enumerate(rows):
-                    ids[r, :lengths[i]] = torch.tensor(framed[i])
-                    mask[r, :lengths[i]] = 1
-                states = self._trunk(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     use_cache=False).last_hidden_state
-                last = torch.as_tensor(lengths[chunk] - 1, device=device)
-                picked = states[torch.arange(len(chunk), device=device), last]
-                out[chunk] = torch.nn.functional.normalize(picked.float(), dim=1).cpu().numpy()
+        for length, chunk, rows in canonical_chunks(buckets, self.chunk_rows):
+            ids = torch.full((len(rows), length), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), length), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, :lengths[i]] = torch.tensor(framed[i])
+                mask[r, :lengths[i]] = 1
+            states = self._trunk(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 use_cache=False).last_hidden_state
+            last = torch.as_tensor(lengths[chunk] - 1, device=device)
+            picked = states[torch.arange(len(chunk), device=device), last]
+            out[chunk] = torch.nn.functional.normalize(picked.float(), dim=1).cpu().numpy()
+
+
+def canonical_chunks(buckets: np.ndarray, step: int):
+    """The forward passes of a canonical encoding (:meth:`Embedder.encode`, :meth:`LMStateEmbedder._encode_chunked`):
+    for each padded length in ``buckets`` (one per text) and each run of at most ``step`` of its texts,
+    ``(length, chunk, rows)``: the texts' indices, and ``step`` row indices, the chunk's filled out with copies of its
+    first text, so every pass has the same shape."""
+    for length in np.unique(buckets):
+        members = np.flatnonzero(buckets == length)
+        for start in range(0, len(members), step):
+            chunk = members[start:start + step]
+            yield int(length), chunk, list(chunk) + [chunk[0]] * (step - len(chunk))
 
 
 def _trunk(model, layer: int):
