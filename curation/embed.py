@@ -343,8 +343,9 @@ def tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256((text + str(getattr(tokenizer, "chat_template", ""))).encode()).hexdigest()[:32]
 
 
-def model_digest(model) -> str:
-    """sha256 of a torch module's parameters and buffers (names, dtypes, shapes, bytes) and of its tokenizer."""
+def model_digest(model, tokenizer=None) -> str:
+    """sha256 of a torch module's parameters and buffers (names, dtypes, shapes, bytes) and of its tokenizer
+    (``tokenizer``, else the module's ``tokenizer`` attribute, as a sentence-transformers model has)."""
     import hashlib
 
     import torch
@@ -354,11 +355,18 @@ def model_digest(model) -> str:
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    tokenizer = getattr(model, "tokenizer", None)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         digest.update(backend.to_str().encode())
     return digest.hexdigest()[:32]
+
+
+def answers_digest(model, tokenizer) -> str:
+    """What a labeller's answer cache (``--judge``, ``--guard-model``) is keyed by: its weights and tokenizer
+    (:func:`model_digest`) and, off the CPU, the device kind (:func:`device_tag`): another device's kernels, or a
+    guard's bfloat16 on a GPU, can tip an answer."""
+    return model_digest(model, tokenizer) + device_tag(next(model.parameters()).device)
 
 
 def files_digest(folder: Path) -> str:

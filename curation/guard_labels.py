@@ -60,14 +60,12 @@ class GuardLabeller:
 
 def load_guard_labeller(model: str, use_cache: bool = True, trust_remote_code: bool = False,
                         device: str | None = None) -> GuardLabeller:
-    from curation.embed import device_tag, model_digest
+    from curation.embed import answers_digest
     from curation.guard import load_model_guard
     from equi.cache import cache_dir
 
     guard = load_model_guard(model, trust_remote_code=trust_remote_code, device=device)
-    guard.model.tokenizer = guard.tokenizer  # model_digest hashes the tokenizer too
-    # probabilities are cached by model and device kind (a causal guard runs in bfloat16 on a GPU)
-    digest = model_digest(guard.model) + device_tag(next(guard.model.parameters()).device)
+    digest = answers_digest(guard.model, guard.tokenizer)
     return GuardLabeller(name=model, guard=guard, digest=digest,
                          cache=AnswerCache(cache_dir() / "guard", digest) if use_cache else None)
 

@@ -122,7 +122,7 @@ def load_judge(model: str, trust_remote_code: bool = False, quiet: bool = False,
                batch_size: int = 8, use_cache: bool = True, device: str | None = None) -> Judge:
     """A causal LM as a :class:`Judge` (greedy answers to the authors' prompt), on ``device`` (default: CUDA when
     torch sees it, else the CPU)."""
-    from curation.embed import device_tag, model_digest
+    from curation.embed import answers_digest
     from equi.cache import cache_dir
     from equi.models import ModelError, generate_answers, load_model
 
@@ -130,9 +130,7 @@ def load_judge(model: str, trust_remote_code: bool = False, quiet: bool = False,
         lm, tokenizer = load_model(model, device=device, trust_remote_code=trust_remote_code, quiet=quiet)
     except ModelError as exc:
         raise JudgeError(f"--judge: {exc}") from None
-    lm.tokenizer = tokenizer  # model_digest hashes the tokenizer too
-    # answers are cached by model and device kind: another device's kernels can tip a greedy answer
-    digest = model_digest(lm) + device_tag(next(lm.parameters()).device)
+    digest = answers_digest(lm, tokenizer)
     template = judge_template()
 
     def ask(instructions: list[str]) -> list[str]:

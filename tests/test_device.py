@@ -126,5 +126,5 @@ def test_the_judge_and_guard_run_on_the_same_device(tmp_path, no_cuda):
                                                   embedding_cache=False, quiet=True))
     assert labellers.judge is not None and labellers.guard is None
     model, tokenizer = load_model(str(tiny), device="cpu")
-    model.tokenizer = tokenizer  # the digest hashes the tokenizer too, as load_judge's does
+    model.tokenizer = tokenizer  # model_digest's own reading of a tokenizer, as before load_judge passed it
     assert labellers.judge.digest == model_digest(model)  # on the CPU: no device tag, the cache keys of before
